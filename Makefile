@@ -1,0 +1,35 @@
+# `make demo` and `make test` each create .venv when absent and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Quiet TensorFlow's C++ logging; JAX stays on CPU unless an accelerator is present.
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: demo test test-slow install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(PY) -m smfsr_jax.demo --workdir workdirs/demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q tests
+
+# Slow tests (full-size shape checks that need more memory or minutes); not part of `make test`.
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,1 @@
+"""Data: TFDS builders, grain pipelines, Real-ESRGAN degradation, caption embeddings."""

@@ -1,0 +1,1 @@
+"""One-step and multi-step sampling, latent tiling and colour correction."""

@@ -1,0 +1,1 @@
+"""Training state, jitted steps, sharding and checkpoints."""

@@ -1,0 +1,32 @@
+"""Shared test fixtures: the ../shared reference directory and torch references."""
+
+import os
+import pathlib
+
+import pytest
+
+# Tests run on CPU in fp32 with exact matmuls; TF logging off.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts) -> pathlib.Path:
+    """A path under ../shared, skipping the test (with the reason) when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared reference material lives beside the repository in ../shared")
+    return path
+
+
+def import_torch():
+    """torch for reference modules; skip when the dev requirements are not installed."""
+    torch = pytest.importorskip("torch", reason="torch is a test-only dependency (requirements-dev.txt)")
+    torch.set_num_threads(2)
+    return torch
