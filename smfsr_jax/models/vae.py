@@ -1,0 +1,343 @@
+"""SD3 VAE (diffusers `AutoencoderKL`, 16 latent channels) and the exactly invertible pixel latent.
+
+Images are NHWC in [-1, 1]; latents are raw NHWC (normalise with `normalize_latents` before the
+MM-DiT). Parameter paths mirror the diffusers names with list indices as `_i` and `to_out.0` as
+`to_out`: `encoder/down_blocks_0/resnets_1/conv1/kernel`, `decoder/mid_block/attentions_0/to_q/kernel`.
+See design/architecture.md §3 and training.md §7b.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smfsr_jax.models.attention import dot_product_attention
+
+KINDS = ("kl", "pixel")
+DTYPES = ("float32", "bfloat16")
+LOGVAR_RANGE = (-30.0, 20.0)
+GROUP_NORM_EPS = 1e-6
+PIXEL_MATRIX_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL ('kl') or pixel latent ('pixel'); the block fields are unused by 'pixel'."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 16
+    norm_num_groups: int = 32
+    scaling_factor: float = 1.5305
+    shift_factor: float = 0.0609
+    kind: str = "kl"
+    # Image pixels per latent pixel along each side; for 'kl' it must be 2**(levels - 1).
+    downscale: int = 8
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if self.kind not in KINDS:
+            raise ValueError(f"VAEConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"VAEConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kind == "kl":
+            expected = 2 ** (len(self.block_out_channels) - 1)
+            if self.downscale != expected:
+                raise ValueError(f"VAEConfig: {len(self.block_out_channels)} levels downscale by {expected}, "
+                                 f"but downscale={self.downscale}")
+            bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+            if bad:
+                raise ValueError(f"VAEConfig: channels {bad} are not divisible by norm_num_groups="
+                                 f"{self.norm_num_groups}")
+        else:
+            pixels = self.in_channels * self.downscale ** 2
+            if self.latent_channels < pixels:
+                raise ValueError(f"VAEConfig: a pixel latent needs latent_channels >= in_channels * downscale**2 "
+                                 f"= {pixels} to be invertible, got {self.latent_channels}")
+            if self.out_channels != self.in_channels:
+                raise ValueError("VAEConfig: a pixel latent decodes to its input channels "
+                                 f"(in_channels={self.in_channels}, out_channels={self.out_channels})")
+
+    @classmethod
+    def sd3(cls, **overrides) -> "VAEConfig":
+        """The SD3 / SD3.5 VAE (83,819,683 parameters)."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "VAEConfig":
+        """A small KL VAE with the SD3 structure and factor 8, for tests."""
+        fields = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, downscale=8)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def pixel(cls, downscale: int = 4, latent_channels: int = 48, **overrides) -> "VAEConfig":
+        """Space-to-depth + fixed orthogonal map: an exact latent with no weights (tiny CPU demos)."""
+        fields = dict(kind="pixel", downscale=downscale, latent_channels=latent_channels,
+                      scaling_factor=1.0, shift_factor=0.0)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "VAEConfig":
+        """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
+        unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"VAEConfig: unknown fields {unknown}")
+        return cls(**record)
+
+
+def _group_norm(groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+    # Two-pass variance in fp32, as torch computes it: the fast E[x^2]-E[x]^2 form loses parity.
+    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, force_float32_reductions=True, name=name)
+
+
+def _conv(features: int, dtype: Any, name: str, kernel: int = 3, stride: int = 1, padding: Any = 1) -> nn.Conv:
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
+                   param_dtype=jnp.float32, name=name)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: GN, SiLU, conv, GN, SiLU, conv, + shortcut."""
+
+    out_channels: int
+    norm_num_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.silu(_group_norm(self.norm_num_groups, self.dtype, "norm1")(x))
+        h = _conv(self.out_channels, self.dtype, "conv1")(h)
+        h = nn.silu(_group_norm(self.norm_num_groups, self.dtype, "norm2")(h))
+        h = _conv(self.out_channels, self.dtype, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, self.dtype, "conv_shortcut", kernel=1, padding=0)(x)
+        return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """The mid-block attention: GN, one head over all H*W positions with width C, scale 1/sqrt(C), residual."""
+
+    norm_num_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, height, width, channels = x.shape
+        h = _group_norm(self.norm_num_groups, self.dtype, "group_norm")(x)
+        h = h.reshape(batch, height * width, 1, channels)
+        dense = functools.partial(nn.Dense, channels, dtype=self.dtype, param_dtype=jnp.float32)
+        q, k, v = dense(name="to_q")(h), dense(name="to_k")(h), dense(name="to_v")(h)
+        h = dot_product_attention(q, k, v, scale=1.0 / math.sqrt(channels))
+        h = dense(name="to_out")(h.reshape(batch, height * width, channels))
+        return x + h.reshape(batch, height, width, channels)
+
+
+class MidBlock(nn.Module):
+    norm_num_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        x = ResnetBlock(channels, self.norm_num_groups, self.dtype, name="resnets_0")(x)
+        x = SpatialSelfAttention(self.norm_num_groups, self.dtype, name="attentions_0")(x)
+        return ResnetBlock(channels, self.norm_num_groups, self.dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+    """Zero pad right and bottom by one, then a stride-2 3x3 conv without padding (diffusers padding=0)."""
+
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return _conv(self.channels, self.dtype, "conv", stride=2, padding=0)(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv."""
+
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv(self.channels, self.dtype, "conv")(x)
+
+
+class DownEncoderBlock(nn.Module):
+    out_channels: int
+    num_layers: int
+    norm_num_groups: int
+    add_downsample: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.norm_num_groups, self.dtype, name=f"resnets_{j}")(x)
+        if self.add_downsample:
+            x = Downsample(self.out_channels, self.dtype, name="downsamplers_0")(x)
+        return x
+
+
+class UpDecoderBlock(nn.Module):
+    out_channels: int
+    num_layers: int
+    norm_num_groups: int
+    add_upsample: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.norm_num_groups, self.dtype, name=f"resnets_{j}")(x)
+        if self.add_upsample:
+            x = Upsample(self.out_channels, self.dtype, name="upsamplers_0")(x)
+        return x
+
+
+def _maybe_remat(module_cls, remat: bool):
+    return nn.remat(module_cls) if remat else module_cls
+
+
+class Encoder(nn.Module):
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, images):
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        levels = len(cfg.block_out_channels)
+        down_block = _maybe_remat(DownEncoderBlock, cfg.remat)
+        x = _conv(cfg.block_out_channels[0], dtype, "conv_in")(images.astype(dtype))
+        for level, channels in enumerate(cfg.block_out_channels):
+            x = down_block(channels, cfg.layers_per_block, cfg.norm_num_groups, level < levels - 1, dtype,
+                           name=f"down_blocks_{level}")(x)
+        x = _maybe_remat(MidBlock, cfg.remat)(cfg.norm_num_groups, dtype, name="mid_block")(x)
+        x = nn.silu(_group_norm(cfg.norm_num_groups, dtype, "conv_norm_out")(x))
+        return _conv(2 * cfg.latent_channels, dtype, "conv_out")(x)
+
+
+class Decoder(nn.Module):
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, latents):
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        levels = len(cfg.block_out_channels)
+        up_block = _maybe_remat(UpDecoderBlock, cfg.remat)
+        x = _conv(cfg.block_out_channels[-1], dtype, "conv_in")(latents.astype(dtype))
+        x = _maybe_remat(MidBlock, cfg.remat)(cfg.norm_num_groups, dtype, name="mid_block")(x)
+        for i, channels in enumerate(reversed(cfg.block_out_channels)):
+            x = up_block(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, i < levels - 1, dtype,
+                         name=f"up_blocks_{i}")(x)
+        x = nn.silu(_group_norm(cfg.norm_num_groups, dtype, "conv_norm_out")(x))
+        return _conv(cfg.out_channels, dtype, "conv_out")(x)
+
+
+class AutoencoderKL(nn.Module):
+    """diffusers AutoencoderKL without quant convs. Outputs are fp32 whatever the compute dtype."""
+
+    config: VAEConfig
+
+    def setup(self):
+        if self.config.kind != "kl":
+            raise ValueError(f"AutoencoderKL needs a 'kl' config, got kind={self.config.kind!r}")
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def encode(self, images):
+        """images (B, H, W, C) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels)."""
+        moments = self.encoder(images).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, latents):
+        """Raw latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels)."""
+        return self.decoder(latents).astype(jnp.float32)
+
+    def __call__(self, images):
+        mean, _ = self.encode(images)
+        return self.decode(mean)
+
+
+@functools.lru_cache(maxsize=None)
+def pixel_latent_matrix(pixel_channels: int, latent_channels: int) -> np.ndarray:
+    """(pixel_channels, latent_channels) with orthonormal rows: M @ M.T = I, so z @ M.T inverts x @ M.
+
+    The rows of a seeded random orthogonal matrix (QR with a positive R diagonal, hence unique).
+    """
+    rng = np.random.default_rng(PIXEL_MATRIX_SEED)
+    q, r = np.linalg.qr(rng.standard_normal((latent_channels, latent_channels)))
+    q = q * np.sign(np.diag(r))[None, :]
+    matrix = q[:pixel_channels, :].astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+class PixelAutoencoder(nn.Module):
+    """Space-to-depth by `downscale`, then a fixed orthogonal channel map: exact, no parameters."""
+
+    config: VAEConfig
+
+    def _matrix(self):
+        cfg = self.config
+        if cfg.kind != "pixel":
+            raise ValueError(f"PixelAutoencoder needs a 'pixel' config, got kind={cfg.kind!r}")
+        return jnp.asarray(pixel_latent_matrix(cfg.in_channels * cfg.downscale ** 2, cfg.latent_channels))
+
+    def encode(self, images):
+        """images (B, H, W, C), H and W multiples of downscale -> (mean, logvar = -30 everywhere)."""
+        matrix, f = self._matrix(), self.config.downscale
+        batch, height, width, channels = images.shape
+        if height % f or width % f:
+            raise ValueError(f"PixelAutoencoder: image size {height}x{width} is not a multiple of {f}")
+        x = images.astype(jnp.float32).reshape(batch, height // f, f, width // f, f, channels)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // f, width // f, f * f * channels)
+        mean = jnp.einsum("bhwp,pl->bhwl", x, matrix, precision=jax.lax.Precision.HIGHEST)
+        return mean, jnp.full_like(mean, LOGVAR_RANGE[0])
+
+    def decode(self, latents):
+        """Exact inverse of `encode` on images (the orthogonal projection for other latents)."""
+        matrix, f = self._matrix(), self.config.downscale
+        batch, height, width, _ = latents.shape
+        x = jnp.einsum("bhwl,pl->bhwp", latents.astype(jnp.float32), matrix, precision=jax.lax.Precision.HIGHEST)
+        x = x.reshape(batch, height, width, f, f, self.config.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(batch, height * f, width * f, self.config.out_channels)
+
+    def __call__(self, images):
+        mean, _ = self.encode(images)
+        return self.decode(mean)
+
+
+def make_autoencoder(config: VAEConfig) -> nn.Module:
+    return AutoencoderKL(config) if config.kind == "kl" else PixelAutoencoder(config)
+
+
+def sample_latent(rng, mean, logvar):
+    """A posterior sample mean + exp(logvar / 2) * eps (DiT4SR and SMFSR encode with the sample)."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def normalize_latents(latents, config: VAEConfig):
+    """Raw VAE latents -> the MM-DiT's latent space: (z - shift) * scale."""
+    return (latents - config.shift_factor) * config.scaling_factor
+
+
+def denormalize_latents(latents, config: VAEConfig):
+    """The MM-DiT's latent space -> raw VAE latents: z / scale + shift."""
+    return latents / config.scaling_factor + config.shift_factor
