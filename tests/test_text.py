@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from smfsr_jax.convert.common import CheckpointError, read_safetensors, write_safetensors
-from smfsr_jax.convert.text import (clip_config_from_shapes, convert, load_clip_text, load_t5,
-                                    load_text_encoders, t5_config_from_shapes)
+from smfsr_jax.convert.text import (clip_config_from_shapes, convert, load_clip_text, load_null_embeddings,
+                                    load_t5, load_text_encoders, t5_config_from_shapes)
 from smfsr_jax.models.text import (CAPTION_SUFFIX, CLIPTextConfig, CLIPTextEncoder, T5Config, T5Encoder,
                                    encode_prompts, jitted_apply, null_prompt_embeddings, postprocess_caption,
                                    relative_position_buckets)
@@ -45,7 +45,8 @@ T5_CONFIGS = {
 def assert_close(ours, reference, rtol=1e-5):
     reference = np.asarray(reference, np.float64)
     err = np.abs(np.asarray(ours, np.float64) - reference).max()
-    assert err <= rtol * np.abs(reference).max(), f"max abs error {err:.3g}, max |reference| {np.abs(reference).max():.3g}"
+    scale = np.abs(reference).max()
+    assert err <= rtol * scale, f"max abs error {err:.3g}, max |reference| {scale:.3g}"
 
 
 def clip_token_ids(rng, config: CLIPTextConfig, batch: int, pad: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def sd35_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoders(sd35_root):
-    return load_text_encoders(sd35_root)
+    return text_fixtures.tiny_text_encoders(sd35_root, seed=0)  # rewrites the same seeded files
 
 
 @pytest.mark.parametrize("name", list(CLIP_CONFIGS))
@@ -304,6 +305,24 @@ def test_configs_inferred_from_real_shapes():
           "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (10240, 4096),
           "encoder.block.23.layer.1.layer_norm.weight": (4096,)}
     assert t5_config_from_shapes(t5) == T5Config.t5_xxl()
+
+
+def test_load_null_embeddings(tmp_path):
+    torch = import_torch()
+    embeds, pooled = torch.randn(2, 154, 96).half()[1], torch.randn(72)  # a view of a batch, as when sliced
+    (tmp_path / "prompt_embeds").mkdir()
+    (tmp_path / "pooled_prompt_embeds").mkdir()
+    torch.save(embeds, tmp_path / "prompt_embeds" / "NULL_prompt_embeds.pt")
+    torch.save(pooled, tmp_path / "pooled_prompt_embeds" / "NULL_pooled_prompt_embeds.pt")
+    ours_embeds, ours_pooled = load_null_embeddings(str(tmp_path))
+    assert ours_embeds.dtype == np.float32 and ours_embeds.shape == (154, 96)
+    np.testing.assert_array_equal(ours_embeds, embeds.float().numpy())
+    np.testing.assert_array_equal(ours_pooled, pooled.numpy())
+    torch.save({"embeds": embeds}, tmp_path / "prompt_embeds" / "NULL_prompt_embeds.pt")
+    with pytest.raises(CheckpointError, match="NULL_prompt_embeds.pt: expected one tensor of rank 2"):
+        load_null_embeddings(str(tmp_path))
+    with pytest.raises(CheckpointError, match="neither"):
+        load_null_embeddings(str(tmp_path / "prompt_embeds"))
 
 
 def test_postprocess_caption():

@@ -33,8 +33,9 @@ import numpy as np
 from smfsr_jax.convert.common import (CheckpointError, MergedTensors, SafetensorsFile, check_keys, check_tree,
                                       is_converted, linear_kernel, load_converted, open_weights, progress,
                                       save_converted, tensor_shape, unflatten)
-from smfsr_jax.models.text import (TOKENIZER_DIRS, CLIPTextConfig, CLIPTextEncoder, T5Config, T5Encoder,
-                                   TextEncoders, load_tokenizers)
+from smfsr_jax.convert.torch_pickle import load_torch_file
+from smfsr_jax.models.text import (CLIP_MAX_LENGTH, TOKENIZER_DIRS, CLIPTextConfig, CLIPTextEncoder, T5Config,
+                                   T5Encoder, TextEncoders, load_tokenizers)
 
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 TRANSFORMERS_INDEX = "model.safetensors.index.json"
@@ -57,6 +58,9 @@ _T5_JSON_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_
 _CLIP_ACT_BY_WIDTH = {768: "quick_gelu", 1280: "gelu"}
 _CLIP_HEAD_DIM = 64
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
+# DiT4SR's published NULL conditioning (Hugging Face acceptee/DiT4SR); its training root keeps them in
+# prompt_embeds/ and pooled_prompt_embeds/.
+NULL_EMBEDS_FILE, NULL_POOLED_FILE = "NULL_prompt_embeds.pt", "NULL_pooled_prompt_embeds.pt"
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +371,27 @@ def convert(src: str, dst: str, show_progress: bool = True):
         del params  # T5-XXL is 19 GB in fp32: one encoder in memory at a time
     for name, folder in zip(TOKENIZER_DIRS, tokenizer_dirs):
         shutil.copytree(folder, os.path.join(dst, name), dirs_exist_ok=True)
+
+
+def load_null_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """DiT4SR's NULL_prompt_embeds.pt (77 + n, joint dim) and NULL_pooled_prompt_embeds.pt (pooled dim,) as fp32
+    numpy, from a folder holding both or a DiT4SR training root (prompt_embeds/, pooled_prompt_embeds/).
+    Read without torch (convert/torch_pickle.py)."""
+    candidates = [(os.path.join(path, NULL_EMBEDS_FILE), os.path.join(path, NULL_POOLED_FILE)),
+                  (os.path.join(path, "prompt_embeds", NULL_EMBEDS_FILE),
+                   os.path.join(path, "pooled_prompt_embeds", NULL_POOLED_FILE))]
+    found = next((pair for pair in candidates if all(os.path.isfile(p) for p in pair)), None)
+    if found is None:
+        raise CheckpointError(f"{path}: neither {NULL_EMBEDS_FILE} + {NULL_POOLED_FILE} nor prompt_embeds/"
+                              f"{NULL_EMBEDS_FILE} + pooled_prompt_embeds/{NULL_POOLED_FILE}")
+    arrays = []
+    for file, rank in zip(found, (2, 1)):
+        value = load_torch_file(file)
+        if not isinstance(value, np.ndarray) or value.ndim != rank:
+            raise CheckpointError(f"{file}: expected one tensor of rank {rank}, found "
+                                  f"{getattr(value, 'shape', type(value).__name__)}")
+        arrays.append(value.astype(np.float32))
+    prompt_embeds, pooled = arrays
+    if prompt_embeds.shape[0] <= CLIP_MAX_LENGTH:
+        raise CheckpointError(f"{found[0]}: {prompt_embeds.shape[0]} tokens, expected 77 CLIP + n T5 tokens")
+    return prompt_embeds, pooled

@@ -52,6 +52,8 @@ class CLIPTextConfig:
     def __post_init__(self):
         if self.hidden_act not in _CLIP_ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(_CLIP_ACTIVATIONS)}, got {self.hidden_act!r}")
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(f"eos_token_id must be one int, got {self.eos_token_id!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
 
