@@ -11,6 +11,7 @@ shift_factor take the SD3 values unless passed as overrides.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
 ORIGINAL_PREFIX = "first_stage_model."
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 LAYOUTS = ("diffusers", "original")
+DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1,
+                          latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, shift_factor=None)
 
 
 def _identity(w):
@@ -44,13 +47,16 @@ class _Rules:
         self.rules[key] = (path, fn)
         self.shapes[key] = tuple(shape)
 
+    def _name(self, diffusers, original):
+        return diffusers if self.layout == "diffusers" else original
+
     def conv(self, diffusers, original, path, cin, cout, k=3):
-        key = diffusers if self.layout == "diffusers" else original
+        key = self._name(diffusers, original)
         self._add(f"{key}.weight", f"{path}/kernel", conv_kernel, (cout, cin, k, k))
         self._add(f"{key}.bias", f"{path}/bias", _identity, (cout,))
 
     def norm(self, diffusers, original, path, channels):
-        key = diffusers if self.layout == "diffusers" else original
+        key = self._name(diffusers, original)
         self._add(f"{key}.weight", f"{path}/scale", _identity, (channels,))
         self._add(f"{key}.bias", f"{path}/bias", _identity, (channels,))
 
@@ -60,8 +66,7 @@ class _Rules:
             self._add(f"{diffusers}.weight", f"{path}/kernel", linear_kernel, (channels, channels))
         else:
             self._add(f"{original}.weight", f"{path}/kernel", conv1x1_as_linear, (channels, channels, 1, 1))
-        key = diffusers if self.layout == "diffusers" else original
-        self._add(f"{key}.bias", f"{path}/bias", _identity, (channels,))
+        self._add(f"{self._name(diffusers, original)}.bias", f"{path}/bias", _identity, (channels,))
 
     def resnet(self, diffusers, original, path, cin, cout):
         self.norm(f"{diffusers}.norm1", f"{original}.norm1", f"{path}/norm1", cin)
@@ -126,6 +131,7 @@ def checkpoint_shapes(config: VAEConfig, layout: str = "diffusers") -> dict:
     return dict(_build_rules(config, layout).shapes)
 
 
+@functools.lru_cache(maxsize=None)
 def abstract_params(config: VAEConfig):
     """The Flax parameter tree as ShapeDtypeStructs (no memory)."""
     images = jnp.zeros((1, 2 * config.downscale, 2 * config.downscale, config.in_channels), jnp.float32)
@@ -196,20 +202,11 @@ def _diffusers_config(path: str) -> dict:
             problems.append(f"{field}={record[field]} (only {block})")
     if problems:
         raise CheckpointError(f"{path}: unsupported AutoencoderKL config: " + "; ".join(problems))
-    levels = len(record.get("block_out_channels", (64,)))
-    fields = dict(
-        in_channels=record.get("in_channels", 3),
-        out_channels=record.get("out_channels", 3),
-        block_out_channels=tuple(record.get("block_out_channels", (64,))),
-        layers_per_block=record.get("layers_per_block", 1),
-        latent_channels=record.get("latent_channels", 4),
-        norm_num_groups=record.get("norm_num_groups", 32),
-        downscale=2 ** (levels - 1),
-    )
-    # diffusers writes null for a missing shift (SD1/SDXL VAEs).
-    if record.get("scaling_factor") is not None:
-        fields["scaling_factor"] = record["scaling_factor"]
-    fields["shift_factor"] = record.get("shift_factor") or 0.0
+    # Absent fields take diffusers' AutoencoderKL defaults, as diffusers itself would read the file.
+    fields = {**DIFFUSERS_DEFAULTS, **{k: record[k] for k in DIFFUSERS_DEFAULTS if k in record}}
+    fields["block_out_channels"] = tuple(fields["block_out_channels"])
+    fields["downscale"] = 2 ** (len(fields["block_out_channels"]) - 1)
+    fields["shift_factor"] = fields["shift_factor"] or 0.0  # null in SD1/SDXL VAE configs
     return fields
 
 
@@ -220,11 +217,18 @@ def _resolve_directory(path: str) -> str:
     return path
 
 
+def _make_config(source: str, fields: dict, overrides: dict) -> VAEConfig:
+    try:
+        return VAEConfig.from_dict({**fields, **overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid VAE config {fields} with overrides {overrides}: {e}") from None
+
+
 def _load(path: str, show_progress: bool, overrides: dict) -> tuple[VAEConfig, dict, str]:
     path = os.fspath(path)
     if os.path.isdir(path) and is_converted(path):
         record, _, params = load_converted(path)
-        config = dataclasses.replace(VAEConfig.from_dict(record), **overrides)
+        config = _make_config(path, record, overrides)
         params = jax.tree.map(np.asarray, params)
         check_tree(path, params, abstract_params(config))
         return config, params, "converted"
@@ -240,11 +244,7 @@ def _load(path: str, show_progress: bool, overrides: dict) -> tuple[VAEConfig, d
         tensors = open_weights(path)
     source = tensors.path
     layout, prefix = _detect_layout(source, tensors)
-    fields = fields or _infer_config(source, tensors, layout, prefix)
-    try:
-        config = VAEConfig(**{**fields, **overrides})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: invalid VAE config {fields} with overrides {overrides}: {e}") from None
+    config = _make_config(source, fields or _infer_config(source, tensors, layout, prefix), overrides)
 
     rules = _build_rules(config, layout)
     expected = {prefix + k: shape for k, shape in rules.shapes.items()}
