@@ -35,7 +35,7 @@ from smfsr_jax.convert.common import (CheckpointError, MergedTensors, Safetensor
                                       save_converted, tensor_shape, unflatten)
 from smfsr_jax.convert.torch_pickle import load_torch_file
 from smfsr_jax.models.text import (CLIP_MAX_LENGTH, TOKENIZER_DIRS, CLIPTextConfig, CLIPTextEncoder, T5Config,
-                                   T5Encoder, TextEncoders, load_tokenizers)
+                                   T5Encoder, TextEncoders, config_from_dict, load_tokenizers)
 
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 TRANSFORMERS_INDEX = "model.safetensors.index.json"
@@ -120,11 +120,18 @@ def _open(path: str, prefix: str):
     return tensors, record, tensors.path
 
 
-def _from_json(cls, source: str, record: dict, defaults: dict):
+def _source_config(cls, path: str, tensors: Mapping, record: dict | None, source: str, json_defaults: dict,
+                   from_shapes: Callable):
+    """The config of a source: its config.json (transformers' defaults for absent fields) or its shapes."""
+    if record is not None:
+        try:
+            return cls(**{name: record.get(name, default) for name, default in json_defaults.items()})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{os.path.join(path, 'config.json')}: unsupported config.json: {e}") from None
     try:
-        return cls(**{name: record.get(name, default) for name, default in defaults.items()})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: unsupported config.json: {e}") from None
+        return from_shapes({k: tensor_shape(tensors, k) for k in tensors})
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _stack(tensors: Mapping, key_format: str, num_layers: int, fn: Callable) -> np.ndarray:
@@ -160,7 +167,7 @@ def _load_converted(path: str, kind: str):
     record, meta, params = load_converted(path)
     if meta.get("encoder") != kind:
         raise CheckpointError(f"{path}: converted {meta.get('encoder')!r} encoder, expected {kind!r}")
-    config = (CLIPTextConfig if kind == "clip" else T5Config).from_dict(record)
+    config = config_from_dict(CLIPTextConfig if kind == "clip" else T5Config, record)
     params = jax.tree.map(np.asarray, params)
     check_tree(path, params, abstract_params(config))
     return config, params
@@ -230,13 +237,8 @@ def load_clip_text(path: str, config: CLIPTextConfig | None = None, prefix: str 
         return _load_converted(path, "clip")
     tensors, record, source = _open(path, prefix)
     if config is None:
-        if record is not None:
-            config = _from_json(CLIPTextConfig, os.path.join(path, "config.json"), record, _CLIP_JSON_DEFAULTS)
-        else:
-            try:
-                config = clip_config_from_shapes({k: tensor_shape(tensors, k) for k in tensors})
-            except CheckpointError as e:
-                raise CheckpointError(f"{source}: {e}") from None
+        config = _source_config(CLIPTextConfig, path, tensors, record, source, _CLIP_JSON_DEFAULTS,
+                                clip_config_from_shapes)
     # A single CLIP-L file may lack the projection: diffusers' single-file loader and other_impls.py use the
     # identity there (diffusers documents CLIP-L's projection as identity-initialised).
     identity_projection = (record is None and "text_projection.weight" not in tensors
@@ -301,16 +303,10 @@ def load_t5(path: str, config: T5Config | None = None, prefix: str = "",
         return _load_converted(path, "t5")
     tensors, record, source = _open(path, prefix)
     if config is None:
-        if record is not None:
-            if record.get("feed_forward_proj") not in T5_GATED_GELU:
-                raise CheckpointError(f"{os.path.join(path, 'config.json')}: feed_forward_proj "
-                                      f"{record.get('feed_forward_proj')!r} is not T5 v1.1's 'gated-gelu'")
-            config = _from_json(T5Config, os.path.join(path, "config.json"), record, _T5_JSON_DEFAULTS)
-        else:
-            try:
-                config = t5_config_from_shapes({k: tensor_shape(tensors, k) for k in tensors})
-            except CheckpointError as e:
-                raise CheckpointError(f"{source}: {e}") from None
+        if record is not None and record.get("feed_forward_proj") not in T5_GATED_GELU:
+            raise CheckpointError(f"{os.path.join(path, 'config.json')}: feed_forward_proj "
+                                  f"{record.get('feed_forward_proj')!r} is not T5 v1.1's 'gated-gelu'")
+        config = _source_config(T5Config, path, tensors, record, source, _T5_JSON_DEFAULTS, t5_config_from_shapes)
     present = [k for k in _T5_EMBEDDINGS if k in tensors]
     ignore = []
     if len(present) == 2:

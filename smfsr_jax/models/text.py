@@ -68,13 +68,6 @@ class CLIPTextConfig:
         return cls(**{**dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                              hidden_act="gelu", projection_dim=1280), **overrides})
 
-    @classmethod
-    def from_dict(cls, record: dict) -> "CLIPTextConfig":
-        unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown CLIPTextConfig fields: {unknown}")
-        return cls(**record)
-
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -94,12 +87,13 @@ class T5Config:
         """google/t5-v1_1-xxl encoder (SD3 `text_encoder_3`)."""
         return cls(**overrides)
 
-    @classmethod
-    def from_dict(cls, record: dict) -> "T5Config":
-        unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown T5Config fields: {unknown}")
-        return cls(**record)
+
+def config_from_dict(cls, record: dict):
+    """CLIPTextConfig or T5Config from `dataclasses.asdict` output (e.g. a converted directory's JSON)."""
+    unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**record)
 
 
 def quick_gelu(x):
