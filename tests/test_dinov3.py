@@ -134,21 +134,25 @@ def _original_state_dict(torch, model, hf_kwargs, seed=3):
             "patch_embed.proj.bias": hf["embeddings.patch_embeddings.bias"],
             "rope_embed.periods": 100.0 ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)),
             "norm.weight": hf["norm.weight"], "norm.bias": hf["norm.bias"],
-            "local_cls_norm.weight": torch.randn(d, generator=gen), "local_cls_norm.bias": torch.randn(d, generator=gen)}
+            "local_cls_norm.weight": torch.randn(d, generator=gen),
+            "local_cls_norm.bias": torch.randn(d, generator=gen)}
     mlp = ({"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if hf_kwargs.get("use_gated_mlp")
            else {"fc1": "up_proj", "fc2": "down_proj"})
     for n in range(hf_kwargs["num_hidden_layers"]):
         b, h = f"blocks.{n}", f"layer.{n}"
         for name in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"):
             orig[f"{b}.{name}"] = hf[f"{h}.{name}"]
-        orig[f"{b}.ls1.gamma"], orig[f"{b}.ls2.gamma"] = hf[f"{h}.layer_scale1.lambda1"], hf[f"{h}.layer_scale2.lambda1"]
+        orig[f"{b}.ls1.gamma"] = hf[f"{h}.layer_scale1.lambda1"]
+        orig[f"{b}.ls2.gamma"] = hf[f"{h}.layer_scale2.lambda1"]
         orig[f"{b}.attn.qkv.weight"] = torch.cat([hf[f"{h}.attention.{p}_proj.weight"] for p in "qkv"])
         orig[f"{b}.attn.qkv.bias"] = torch.cat([hf[f"{h}.attention.q_proj.bias"], torch.randn(d, generator=gen),
                                                 hf[f"{h}.attention.v_proj.bias"]])
         orig[f"{b}.attn.qkv.bias_mask"] = torch.cat([torch.ones(d), torch.zeros(d), torch.ones(d)])
-        orig[f"{b}.attn.proj.weight"], orig[f"{b}.attn.proj.bias"] = hf[f"{h}.attention.o_proj.weight"], hf[f"{h}.attention.o_proj.bias"]
+        orig[f"{b}.attn.proj.weight"] = hf[f"{h}.attention.o_proj.weight"]
+        orig[f"{b}.attn.proj.bias"] = hf[f"{h}.attention.o_proj.bias"]
         for src, dst in mlp.items():
-            orig[f"{b}.mlp.{src}.weight"], orig[f"{b}.mlp.{src}.bias"] = hf[f"{h}.mlp.{dst}.weight"], hf[f"{h}.mlp.{dst}.bias"]
+            for kind in ("weight", "bias"):
+                orig[f"{b}.mlp.{src}.{kind}"] = hf[f"{h}.mlp.{dst}.{kind}"]
     return {k: v.clone().contiguous() for k, v in orig.items()}
 
 

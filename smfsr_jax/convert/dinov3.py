@@ -119,6 +119,8 @@ def config_from_original(tensors, source: str) -> DINOv3Config:
     depth = 1 + max((int(m.group(1)) for m in map(_BLOCK.match, tensors) if m), default=-1)
     # periods holds head_dim/4 entries; DINOv3 heads are 64 wide when the buffer is absent.
     head_dim = 4 * tensor_shape(tensors, "rope_embed.periods")[0] if "rope_embed.periods" in tensors else 64
+    if hidden_size % head_dim:
+        raise CheckpointError(f"{source}: width {hidden_size} is not a multiple of the head dim {head_dim}")
     qkv_bias = "blocks.0.attn.qkv.bias" in tensors
     return _make_config(
         source, hidden_size=hidden_size, intermediate_size=intermediate, num_hidden_layers=depth,
@@ -128,7 +130,8 @@ def config_from_original(tensors, source: str) -> DINOv3Config:
         query_bias=qkv_bias, value_bias=qkv_bias,
         # LinearKMaskedBias zeroes the key third of the bias through `bias_mask`; without the mask it is used.
         key_bias=qkv_bias and "blocks.0.attn.qkv.bias_mask" not in tensors,
-        proj_bias="blocks.0.attn.proj.bias" in tensors, mlp_bias=f"blocks.0.mlp.{'w3' if gated else 'fc2'}.bias" in tensors)
+        proj_bias="blocks.0.attn.proj.bias" in tensors,
+        mlp_bias=f"blocks.0.mlp.{'w3' if gated else 'fc2'}.bias" in tensors)
 
 
 def original_shapes(config: DINOv3Config, has_periods: bool) -> dict:
@@ -195,8 +198,8 @@ def original_to_hf(tensors, config: DINOv3Config) -> dict:
     mlp = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj", "fc1": "up_proj", "fc2": "down_proj"}
     for n in range(c.num_hidden_layers):
         b, h = f"blocks.{n}", f"layer.{n}"
-        for name in ("norm1", "norm2"):
-            hf[f"{h}.{name}.weight"], hf[f"{h}.{name}.bias"] = tensors[f"{b}.{name}.weight"], tensors[f"{b}.{name}.bias"]
+        for name in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"):
+            hf[f"{h}.{name}"] = tensors[f"{b}.{name}"]
         hf[f"{h}.layer_scale1.lambda1"] = tensors[f"{b}.ls1.gamma"]
         hf[f"{h}.layer_scale2.lambda1"] = tensors[f"{b}.ls2.gamma"]
         q, k, v = np.split(np.asarray(tensors[f"{b}.attn.qkv.weight"]), 3, axis=0)
