@@ -22,6 +22,7 @@ made per sample. Deviations from those references are none by intent; the choice
 rounded to 8 bits. `upsample_lr` is the model's input path: bicubic x`scale`, clamp, 8-bit rounding.
 """
 
+import functools
 import math
 
 import cv2
@@ -156,13 +157,20 @@ def random_final_sinc(rng: np.random.Generator, config) -> np.ndarray | None:
 def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlation with reflect-101 borders (BasicSR filter2D) on an (H, W, C) float32 image.
 
-    The zero ring of a padded kernel is dropped first (same result, less work). Small kernels go to
-    cv2's direct filter; from 13x13 on, an FFT is about twice as fast as cv2's single-thread DFT path.
+    The zero ring of a padded kernel is dropped first (same result, less work). Rank-one kernels run as
+    two 1-D passes, small ones through cv2's direct filter; from 13x13 on, an FFT is about twice as
+    fast as cv2's single-thread DFT path. All agree with the direct correlation to ~1e-6.
     """
     nonzero = np.flatnonzero(np.any(kernel != 0, axis=0) | np.any(kernel != 0, axis=1))
     ring = min(nonzero[0], kernel.shape[0] - 1 - nonzero[-1])
     kernel = np.ascontiguousarray(kernel[ring:kernel.shape[0] - ring, ring:kernel.shape[1] - ring], np.float32)
     size = kernel.shape[0]
+    centre = size // 2
+    column, row = kernel[:, centre], kernel[centre, :]
+    if kernel[centre, centre] > 0 and np.allclose(
+            np.outer(column, row) / kernel[centre, centre], kernel, rtol=0, atol=1e-7 * kernel.max()):
+        # Rank one (every isotropic Gaussian): two 1-D passes.
+        return cv2.sepFilter2D(img, -1, row, column / kernel[centre, centre], borderType=cv2.BORDER_REFLECT_101)
     if size <= _DIRECT_FILTER_MAX:
         return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
     half = size // 2
@@ -178,8 +186,13 @@ def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- resize
 
 
-def resize_matrix(in_size: int, out_size: int, mode: str, scale_factor: float | None = None) -> scipy.sparse.csr_matrix:
-    """(out_size, in_size) sparse matrix of torch's 1-D interpolation along one axis."""
+@functools.lru_cache(maxsize=256)
+def resize_matrix(in_size: int, out_size: int, mode: str, scale_factor: float | None = None,
+                  channels: int = 1) -> scipy.sparse.csr_matrix:
+    """(out_size*channels, in_size*channels) sparse matrix of torch's 1-D interpolation along one axis.
+
+    With channels > 1 it acts on rows laid out as (position, channel), channels interleaved.
+    """
     out = np.arange(out_size)
     if mode == "area":  # adaptive average pooling: window [floor(i*in/out), ceil((i+1)*in/out))
         start = (out * in_size) // out_size
@@ -208,35 +221,51 @@ def resize_matrix(in_size: int, out_size: int, mode: str, scale_factor: float | 
     else:
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     taps = index.shape[1]
+    index = (index[:, None, :] * channels + np.arange(channels)[None, :, None]).reshape(-1, taps)
+    weight = np.repeat(weight, channels, axis=0)
     # Clamped taps repeat an index; CSR sums duplicates, as torch's clamped reads do.
     return scipy.sparse.csr_matrix(
-        (weight.astype(np.float32).ravel(), index.ravel(), np.arange(0, taps * out_size + 1, taps)),
-        shape=(out_size, in_size))
+        (weight.astype(np.float32).ravel(), index.ravel(), np.arange(0, index.size + 1, taps)),
+        shape=(out_size * channels, in_size * channels))
 
 
 def resize(img: np.ndarray, size: tuple[int, int], mode: str, scale_factor: float | None = None) -> np.ndarray:
     """`F.interpolate(img, size, mode)` on an (H, W, C) float32 image, torch CPU semantics.
 
     With `scale_factor` the sampling grid uses 1/scale_factor (torch's `scale_factor=` call); `size`
-    must then be floor(in * scale_factor). Separable: a sparse matrix per axis.
+    must then be floor(in * scale_factor). Separable: one sparse matrix per axis.
     """
     height, width, channels = img.shape
     out_height, out_width = size
     identity = mode == "area" or not scale_factor or scale_factor == 1.0
-    if not (out_height == height and identity):
-        rows = resize_matrix(height, out_height, mode, scale_factor)
-        img = (rows @ img.reshape(height, -1)).reshape(out_height, width, channels)
-    if not (out_width == width and identity):
-        # Width acts on (W, C) rows: kron with the channel identity keeps channels interleaved.
-        cols = scipy.sparse.kron(resize_matrix(width, out_width, mode, scale_factor),
-                                 scipy.sparse.identity(channels, np.float32), format="csr")
-        img = np.ascontiguousarray((cols @ img.reshape(out_height, -1).T).T).reshape(out_height, out_width, channels)
-    return img
+    resize_rows = not (out_height == height and identity)
+    resize_cols = not (out_width == width and identity)
+    if resize_rows and out_height > height:  # upscaling: the width pass is cheaper on fewer rows
+        img = _resize_cols(img, out_width, mode, scale_factor) if resize_cols else img
+        return _resize_rows(img, out_height, mode, scale_factor)
+    img = _resize_rows(img, out_height, mode, scale_factor) if resize_rows else img
+    return _resize_cols(img, out_width, mode, scale_factor) if resize_cols else img
+
+
+def _resize_rows(img, out_height, mode, scale_factor):
+    height, width, channels = img.shape
+    rows = resize_matrix(height, out_height, mode, scale_factor)
+    return (rows @ img.reshape(height, -1)).reshape(out_height, width, channels)
+
+
+def _resize_cols(img, out_width, mode, scale_factor):
+    height, width, channels = img.shape
+    cols = resize_matrix(width, out_width, mode, scale_factor, channels)
+    # cv2.transpose is a fast 2-D transpose; scipy wants the resized axis first.
+    return cv2.transpose(cols @ cv2.transpose(img.reshape(height, -1))).reshape(height, out_width, channels)
 
 
 def quantize_8bit(img: np.ndarray) -> np.ndarray:
     """clamp(round(255 x), 0, 255) / 255, as float32."""
-    return (np.clip(np.round(img * 255.0), 0, 255) / 255.0).astype(np.float32)
+    out = np.multiply(img, np.float32(255.0), dtype=np.float32)
+    np.round(out, out=out)
+    np.clip(out, 0.0, 255.0, out=out)
+    return np.divide(out, np.float32(255.0), out=out)
 
 
 def upsample_lr(lr: np.ndarray, scale: int = 4) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""grain pipelines over the project's TFDS datasets (ArrayRecord, read by `tfds.data_source`).
+
+Train: shard by process -> shuffle (reseeded each epoch) -> repeat -> per record: decode, random
+crop (reflect-101 padding when the image is smaller), horizontal flip, text-dropout flag, Real-ESRGAN
+degradation, bicubic x4 of the LR -> batch -> optional worker processes. Every random draw of an
+example comes from `np.random.default_rng([seed, epoch, record index])`, so the stream does not depend
+on the worker count and a restored iterator continues it exactly.
+
+Eval: ordered, no shuffle; each process takes a contiguous shard and every shard is padded to the
+same whole number of batches (padding rows have `mask` False and `index` -1), so all processes run the
+same number of steps. HR-only records (e.g. `bundled` holdout) get a deterministic synthetic LR: a
+centre crop degraded with seed (seed, 0, index).
+
+Batch contract (numpy, B = per-process batch, S = HR side):
+    hr                    float32 (B, S, S, 3) in [0, 1]; GT crop (USM-sharpened if configured)
+    lr                    float32 (B, S/4, S/4, 3), 8-bit values / 255
+    lr_up                 float32 (B, S, S, 3), torch-bicubic x4 of lr, 8-bit values: the model input
+    index                 int64 (B,), record index in the split (-1 for eval padding)
+    train only:  epoch int64 (B,); text_dropped bool (B,), True with probability `text_dropout`
+    eval only:   mask bool (B,); file_name str (B,); no `hr` for LR-only sets
+    with cached caption embeddings (`captions.CaptionEmbeddings`):
+    prompt_embeds         float32 (B, 77 + n, D); the NULL prompt's where text_dropped
+    pooled_prompt_embeds  float32 (B, P)
+
+Checkpointing: `iterator = iter(dataset)`; `iterator.get_state()` is a small JSON-able dict to save
+with the train state (e.g. `grain.checkpoint.CheckpointSave(iterator)` in an orbax Composite) and
+`iterator.set_state(state)` resumes. Unreadable records are skipped (the next record stands in),
+counted in `bad_records` and logged by file name; they never stop a run.
+"""
+
+import collections
+import functools
+
+import cv2
+import grain
+import ml_collections
+import numpy as np
+from absl import flags, logging
+
+from smfsr_jax.data import degradation, images
+
+bad_records = collections.Counter()  # per process: file name -> times skipped
+padded_records = collections.Counter()  # per process: file name -> times reflect-padded to the crop
+
+
+def open_source(dataset: str, split: str, data_dir: str):
+    """`tfds.data_source` of one of the project's datasets ("name" or "name/config")."""
+    import tensorflow_datasets as tfds
+
+    import smfsr_jax.data.tfds  # noqa: F401 (registers the builders)
+
+    return tfds.data_source(dataset, split=split, data_dir=data_dir)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _reflect_pad(image: np.ndarray, size: int, name: str) -> np.ndarray:
+    """Pad bottom/right with reflect-101 up to `size` (BasicSR's rule for short GT images)."""
+    height, width = image.shape[:2]
+    if height >= size and width >= size:
+        return image
+    if name not in padded_records:
+        logging.warning("%s is %dx%d, smaller than the %d crop: reflect-padded", name, width, height, size)
+    padded_records[name] += 1
+    return cv2.copyMakeBorder(image, 0, max(0, size - height), 0, max(0, size - width), cv2.BORDER_REFLECT_101)
+
+
+def _with_embeddings(example: dict, embeddings, index: int, use_null: bool) -> dict:
+    if embeddings is not None:
+        example["prompt_embeds"], example["pooled_prompt_embeds"] = (
+            embeddings.null if use_null else embeddings.record(index))
+    return example
+
+
+class TrainExample:
+    """(epoch, record index) -> one training example (module docstring); picklable for workers."""
+
+    def __init__(self, source, config: ml_collections.ConfigDict, seed: int, text_dropout: float, embeddings):
+        self.source, self.config, self.seed = source, config, seed
+        self.text_dropout, self.embeddings = text_dropout, embeddings
+
+    def _decode_first_good(self, index: int) -> tuple[int, np.ndarray, str]:
+        """(record index, pixels, file name) of `index` or, if it does not decode, of the next one."""
+        for offset in range(len(self.source)):
+            candidate = (index + offset) % len(self.source)
+            name = f"record {candidate}"
+            try:
+                record = self.source[candidate]
+                name = _text(record["file_name"])
+                return candidate, images.decode_rgb8(record["hr"], name), name
+            except (images.BadImage, KeyError, ValueError, OSError) as e:
+                bad_records[name] += 1
+                logging.warning("skipping training record %d, %s (%d bad reads so far in this process): %s",
+                                candidate, name, sum(bad_records.values()), e)
+        raise ValueError(f"none of the {len(self.source)} training records decodes")
+
+    def __call__(self, epoch_and_index: tuple[int, int]) -> dict:
+        epoch, index = epoch_and_index
+        index, image, name = self._decode_first_good(int(index))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        text_dropped = bool(rng.uniform() < self.text_dropout)
+        size = self.config.crop_size
+        image = _reflect_pad(image, size, name)
+        top = rng.integers(image.shape[0] - size + 1)
+        left = rng.integers(image.shape[1] - size + 1)
+        crop = image[top:top + size, left:left + size]
+        if rng.uniform() < 0.5:
+            crop = crop[:, ::-1]
+        hr, lr = degradation.degrade(crop.astype(np.float32) / 255.0, rng, self.config)
+        example = {"hr": hr, "lr": lr, "lr_up": degradation.upsample_lr(lr, self.config.scale),
+                   "text_dropped": np.bool_(text_dropped), "index": np.int64(index), "epoch": np.int64(epoch)}
+        return _with_embeddings(example, self.embeddings, index, text_dropped)
+
+
+class EvalExample:
+    """Record index -> one eval example; indices past the shard are padding copies (mask False)."""
+
+    def __init__(self, source, stop: int, config: ml_collections.ConfigDict | None, seed: int, embeddings):
+        self.source, self.stop, self.config, self.seed, self.embeddings = source, stop, config, seed, embeddings
+
+    def __call__(self, index: int) -> dict:
+        padding = index >= self.stop
+        record_index = self.stop - 1 if padding else int(index)
+        record = self.source[record_index]
+        name = _text(record["file_name"])
+        example = {}
+        if "lr" in record:
+            example["lr"] = images.decode_rgb8(record["lr"], name).astype(np.float32) / 255.0
+            if "hr" in record:
+                example["hr"] = images.decode_rgb8(record["hr"], name).astype(np.float32) / 255.0
+        else:  # HR-only set: deterministic synthetic LR from a centre crop
+            if self.config is None:
+                raise ValueError("an HR-only eval set needs degradation_config to make its LR images")
+            hr = images.decode_rgb8(record["hr"], name)
+            size = self.config.crop_size
+            hr = _reflect_pad(hr, size, name)
+            top, left = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
+            hr = hr[top:top + size, left:left + size].astype(np.float32) / 255.0
+            rng = np.random.default_rng([self.seed, 0, record_index])
+            example["hr"], example["lr"] = degradation.degrade(hr, rng, self.config)
+        scale = self.config.scale if self.config is not None else 4
+        example["lr_up"] = degradation.upsample_lr(example["lr"], scale)
+        example.update(mask=np.bool_(not padding), index=np.int64(-1 if padding else record_index),
+                       file_name=np.asarray("" if padding else name))
+        return _with_embeddings(example, self.embeddings, record_index, False)
+
+
+def _single_thread_worker(worker_index: int, worker_count: int):
+    # Workers already fill the cores; OpenCV's own thread pool would only oversubscribe them.
+    cv2.setNumThreads(1)
+
+
+def _finish(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int, read_threads: int):
+    """MapDataset of batches -> IterDataset, with worker processes when worker_count > 0."""
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 2 * read_threads))
+    iterable = dataset.to_iter_dataset(options)
+    if worker_count > 0:
+        # grain reads absl flags in its workers; a program that did not parse flags would fail there.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+            worker_init_fn=_single_thread_worker)
+    return iterable
+
+
+def _shard(num_records: int, shard_options: grain.sharding.ShardOptions | None) -> grain.sharding.ShardOptions:
+    shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=False)
+    if num_records < shard.shard_count:
+        raise ValueError(f"{num_records} records cannot be sharded over {shard.shard_count} processes")
+    return shard
+
+
+def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml_collections.ConfigDict,
+                   text_dropout: float = 0.2, embeddings=None, num_epochs: int | None = None,
+                   shard_options: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
+                   worker_buffer_size: int = 2, read_threads: int = 1) -> grain.IterDataset:
+    """Endless (or `num_epochs`) stream of train batches (module docstring) over an HR-only source.
+
+    `source`: a random-access source of {hr, file_name, ...} records, e.g. `open_source("lsdir", "train",
+    DIR)`. `shard_options` defaults to this JAX process's shard (records index::count, disjoint and
+    covering). `batch_size` is per process. Last partial batches of a finite stream are dropped.
+    """
+    shard = _shard(len(source), shard_options)
+    records = grain.MapDataset.range(len(source))[shard.shard_index::shard.shard_count]
+    per_epoch = len(records)
+    records = records.shuffle(seed=seed).repeat(num_epochs)
+    examples = records.map_with_index(lambda position, index: (position // per_epoch, index))
+    examples = examples.map(TrainExample(source, degradation_config, seed, text_dropout, embeddings))
+    batches = examples.batch(batch_size, drop_remainder=True)
+    return _finish(batches, worker_count, worker_buffer_size, read_threads)
+
+
+def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections.ConfigDict | None = None,
+                  seed: int = 0, embeddings=None, shard_options: grain.sharding.ShardOptions | None = None,
+                  worker_count: int = 0, read_threads: int = 1) -> grain.IterDataset:
+    """One ordered pass of eval batches (module docstring); the last batch is padded with mask False.
+
+    `degradation_config` is needed for HR-only sets (its crop_size and parameters make the LR).
+    Images in one batch must share a size; use batch_size 1 for sets of mixed sizes.
+    """
+    shard = _shard(len(source), shard_options)
+    per_shard = -(-len(source) // shard.shard_count)
+    start = shard.shard_index * per_shard
+    stop = min(start + per_shard, len(source))
+    padded = -(-per_shard // batch_size) * batch_size
+    indices = grain.MapDataset.range(start, start + padded)
+    examples = indices.map(EvalExample(source, stop, degradation_config, seed, embeddings))
+    batches = examples.batch(batch_size, batch_fn=functools.partial(_stack_eval_batch, batch_size=batch_size))
+    return _finish(batches, worker_count, 1, read_threads)
+
+
+def _stack_eval_batch(examples: list[dict], batch_size: int) -> dict:
+    shapes = {tuple(example["lr"].shape) for example in examples}
+    if len(shapes) > 1:
+        names = [str(example["file_name"]) for example in examples]
+        raise ValueError(f"eval batch of size {batch_size} mixes LR sizes {sorted(shapes)} ({names}); "
+                         f"use batch_size=1 for this set")
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
