@@ -22,9 +22,10 @@ Batch contract (numpy, B = per-process batch, S = HR side):
     prompt_embeds         float32 (B, 77 + n, D); the NULL prompt's where text_dropped
     pooled_prompt_embeds  float32 (B, P)
 
-Checkpointing: `iterator = iter(dataset)`; `iterator.get_state()` is a small JSON-able dict to save
-with the train state (e.g. `grain.checkpoint.CheckpointSave(iterator)` in an orbax Composite) and
-`iterator.set_state(state)` resumes. Unreadable records are skipped (the next record stands in),
+Checkpointing: `iterator = iter(pipeline)`; `iterator.get_state()` is a small JSON-able dict
+({"batches_delivered": n}) to save with the train state (e.g. `orbax.checkpoint.args.JsonSave`), and
+`iterator.set_state(state)` on a fresh iterator resumes the stream exactly, whatever the worker count.
+`iterator.close()` stops worker processes. Unreadable records are skipped (the next record stands in),
 counted in `bad_records` and logged by file name; they never stop a run.
 """
 
@@ -152,18 +153,69 @@ def _single_thread_worker(worker_index: int, worker_count: int):
     cv2.setNumThreads(1)
 
 
-def _finish(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int, read_threads: int):
-    """MapDataset of batches -> IterDataset, with worker processes when worker_count > 0."""
-    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 2 * read_threads))
-    iterable = dataset.to_iter_dataset(options)
-    if worker_count > 0:
-        # grain reads absl flags in its workers; a program that did not parse flags would fail there.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        iterable = iterable.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-            worker_init_fn=_single_thread_worker)
-    return iterable
+class BatchIterator:
+    """Iterator over a pipeline's batches; its state is the number of batches delivered.
+
+    Every batch is a pure function of its position, so the state does not depend on the worker
+    count: a run may resume with more or fewer workers (grain's own iterator states differ between
+    in-process and worker iterators).
+    """
+
+    def __init__(self, batches: "Batches"):
+        self._batches = batches
+        self._position = 0
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self._batches.from_position(self._position))
+        batch = next(self._iterator)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"batches_delivered": self._position}
+
+    def set_state(self, state: dict):
+        self.close()
+        self._position = int(state["batches_delivered"])
+
+    def close(self):
+        """Stops the worker processes, if any (the next `next` restarts them)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+
+class Batches:
+    """A pipeline: an iterable of batches (`iter()` gives a checkpointable `BatchIterator`)."""
+
+    def __init__(self, batches: grain.MapDataset, worker_count: int, worker_buffer_size: int, read_threads: int):
+        self.batches = batches
+        self.worker_count, self.worker_buffer_size, self.read_threads = worker_count, worker_buffer_size, read_threads
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self)
+
+    def from_position(self, position: int) -> grain.IterDataset:
+        """The batches from `position` on, with worker processes when worker_count > 0."""
+        options = grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=max(1, 2 * self.read_threads))
+        iterable = self.batches[position:].to_iter_dataset(options)
+        if self.worker_count > 0:
+            # grain reads absl flags in its workers; a program that did not parse flags would fail there.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            iterable = iterable.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                             per_worker_buffer_size=self.worker_buffer_size),
+                worker_init_fn=_single_thread_worker)
+        return iterable
 
 
 def _shard(num_records: int, shard_options: grain.sharding.ShardOptions | None) -> grain.sharding.ShardOptions:
@@ -176,7 +228,7 @@ def _shard(num_records: int, shard_options: grain.sharding.ShardOptions | None) 
 def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml_collections.ConfigDict,
                    text_dropout: float = 0.2, embeddings=None, num_epochs: int | None = None,
                    shard_options: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
-                   worker_buffer_size: int = 2, read_threads: int = 1) -> grain.IterDataset:
+                   worker_buffer_size: int = 2, read_threads: int = 1) -> Batches:
     """Endless (or `num_epochs`) stream of train batches (module docstring) over an HR-only source.
 
     `source`: a random-access source of {hr, file_name, ...} records, e.g. `open_source("lsdir", "train",
@@ -190,12 +242,12 @@ def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml
     examples = records.map_with_index(lambda position, index: (position // per_epoch, index))
     examples = examples.map(TrainExample(source, degradation_config, seed, text_dropout, embeddings))
     batches = examples.batch(batch_size, drop_remainder=True)
-    return _finish(batches, worker_count, worker_buffer_size, read_threads)
+    return Batches(batches, worker_count, worker_buffer_size, read_threads)
 
 
 def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections.ConfigDict | None = None,
                   seed: int = 0, embeddings=None, shard_options: grain.sharding.ShardOptions | None = None,
-                  worker_count: int = 0, read_threads: int = 1) -> grain.IterDataset:
+                  worker_count: int = 0, read_threads: int = 1) -> Batches:
     """One ordered pass of eval batches (module docstring); the last batch is padded with mask False.
 
     `degradation_config` is needed for HR-only sets (its crop_size and parameters make the LR).
@@ -209,7 +261,7 @@ def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections
     indices = grain.MapDataset.range(start, start + padded)
     examples = indices.map(EvalExample(source, stop, degradation_config, seed, embeddings))
     batches = examples.batch(batch_size, batch_fn=functools.partial(_stack_eval_batch, batch_size=batch_size))
-    return _finish(batches, worker_count, 1, read_threads)
+    return Batches(batches, worker_count, 1, read_threads)
 
 
 def _stack_eval_batch(examples: list[dict], batch_size: int) -> dict:
