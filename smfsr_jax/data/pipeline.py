@@ -218,6 +218,12 @@ class Batches:
         return iterable
 
 
+def _check_embeddings(source, embeddings):
+    if embeddings is not None and len(embeddings) != len(source):
+        raise ValueError(f"caption embeddings {getattr(embeddings, 'directory', '')} hold {len(embeddings)} records, "
+                         f"the data source {len(source)}: re-run python -m smfsr_jax.data.captions")
+
+
 def _shard(num_records: int, shard_options: grain.sharding.ShardOptions | None) -> grain.sharding.ShardOptions:
     shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=False)
     if num_records < shard.shard_count:
@@ -235,6 +241,7 @@ def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml
     DIR)`. `shard_options` defaults to this JAX process's shard (records index::count, disjoint and
     covering). `batch_size` is per process. Last partial batches of a finite stream are dropped.
     """
+    _check_embeddings(source, embeddings)
     shard = _shard(len(source), shard_options)
     records = grain.MapDataset.range(len(source))[shard.shard_index::shard.shard_count]
     per_epoch = len(records)
@@ -253,6 +260,7 @@ def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections
     `degradation_config` is needed for HR-only sets (its crop_size and parameters make the LR).
     Images in one batch must share a size; use batch_size 1 for sets of mixed sizes.
     """
+    _check_embeddings(source, embeddings)
     shard = _shard(len(source), shard_options)
     per_shard = -(-len(source) // shard.shard_count)
     start = shard.shard_index * per_shard
