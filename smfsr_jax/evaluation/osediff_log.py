@@ -16,12 +16,13 @@ import re
 
 METRIC_ORDER = ("PSNR", "SSIM", "LPIPS", "DISTS", "CLIPIQA", "NIQE", "MUSIQ", "MANIQA")
 _TIMESTAMP = r"\d{2}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}"
-_METRICS = r"[\w+\-]+: \S+(?:; [\w+\-]+: \S+)*"
+_METRICS = r"[\w+\-]+: [^;\s]+(?:; [\w+\-]+: [^;\s]+)*"
 _IMAGE_LINE = re.compile(rf"(?P<timestamp>{_TIMESTAMP}) - INFO: (?P<path>.+?) \| (?P<metrics>{_METRICS})"
                          r"(?: \| Runtime: (?P<runtime>\S+) sec)?")
 _EMPTY_INFO_LINE = re.compile(rf"(?P<timestamp>{_TIMESTAMP}) - INFO: ")
 _SUMMARY_TITLE = re.compile(r"===== Average Metrics for \[(?P<directory>.*)\] =====")
-_SUMMARY_MEANS = re.compile(rf"(?P<metrics>{_METRICS})(?: \| FID: (?P<fid>\S+) \| FID Runtime: (?P<fid_runtime>\S+) sec)?")
+_SUMMARY_MEANS = re.compile(rf"(?P<metrics>{_METRICS})"
+                            r"(?: \| FID: (?P<fid>\S+) \| FID Runtime: (?P<fid_runtime>\S+) sec)?")
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
