@@ -32,10 +32,6 @@ _PYIQA_TRUNK_KEY = re.compile(r"net\.slice\d+\.(\d+)\.(weight|bias)")
 _LIN_IGNORED = (r"lins\.\d+\.model\.1\.weight", r"scaling_layer\.(shift|scale)")
 
 
-def _identity(w):
-    return w
-
-
 def trunk_shapes(config: LPIPSConfig) -> dict:
     """{torchvision key: shape} of the trunk convs."""
     shapes = {}
@@ -54,7 +50,7 @@ def _rules(config: LPIPSConfig) -> dict:
     rules = {}
     for conv in config.features:
         rules[f"features.{conv.index}.weight"] = (f"features_{conv.index}/kernel", conv_kernel)
-        rules[f"features.{conv.index}.bias"] = (f"features_{conv.index}/bias", _identity)
+        rules[f"features.{conv.index}.bias"] = (f"features_{conv.index}/bias", np.asarray)
     for i in range(len(config.tap_channels)):
         rules[f"lin{i}.model.1.weight"] = (f"lin{i}/kernel", conv_kernel)
     return rules
