@@ -1,4 +1,4 @@
-"""Score SR images with the protocol metrics (design/evaluation.md).
+r"""Score SR images with the protocol metrics (design/evaluation.md).
 
 Directory mode:
   python evaluate.py --sr_dir results/drealsr --hr_dir ../shared/data/drealsr/test_HR \
