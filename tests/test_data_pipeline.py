@@ -97,6 +97,9 @@ def test_text_dropout_swaps_in_null_embeddings():
     class Embeddings:
         null = (np.zeros((5, 8), np.float32), np.zeros((4,), np.float32))
 
+        def __len__(self):
+            return 4
+
         def record(self, index):
             return np.full((5, 8), index + 1, np.float32), np.full((4,), index + 1, np.float32)
 

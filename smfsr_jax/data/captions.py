@@ -78,10 +78,6 @@ class CaptionEmbeddings:
         return self.row(0)
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def encode_captions(captions: list[str], encoders, directory: str | os.PathLike, *, t5_max_length: int = 77,
                     batch_size: int = 16, dtype=np.float16, null_embeddings=None, info: dict | None = None):
     """Encode the distinct `captions` (record order) and the NULL prompt into `directory` (module layout).
@@ -135,7 +131,7 @@ def encode_dataset(dataset: str, split: str, data_dir: str, encoders, *, t5_max_
     from smfsr_jax.models import text
 
     source = pipeline.open_source(dataset, split, data_dir)
-    captions = [_text(source[i]["caption"]).strip() for i in range(len(source))]
+    captions = [pipeline.record_text(source[i]["caption"]).strip() for i in range(len(source))]
     if postprocess_captions:
         captions = [text.postprocess_caption(c) if c else c for c in captions]
     return encode_captions(captions, encoders, embeddings_dir(dataset, split, data_dir, t5_max_length),

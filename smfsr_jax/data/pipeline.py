@@ -53,7 +53,8 @@ def open_source(dataset: str, split: str, data_dir: str):
     return tfds.data_source(dataset, split=split, data_dir=data_dir)
 
 
-def _text(value) -> str:
+def record_text(value) -> str:
+    """A text field of a record (`tfds.data_source` returns bytes) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -89,7 +90,7 @@ class TrainExample:
             name = f"record {candidate}"
             try:
                 record = self.source[candidate]
-                name = _text(record["file_name"])
+                name = record_text(record["file_name"])
                 return candidate, images.decode_rgb8(record["hr"], name), name
             except (images.BadImage, KeyError, ValueError, OSError) as e:
                 bad_records[name] += 1
@@ -125,7 +126,7 @@ class EvalExample:
         padding = index >= self.stop
         record_index = self.stop - 1 if padding else int(index)
         record = self.source[record_index]
-        name = _text(record["file_name"])
+        name = record_text(record["file_name"])
         example = {}
         if "lr" in record:
             example["lr"] = images.decode_rgb8(record["lr"], name).astype(np.float32) / 255.0
