@@ -252,12 +252,18 @@ def is_converted(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(os.path.join(path, CONFIG_NAME))
 
 
+def read_converted_config(path: str) -> tuple[dict, dict]:
+    """(config dict, meta dict) of a directory written by save_converted."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        record = json.load(f)
+    return record["config"], record.get("meta", {})
+
+
 def load_converted(path: str, abstract_params=None):
     """Read (config dict, meta dict, params) written by save_converted."""
     import orbax.checkpoint as ocp
     path = os.path.abspath(path)
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        record = json.load(f)
+    config, meta = read_converted_config(path)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract_params)
-    return record["config"], record.get("meta", {}), params
+    return config, meta, params

@@ -1,0 +1,47 @@
+"""Convert torch checkpoints once into Flax (orbax checkpoint + JSON config).
+
+  python -m smfsr_jax.convert transformer --src sd3.5_medium.safetensors --dst ckpt/sd35m
+  python -m smfsr_jax.convert transformer --src DiT4SR/dit4sr_r1 --dst ckpt/dit4sr_r1 --lr_key_bug false
+  python -m smfsr_jax.convert vae --src stable-diffusion-3.5-medium --dst ckpt/vae
+  python -m smfsr_jax.convert text --src stable-diffusion-3.5-medium --dst ckpt/text
+  python -m smfsr_jax.convert dinov3 --src dinov3-vits16-pretrain-lvd1689m --dst ckpt/dinov3
+"""
+
+import argparse
+import importlib
+import sys
+
+KINDS = ("transformer", "vae", "text", "dinov3")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m smfsr_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--src", required=True, help="checkpoint file or directory")
+    parser.add_argument("--dst", required=True, help="output directory")
+    parser.add_argument("--lr_key_bug", type=_bool, default=None,
+                        help="transformer only: double-normalised LR keys (default true; false for dit4sr_r1)")
+    parser.add_argument("--variant", default="", help="transformer only: name recorded in the metadata")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"smfsr_jax.convert.{args.kind}")
+    if args.kind == "transformer":
+        overrides = {} if args.lr_key_bug is None else {"lr_key_bug": args.lr_key_bug}
+        module.convert(args.src, args.dst, variant=args.variant, **overrides)
+    else:
+        if args.lr_key_bug is not None or args.variant:
+            parser.error("--lr_key_bug and --variant apply to the transformer only")
+        module.convert(args.src, args.dst)
+    print(f"wrote {args.dst}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
