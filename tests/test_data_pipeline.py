@@ -148,3 +148,7 @@ def test_eval_pads_the_last_batch_and_shards_evenly(data_dir, tmp_path):
     indices = [set(np.concatenate([b["index"][b["mask"]] for b in s])) for s in shards]
     assert not indices[0] & indices[1] and indices[0] | indices[1] == set(range(5))
     assert images.decode_rgb8(source[0]["lr"]).shape == shards[0][0]["lr"].shape[1:]
+
+    source[1]["lr"] = b"corrupt"
+    batch = next(iter(pipeline.eval_pipeline(source, batch_size=5, shard_options=NO_SHARDING)))
+    assert list(batch["mask"]) == [True, False, True, True, True] and batch["index"][1] == -1

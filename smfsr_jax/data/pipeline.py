@@ -25,8 +25,11 @@ Batch contract (numpy, B = per-process batch, S = HR side):
 Checkpointing: `iterator = iter(pipeline)`; `iterator.get_state()` is a small JSON-able dict
 ({"batches_delivered": n}) to save with the train state (e.g. `orbax.checkpoint.args.JsonSave`), and
 `iterator.set_state(state)` on a fresh iterator resumes the stream exactly, whatever the worker count.
-`iterator.close()` stops worker processes. Unreadable records are skipped (the next record stands in),
-counted in `bad_records` and logged by file name; they never stop a run.
+`iterator.close()` stops worker processes. Unreadable records never stop a run: in training the next
+record stands in, in evaluation the row is masked out; both are counted in `bad_records` and logged.
+
+Worker processes (`worker_count > 0`) are started with spawn: the launching script needs the usual
+`if __name__ == "__main__":` guard.
 """
 
 import collections
@@ -125,6 +128,23 @@ class EvalExample:
     def __call__(self, index: int) -> dict:
         padding = index >= self.stop
         record_index = self.stop - 1 if padding else int(index)
+        for offset in range(len(self.source)):
+            candidate = (record_index + offset) % len(self.source)
+            try:
+                example, name = self._example(candidate)
+                break
+            except (images.BadImage, KeyError, ValueError, OSError) as e:
+                # An unreadable record becomes a masked row: the batch keeps its shape, metrics skip it.
+                bad_records[f"record {candidate}"] += 1
+                logging.warning("eval record %d is unreadable, masked out: %s", candidate, e)
+                padding = True
+        else:
+            raise ValueError(f"none of the {len(self.source)} eval records decodes")
+        example.update(mask=np.bool_(not padding), index=np.int64(-1 if padding else candidate),
+                       file_name=np.asarray("" if padding else name))
+        return _with_embeddings(example, self.embeddings, candidate, False)
+
+    def _example(self, record_index: int) -> tuple[dict, str]:
         record = self.source[record_index]
         name = record_text(record["file_name"])
         example = {}
@@ -133,20 +153,15 @@ class EvalExample:
             if "hr" in record:
                 example["hr"] = images.decode_rgb8(record["hr"], name).astype(np.float32) / 255.0
         else:  # HR-only set: deterministic synthetic LR from a centre crop
-            if self.config is None:
-                raise ValueError("an HR-only eval set needs degradation_config to make its LR images")
-            hr = images.decode_rgb8(record["hr"], name)
+            hr = _reflect_pad(images.decode_rgb8(record["hr"], name), self.config.crop_size, name)
             size = self.config.crop_size
-            hr = _reflect_pad(hr, size, name)
             top, left = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
             hr = hr[top:top + size, left:left + size].astype(np.float32) / 255.0
             rng = np.random.default_rng([self.seed, 0, record_index])
             example["hr"], example["lr"] = degradation.degrade(hr, rng, self.config)
         scale = self.config.scale if self.config is not None else 4
         example["lr_up"] = degradation.upsample_lr(example["lr"], scale)
-        example.update(mask=np.bool_(not padding), index=np.int64(-1 if padding else record_index),
-                       file_name=np.asarray("" if padding else name))
-        return _with_embeddings(example, self.embeddings, record_index, False)
+        return example, name
 
 
 def _single_thread_worker(worker_index: int, worker_count: int):
@@ -262,6 +277,8 @@ def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections
     Images in one batch must share a size; use batch_size 1 for sets of mixed sizes.
     """
     _check_embeddings(source, embeddings)
+    if degradation_config is None and "lr" not in source[0]:
+        raise ValueError("an HR-only eval set needs degradation_config to make its LR images")
     shard = _shard(len(source), shard_options)
     per_shard = -(-len(source) // shard.shard_count)
     start = shard.shard_index * per_shard
