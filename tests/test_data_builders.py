@@ -67,6 +67,7 @@ def test_load_rgb8_converts_or_rejects_every_bad_kind():
         assert images.decode_rgb8(stored, name).shape == expected_shape
         if note is None:
             assert stored == data  # 8-bit RGB PNG/JPEG is stored as read
+    assert np.array_equal(images.decode_rgb8(files["good.png"]), _rgb())  # RGB order, lossless
     sixteen = images.load_rgb8(files["sixteen_bit.png"], "s")[0]
     assert np.array_equal(sixteen, _rgb())  # x*257 rounds back to x
     gray = images.load_rgb8(files["gray.png"], "g")[0]

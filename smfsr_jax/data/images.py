@@ -102,7 +102,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def decode_rgb8(data: bytes, name: str = "record") -> np.ndarray:
     """Stored bytes -> (H, W, 3) uint8 RGB. Raises BadImage when OpenCV cannot decode them."""
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     if pixels is None or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise BadImage(f"{name}: stored image bytes do not decode to an RGB image")
-    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return pixels
