@@ -44,11 +44,15 @@ def _assert_same_stream(first, second):
 def test_train_batch_contract(data_dir):
     source = pipeline.open_source("bundled", "train", data_dir)
     batch = next(iter(_train(source, crop_size=64, batch_size=4)))
-    assert batch["hr"].shape == (4, 64, 64, 3) and batch["hr"].dtype == np.float32
-    assert batch["lr"].shape == (4, 16, 16, 3) and batch["lr_up"].shape == (4, 64, 64, 3)
-    for key in ("hr", "lr", "lr_up"):
-        assert 0 <= batch[key].min() and batch[key].max() <= 1
-    np.testing.assert_array_equal(batch["lr_up"], np.stack([degradation.upsample_lr(x) for x in batch["lr"]]))
+    assert batch["hr"].shape == (4, 64, 64, 3) and batch["lr"].shape == (4, 16, 16, 3)
+    assert batch["lr_up"].shape == (4, 64, 64, 3)
+    assert all(batch[key].dtype == np.uint8 for key in ("hr", "lr", "lr_up"))
+    upsampled = [degradation.upsample_lr(lr.astype(np.float32) / 255) for lr in batch["lr"]]
+    np.testing.assert_array_equal(batch["lr_up"], degradation.to_uint8(np.stack(upsampled)))
+    image = _rgb(40, 44, seed=9)
+    hr = next(iter(_train([{"hr": _png(image), "file_name": "x.png"}], batch_size=1)))["hr"][0]
+    crops = [image[i:i + 32, j:j + 32] for i in range(9) for j in range(13)]
+    assert any(np.array_equal(hr, c) or np.array_equal(hr, c[:, ::-1]) for c in crops)  # the GT crop, exact
     assert batch["text_dropped"].dtype == np.bool_ and batch["index"].dtype == np.int64
     assert set(batch["index"]) <= set(range(len(source))) and np.all(batch["epoch"] == 0)
 

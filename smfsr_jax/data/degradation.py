@@ -268,6 +268,11 @@ def quantize_8bit(img: np.ndarray) -> np.ndarray:
     return np.divide(out, np.float32(255.0), out=out)
 
 
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """[0, 1] float image -> uint8 levels (exact for images already on the 8-bit grid)."""
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
 def upsample_lr(lr: np.ndarray, scale: int = 4) -> np.ndarray:
     """The model's LR input: torch bicubic x`scale`, clamped to [0, 1] and rounded to 8 bits."""
     height, width = lr.shape[:2]

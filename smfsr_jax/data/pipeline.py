@@ -11,10 +11,10 @@ same whole number of batches (padding rows have `mask` False and `index` -1), so
 same number of steps. HR-only records (e.g. `bundled` holdout) get a deterministic synthetic LR: a
 centre crop degraded with seed (seed, 0, index).
 
-Batch contract (numpy, B = per-process batch, S = HR side):
-    hr                    float32 (B, S, S, 3) in [0, 1]; GT crop (USM-sharpened if configured)
-    lr                    float32 (B, S/4, S/4, 3), 8-bit values / 255
-    lr_up                 float32 (B, S, S, 3), torch-bicubic x4 of lr, 8-bit values: the model input
+Batch contract (numpy, B = per-process batch, S = HR side; images are 8-bit levels, x / 255 is [0, 1]):
+    hr                    uint8 (B, S, S, 3); GT crop (USM-sharpened, then rounded, if configured)
+    lr                    uint8 (B, S/4, S/4, 3); the degraded LR (already 8-bit by construction)
+    lr_up                 uint8 (B, S, S, 3); torch-bicubic x4 of lr, clamped and rounded: the model input
     index                 int64 (B,), record index in the split (-1 for eval padding)
     train only:  epoch int64 (B,); text_dropped bool (B,), True with probability `text_dropout`
     eval only:   mask bool (B,); file_name str (B,); no `hr` for LR-only sets
@@ -33,6 +33,8 @@ Worker processes (`worker_count > 0`) are started with spawn: the launching scri
 """
 
 import collections
+import ctypes
+import ctypes.util
 import functools
 
 import cv2
@@ -43,6 +45,7 @@ from absl import flags, logging
 
 from smfsr_jax.data import degradation, images
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 bad_records = collections.Counter()  # per process: file name -> times skipped
 padded_records = collections.Counter()  # per process: file name -> times reflect-padded to the crop
 
@@ -114,7 +117,9 @@ class TrainExample:
         if rng.uniform() < 0.5:
             crop = crop[:, ::-1]
         hr, lr = degradation.degrade(crop.astype(np.float32) / 255.0, rng, self.config)
-        example = {"hr": hr, "lr": lr, "lr_up": degradation.upsample_lr(lr, self.config.scale),
+        hr = degradation.to_uint8(hr) if self.config.use_sharpen else np.ascontiguousarray(crop)
+        example = {"hr": hr, "lr": degradation.to_uint8(lr),
+                   "lr_up": degradation.to_uint8(degradation.upsample_lr(lr, self.config.scale)),
                    "text_dropped": np.bool_(text_dropped), "index": np.int64(index), "epoch": np.int64(epoch)}
         return _with_embeddings(example, self.embeddings, index, text_dropped)
 
@@ -149,24 +154,36 @@ class EvalExample:
         name = record_text(record["file_name"])
         example = {}
         if "lr" in record:
-            example["lr"] = images.decode_rgb8(record["lr"], name).astype(np.float32) / 255.0
+            example["lr"] = images.decode_rgb8(record["lr"], name)
             if "hr" in record:
-                example["hr"] = images.decode_rgb8(record["hr"], name).astype(np.float32) / 255.0
+                example["hr"] = images.decode_rgb8(record["hr"], name)
         else:  # HR-only set: deterministic synthetic LR from a centre crop
             hr = _reflect_pad(images.decode_rgb8(record["hr"], name), self.config.crop_size, name)
             size = self.config.crop_size
             top, left = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
-            hr = hr[top:top + size, left:left + size].astype(np.float32) / 255.0
+            example["hr"] = np.ascontiguousarray(hr[top:top + size, left:left + size])
             rng = np.random.default_rng([self.seed, 0, record_index])
-            example["hr"], example["lr"] = degradation.degrade(hr, rng, self.config)
+            sharpened, lr = degradation.degrade(example["hr"].astype(np.float32) / 255.0, rng, self.config)
+            example["lr"] = degradation.to_uint8(lr)
+            if self.config.use_sharpen:
+                example["hr"] = degradation.to_uint8(sharpened)
         scale = self.config.scale if self.config is not None else 4
-        example["lr_up"] = degradation.upsample_lr(example["lr"], scale)
+        lr_up = degradation.upsample_lr(example["lr"].astype(np.float32) / 255.0, scale)
+        example["lr_up"] = degradation.to_uint8(lr_up)
         return example, name
 
 
-def _single_thread_worker(worker_index: int, worker_count: int):
+def _init_worker(worker_index: int, worker_count: int):
     # Workers already fill the cores; OpenCV's own thread pool would only oversubscribe them.
     cv2.setNumThreads(1)
+    # glibc returns every freed multi-MB numpy temporary to the kernel and page-faults it back on
+    # the next allocation (about 12% of a worker's time); keeping them in the heap avoids that.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
+    except (OSError, AttributeError, TypeError):  # not glibc: keep the defaults
+        pass
 
 
 class BatchIterator:
@@ -230,7 +247,7 @@ class Batches:
             iterable = iterable.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.worker_count,
                                              per_worker_buffer_size=self.worker_buffer_size),
-                worker_init_fn=_single_thread_worker)
+                worker_init_fn=_init_worker)
         return iterable
 
 
