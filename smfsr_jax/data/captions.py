@@ -99,6 +99,9 @@ def encode_captions(captions: list[str], encoders, directory: str | os.PathLike,
                                             shape + null_pooled.shape)
 
     def store(row, prompt_embeds, pooled):
+        if prompt_embeds.shape[1:] != prompt_file.shape[1:] or pooled.shape[1:] != pooled_file.shape[1:]:
+            raise ValueError(f"{directory}: encoder output {prompt_embeds.shape[1:]}, {pooled.shape[1:]} does not match "
+                             f"the NULL embeddings {prompt_file.shape[1:]}, {pooled_file.shape[1:]} (t5_max_length?)")
         for name, values in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
             if not np.all(np.isfinite(values)) or np.abs(values).max() > np.finfo(dtype).max:
                 raise ValueError(f"{directory}: {name} of row {row} is not finite or does not fit {np.dtype(dtype)}; "
