@@ -264,6 +264,10 @@ def _shard(num_records: int, shard_options: grain.sharding.ShardOptions | None) 
     return shard
 
 
+def _epoch_and_index(per_epoch: int, position: int, index: int) -> tuple[int, int]:
+    return position // per_epoch, index
+
+
 def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml_collections.ConfigDict,
                    text_dropout: float = 0.2, embeddings=None, num_epochs: int | None = None,
                    shard_options: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
@@ -279,7 +283,7 @@ def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml
     records = grain.MapDataset.range(len(source))[shard.shard_index::shard.shard_count]
     per_epoch = len(records)
     records = records.shuffle(seed=seed).repeat(num_epochs)
-    examples = records.map_with_index(lambda position, index: (position // per_epoch, index))
+    examples = records.map_with_index(functools.partial(_epoch_and_index, per_epoch))
     examples = examples.map(TrainExample(source, degradation_config, seed, text_dropout, embeddings))
     batches = examples.batch(batch_size, drop_remainder=True)
     return Batches(batches, worker_count, worker_buffer_size, read_threads)
