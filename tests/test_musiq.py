@@ -1,0 +1,126 @@
+"""MUSIQ against pyiqa: preprocessing facts, scores and activations (goldens written by
+tools/make_iqa_goldens.py from pyiqa's own `musiq` metric with the same random weights), strict converter.
+
+Tolerances: max abs error <= 1e-5 * max |reference| (CONTRIBUTING), scores on pyiqa's scale.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from smfsr_jax.convert import musiq as musiq_convert
+from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
+from smfsr_jax.evaluation import musiq
+from tests.conftest import REPO, import_torch
+from tools.make_iqa_goldens import golden_images, random_state_dict, resize_input
+
+GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_musiq.npz")
+IMAGES = golden_images()  # 224 x 224 and 256 x 192 (H x W) uint8
+
+
+def assert_close(actual, expected, rel=1e-5):
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=rel * np.abs(expected).max())
+
+
+def unit(image):
+    return image[None].astype(np.float32) / 255
+
+
+def test_hashed_positions_match_torch_nearest():
+    for count in range(1, 65):
+        np.testing.assert_array_equal(musiq.nearest_indices(10, count), GOLDEN[f"hash/{count}"], err_msg=f"{count}")
+
+
+def test_bicubic_resize_matches_torch():
+    x = resize_input().transpose(0, 2, 3, 1)
+    for h, w in ((13, 10), (57, 43), (40, 30)):
+        assert_close(musiq.resize_bicubic(x, h, w)[0, :16, :16], GOLDEN[f"resize/{h}x{w}"])
+
+
+def test_multiscale_tokens_match_pyiqa():
+    for i, image in enumerate(IMAGES):
+        patches, spatial, scales, mask = musiq.multiscale_tokens((unit(image) - 0.5) * 2, musiq.KONIQ)
+        np.testing.assert_array_equal(spatial, GOLDEN[f"tokens/{i}/spatial"])
+        np.testing.assert_array_equal(scales, GOLDEN[f"tokens/{i}/scale"])
+        np.testing.assert_array_equal(mask, GOLDEN[f"tokens/{i}/mask"])
+        assert_close(np.asarray(patches, np.float64).sum(axis=(2, 3, 4))[0], GOLDEN[f"tokens/{i}/patch_sums"])
+
+
+def scores_and_activations(params, config, images):
+    """Scores plus the embedding and encoder outputs, in one call."""
+    patches, spatial, scales, mask = musiq.multiscale_tokens((images - 0.5) * 2, config)
+    scores, state = musiq.MUSIQ(config).apply(
+        {"params": params}, patches, spatial, scales, mask, mutable=["intermediates"],
+        capture_intermediates=lambda module, _: module.name in ("embedding", "transformer_encoder"))
+    return scores, state["intermediates"]
+
+
+def check_activations(preset, config, image_index):
+    """Score, CLS output and embedded tokens of one image, from one jitted call."""
+    params = musiq_convert.convert_state_dict(random_state_dict(musiq_convert.checkpoint_shapes(config)), config)
+    forward = jax.jit(scores_and_activations, static_argnums=1)
+    scores, acts = forward(params, config, unit(IMAGES[image_index]))
+    assert_close(scores[0], GOLDEN[f"{preset}/scores"][image_index])
+    assert_close(acts["transformer_encoder"]["__call__"][0][0, 0], GOLDEN[f"{preset}/cls"][image_index])
+    assert_close(acts["embedding"]["__call__"][0][0, :4, :64], GOLDEN[f"{preset}/embedding/{image_index}"])
+
+
+def test_checkpoint_keys_match_pyiqa():
+    for preset, config in (("tiny", musiq.TINY), ("full", musiq.KONIQ)):
+        keys = [f"{k}:{shape}" for k, shape in musiq_convert.checkpoint_shapes(config).items()]
+        assert sorted(keys) == sorted(GOLDEN[f"{preset}/keys"]), preset
+
+
+def test_tiny_scores_match_pyiqa(tmp_path):
+    """Converted, saved and loaded like a real checkpoint; images of two sizes (one jit per size).
+
+    Scores are within 1e-5 of the largest golden score magnitude (random weights give O(1) scores).
+    """
+    params = musiq_convert.convert_state_dict(random_state_dict(musiq_convert.checkpoint_shapes(musiq.TINY)),
+                                              musiq.TINY)
+    save_converted(tmp_path, dataclasses.asdict(musiq.TINY), params)
+    score = musiq.load(tmp_path)
+    expected = GOLDEN["tiny/scores"]
+    assert_close(score(IMAGES), expected)
+    assert_close(score(np.stack([IMAGES[0], IMAGES[0]]).astype(np.float32) / 255), expected[[0, 0]])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        score([IMAGES[0].astype(np.float32)])
+    with pytest.raises(ValueError, match="H x W x 3"):
+        score([IMAGES[0][..., 0]])
+
+
+def test_tiny_activations_match_pyiqa():
+    check_activations("tiny", musiq.TINY, 1)
+
+
+def test_full_size_matches_pyiqa():
+    """The published architecture (27M parameters, 14 layers) on the portrait image."""
+    check_activations("full", musiq.KONIQ, 1)
+
+
+def test_converter_fails_loudly_on_bad_keys():
+    tensors = random_state_dict(musiq_convert.checkpoint_shapes(musiq.TINY))
+    tensors["head.weights"] = tensors.pop("head.weight")  # renamed
+    del tensors["transformer_encoder.cls"]  # missing
+    tensors["embedding.bias"] = tensors["embedding.bias"][:-1]  # mis-shaped
+    with pytest.raises(CheckpointError) as error:
+        musiq_convert.convert_state_dict(tensors, musiq.TINY, source="musiq_koniq_ckpt.pth")
+    message = str(error.value)
+    assert message.startswith("musiq_koniq_ckpt.pth:")
+    for expected in ("2 missing", "head.weight\n", "transformer_encoder.cls", "1 unexpected", "head.weights",
+                     "1 mis-shaped", "embedding.bias: expected (32,), found (31,)"):
+        assert expected in message
+
+
+def test_convert_reads_the_pth_file(tmp_path):
+    torch = import_torch()
+    tensors = random_state_dict(musiq_convert.checkpoint_shapes(musiq.TINY))
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "musiq.pth")
+    musiq_convert.convert(tmp_path / "musiq.pth", tmp_path / "converted", musiq.TINY)
+    config, meta, params = load_converted(tmp_path / "converted")
+    assert musiq.config_from_dict(config) == musiq.TINY and meta["converter"] == "musiq"
+    expected = musiq_convert.convert_state_dict(tensors, musiq.TINY)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
