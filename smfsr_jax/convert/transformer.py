@@ -311,6 +311,7 @@ def _config_from_diffusers_json(path: str, tensors, overrides: dict) -> mmdit.MM
 # Public API.
 
 def _resolve_dir(path: str) -> str:
+    """An SD3.5 root or a model bundle holds the transformer in `transformer/`."""
     if os.path.isdir(os.path.join(path, "transformer")) and not os.path.exists(os.path.join(path, "config.json")):
         return os.path.join(path, "transformer")
     return path
@@ -323,6 +324,8 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
     `lr_key_bug=False` for dit4sr_r1. Converted directories carry it in their config.
     """
     path = str(path)
+    if os.path.isdir(path):
+        path = _resolve_dir(path)
     if os.path.isdir(path) and common.is_converted(path):
         config_dict, _ = common.read_converted_config(path)
         cfg = mmdit.MMDiTConfig.from_dict({**config_dict, **config_overrides})
@@ -330,8 +333,6 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
         _, _, params = common.load_converted(path, abstract)
         common.check_tree(path, params, abstract)
         return cfg, jax.tree.map(lambda x: np.asarray(x, params_dtype), params)
-    if os.path.isdir(path):
-        path = _resolve_dir(path)
     tensors = common.open_weights(path)
     source = getattr(tensors, "path", path)
     if any(k.startswith(ORIGINAL_PREFIX) for k in tensors):

@@ -268,6 +268,17 @@ def _epoch_and_index(per_epoch: int, position: int, index: int) -> tuple[int, in
     return position // per_epoch, index
 
 
+class _ProcessRows:
+    """Local position -> this process's rows of each global batch of the one global stream."""
+
+    def __init__(self, stream: grain.MapDataset, local_batch: int, shard: grain.sharding.ShardOptions):
+        self.stream, self.local_batch, self.shard = stream, local_batch, shard
+
+    def __call__(self, position: int):
+        step, row = divmod(position, self.local_batch)
+        return self.stream[(step * self.shard.shard_count + self.shard.shard_index) * self.local_batch + row]
+
+
 def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml_collections.ConfigDict,
                    text_dropout: float = 0.2, embeddings=None, num_epochs: int | None = None,
                    shard_options: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
@@ -275,15 +286,19 @@ def train_pipeline(source, *, batch_size: int, seed: int, degradation_config: ml
     """Endless (or `num_epochs`) stream of train batches (module docstring) over an HR-only source.
 
     `source`: a random-access source of {hr, file_name, ...} records, e.g. `open_source("lsdir", "train",
-    DIR)`. `shard_options` defaults to this JAX process's shard (records index::count, disjoint and
-    covering). `batch_size` is per process. Last partial batches of a finite stream are dropped.
+    DIR)`. `batch_size` is per process. Every process walks the same shuffled global stream and takes
+    its own rows of each global batch (`shard_options`, default: this JAX process), so the global batch
+    — and hence training — does not depend on the number of processes. Last partial global batches of a
+    finite stream are dropped.
     """
     _check_embeddings(source, embeddings)
     shard = _shard(len(source), shard_options)
-    records = grain.MapDataset.range(len(source))[shard.shard_index::shard.shard_count]
-    per_epoch = len(records)
-    records = records.shuffle(seed=seed).repeat(num_epochs)
-    examples = records.map_with_index(functools.partial(_epoch_and_index, per_epoch))
+    per_epoch = len(source)
+    stream = grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat(num_epochs)
+    stream = stream.map_with_index(functools.partial(_epoch_and_index, per_epoch))
+    global_batch = batch_size * shard.shard_count
+    rows = grain.MapDataset.range(len(stream) // global_batch * batch_size)
+    examples = rows.map(_ProcessRows(stream, batch_size, shard))
     examples = examples.map(TrainExample(source, degradation_config, seed, text_dropout, embeddings))
     batches = examples.batch(batch_size, drop_remainder=True)
     return Batches(batches, worker_count, worker_buffer_size, read_threads)

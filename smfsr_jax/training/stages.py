@@ -1,0 +1,236 @@
+"""Per-stage setup: networks, initial parameters, the trainable/frozen split and the loss function.
+
+Frozen parts are one dict with fixed keys, passed to every step without donation:
+    base         the shared frozen MM-DiT weights (SD3.5-M for real runs), used by teacher and student;
+    own          the trained network's frozen extras (e.g. `to_k_control` in double-norm mode);
+    teacher      the teacher's own weights on top of `base` (control + time embedding; stage 1);
+    autoencoder  the VAE (or pixel autoencoder) params;
+    null         NULL text embeddings {'prompt_embeds': (L, D), 'pooled_prompt_embeds': (P,)}.
+"""
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from smfsr_jax.convert import transformer as convert_transformer
+from smfsr_jax.models import mmdit, vae
+from smfsr_jax.objectives import flow_matching, isc
+from smfsr_jax.training import partition
+
+# Fields of `config.model` that change how a loaded network runs, not its weights.
+RUNTIME_FIELDS = ("dtype", "attention", "remat_policy", "lr_key_bug")
+TEACHER_OWN = ("control", r"^time_text_embed/")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    model_config: mmdit.MMDiTConfig
+    trainable: dict  # host arrays: initial trainable params
+    frozen: dict  # host arrays, keys as in the module docstring
+    loss_fn: Callable
+    autoencoder_config: vae.VAEConfig
+    teacher_config: Optional[mmdit.MMDiTConfig] = None
+
+    def model_params(self, trainable, frozen=None) -> dict:
+        """Full parameters of the trained network."""
+        frozen = self.frozen if frozen is None else frozen
+        return partition.merge(trainable, frozen["base"], frozen["own"])
+
+    def teacher_params(self, frozen=None) -> dict:
+        frozen = self.frozen if frozen is None else frozen
+        return partition.merge(frozen["base"], frozen["teacher"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces.
+
+def load_autoencoder(config: ml_collections.ConfigDict) -> tuple[vae.VAEConfig, dict]:
+    if config.get("path"):
+        from smfsr_jax.convert.vae import load_vae
+        return load_vae(config.path, **({"dtype": config.dtype} if config.get("dtype") else {}))
+    if config.kind != "pixel":
+        raise ValueError("autoencoder.path is required unless autoencoder.kind == 'pixel'")
+    return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels), {}
+
+
+def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiTConfig, data_config) -> dict:
+    """NULL prompt embeddings: from the dataset's caption cache, an .npz file, or a fixed placeholder.
+
+    The placeholder (seeded normal) is for tiny runs that have no text encoders: it is the one
+    condition every example sees, so it only has to be fixed.
+    """
+    source = config.null
+    if source == "placeholder":
+        rng = np.random.default_rng(0)
+        return {"prompt_embeds": rng.normal(size=(config.context_length, model_config.joint_attention_dim)).astype(np.float32),
+                "pooled_prompt_embeds": rng.normal(size=(model_config.pooled_projection_dim,)).astype(np.float32)}
+    if source == "dataset":
+        from smfsr_jax.data.captions import CaptionEmbeddings
+        prompt, pooled = CaptionEmbeddings.for_dataset(data_config.dataset, data_config.split, data_config.data_dir,
+                                                       config.t5_max_length).null
+        return {"prompt_embeds": np.asarray(prompt, np.float32), "pooled_prompt_embeds": np.asarray(pooled, np.float32)}
+    with np.load(source) as f:
+        return {"prompt_embeds": f["prompt_embeds"].astype(np.float32),
+                "pooled_prompt_embeds": f["pooled_prompt_embeds"].astype(np.float32)}
+
+
+def encode_images(ae_config: vae.VAEConfig, ae_params, images_u8, rng):
+    """uint8 NHWC images -> normalised latents from a posterior sample (the frozen encoder)."""
+    x = images_u8.astype(jnp.float32) / 127.5 - 1.0
+    mean, logvar = vae.make_autoencoder(ae_config).apply({"params": ae_params}, x, method="encode")
+    return vae.normalize_latents(vae.sample_latent(rng, mean, logvar), ae_config)
+
+
+def batch_latents(ae_config, frozen, batch, rng):
+    """(HR latents, LR latents) of a batch: precomputed when the dataset has them, else encoded here."""
+    if "hr_latents" in batch:
+        return batch["hr_latents"], batch["lr_latents"]
+    rng_hr, rng_lr = jax.random.split(rng)
+    ae = jax.lax.stop_gradient(frozen["autoencoder"])
+    return encode_images(ae_config, ae, batch["hr"], rng_hr), encode_images(ae_config, ae, batch["lr_up"], rng_lr)
+
+
+def text_condition(frozen, batch, batch_size: int):
+    """(context, pooled) per sample: cached caption embeddings (NULL already swapped in for dropped
+    captions by the pipeline), or the NULL embeddings when the dataset has no captions."""
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    null = frozen["null"]
+    return (jnp.broadcast_to(null["prompt_embeds"], (batch_size, *null["prompt_embeds"].shape)),
+            jnp.broadcast_to(null["pooled_prompt_embeds"], (batch_size, *null["pooled_prompt_embeds"].shape)))
+
+
+def _runtime_config(loaded: mmdit.MMDiTConfig, config_model: ml_collections.ConfigDict) -> mmdit.MMDiTConfig:
+    wanted = mmdit.MMDiTConfig.from_dict(config_model.to_dict())
+    arch = {f: getattr(wanted, f) for f in loaded.to_dict() if f not in RUNTIME_FIELDS + ("time_scale", "sample_size")}
+    mismatched = {f: (v, getattr(loaded, f)) for f, v in arch.items() if getattr(loaded, f) != v}
+    if mismatched:
+        raise ValueError(f"config.model disagrees with the loaded weights (config, weights): {mismatched}")
+    return loaded.replace(**{f: getattr(wanted, f) for f in RUNTIME_FIELDS})
+
+
+def _split(params, config, model_config):
+    exclude = tuple(config.get("exclude_from_training", ()))
+    if model_config.lr_key_bug and model_config.qk_norm:
+        exclude += ("to_k_control",)  # computed but unused: no gradient, and no weight decay either
+    return partition.partition(params, tuple(config.trainable), exclude)
+
+
+def _frozen_cast(tree, config):
+    return partition.cast(tree, np.dtype(config.frozen_dtype)) if config.get("frozen_dtype") else tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: teacher flow matching.
+
+def teacher_stage(config: ml_collections.ConfigDict) -> Stage:
+    ae_config, ae_params = load_autoencoder(config.autoencoder)
+    if config.init.get("base"):
+        base_cfg, base_params = convert_transformer.load_transformer(config.init.base)
+        if not base_cfg.lr_stream:
+            base_cfg, base_params = convert_transformer.teacher_from_base(base_cfg, base_params)
+        model_config = _runtime_config(base_cfg, config.model)
+        params = base_params
+    elif config.init.get("random"):
+        model_config = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
+        params = jax.device_get(jax.jit(mmdit.init_params, static_argnums=0)(model_config, jax.random.PRNGKey(config.seed)))
+    else:
+        raise ValueError("the teacher needs initial weights: set --config.init.base (SD3.5-M in any layout) "
+                         "or --config.init.random=True")
+    trainable, frozen_model = _split(params, config, model_config)
+    frozen = {"base": _frozen_cast(frozen_model, config), "own": {}, "teacher": {}, "autoencoder": ae_params,
+              "null": null_embeddings(config.text, model_config, config.data)}
+    model = mmdit.MMDiT(model_config)
+    fm = config.get("flow_matching", ml_collections.ConfigDict())
+
+    def loss_fn(trainable_params, frozen_, batch, rng):
+        rng_latents, rng_loss = jax.random.split(rng)
+        hr, lr = batch_latents(ae_config, frozen_, batch, rng_latents)
+        context, pooled = text_condition(frozen_, batch, hr.shape[0])
+        params_ = partition.merge(trainable_params, frozen_["base"], frozen_["own"])
+        velocity = lambda z, t: model.apply({"params": params_}, z, context=context, pooled=pooled, t=t,  # noqa: E731
+                                            lr_latents=lr)
+        return flow_matching.teacher_fm_loss(velocity, hr, rng_loss, shift=fm.get("shift", 3.0))
+
+    return Stage("teacher", model_config, trainable, frozen, loss_fn, ae_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: ISC student.
+
+def load_teacher(path: str, config: ml_collections.ConfigDict):
+    """A converted / diffusers / bundle teacher, run with this config's runtime fields."""
+    cfg, params = convert_transformer.load_transformer(path)
+    if cfg.time_conditioning != "single" or not cfg.lr_stream:
+        raise ValueError(f"{path}: not a DiT4SR-style teacher (lr_stream with single time conditioning)")
+    overrides = {f: config.model[f] for f in RUNTIME_FIELDS if f in config.model}
+    return cfg.replace(**overrides), params
+
+
+def student_stage(config: ml_collections.ConfigDict) -> Stage:
+    ae_config, ae_params = load_autoencoder(config.autoencoder)
+    teacher_config, teacher_params = load_teacher(config.init.teacher, config)
+    student_config, student_params = convert_transformer.student_from_teacher(teacher_config, teacher_params,
+                                                                            seed=config.seed)
+    student_config = _runtime_config(student_config, config.model)
+    teacher_own, base = partition.partition(teacher_params, TEACHER_OWN)
+    trainable, student_frozen = _split(student_params, config, student_config)
+    student_own, _ = partition.partition(student_frozen, tuple(config.trainable))  # the rest is `base`
+    frozen = {"base": _frozen_cast(base, config), "own": _frozen_cast(student_own, config),
+              "teacher": _frozen_cast(teacher_own, config), "autoencoder": ae_params,
+              "null": null_embeddings(config.text, student_config, config.data)}
+    student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
+    isc_config = config.isc
+
+    def loss_fn(trainable_params, frozen_, batch, rng):
+        rng_latents, rng_loss = jax.random.split(rng)
+        hr, lr = batch_latents(ae_config, frozen_, batch, rng_latents)
+        context, pooled = text_condition(frozen_, batch, hr.shape[0])
+        student_params_ = partition.merge(trainable_params, frozen_["base"], frozen_["own"])
+        teacher_params_ = jax.lax.stop_gradient(partition.merge(frozen_["base"], frozen_["teacher"]))
+
+        def u_fn(z, r, t):
+            return student.apply({"params": student_params_}, z, context=context, pooled=pooled, t=t, r=r,
+                                 lr_latents=lr)
+
+        def teacher_fn(z, t, ctx=context, pool=pooled):
+            return teacher.apply({"params": teacher_params_}, z, context=ctx, pooled=pool, t=t, lr_latents=lr)
+
+        uncond_fn = None
+        if isc_config.get("boundary_cfg") is not None:
+            null_ctx, null_pooled = text_condition(frozen_, {}, hr.shape[0])
+            uncond_fn = lambda z, t: teacher_fn(z, t, null_ctx, null_pooled)  # noqa: E731
+        return isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
+                            per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
+                            boundary_cfg=isc_config.get("boundary_cfg"))
+
+    logging.info("student: %d trainable, %d frozen-own, %d shared base, %d teacher-own parameters",
+                 partition.count(trainable), partition.count(student_own), partition.count(base),
+                 partition.count(teacher_own))
+    return Stage("student", student_config, trainable, frozen, loss_fn, ae_config, teacher_config)
+
+
+STAGES = {"teacher": teacher_stage, "student": student_stage}
+
+
+def build_stage(config: ml_collections.ConfigDict) -> Stage:
+    if config.stage not in STAGES:
+        raise ValueError(f"unknown stage {config.stage!r}; expected one of {sorted(STAGES)}")
+    return STAGES[config.stage](config)
+
+
+def describe(stage: Stage) -> dict:
+    return {"stage": stage.name, "trainable": partition.count(stage.trainable),
+            **{f"frozen_{k}": partition.count(v) for k, v in stage.frozen.items() if k != "null"}}
+
+
+def workdir_paths(workdir: str) -> dict:
+    return {"checkpoints": os.path.join(workdir, "checkpoints"), "bundle": os.path.join(workdir, "bundle"),
+            "config": os.path.join(workdir, "config.json"), "metrics": os.path.join(workdir, "metrics.jsonl")}

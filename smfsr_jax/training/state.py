@@ -1,0 +1,93 @@
+"""Train state, optimizer and the jitted, sharded update step shared by every stage.
+
+Only the trainable part of the parameters lives in the state (fp32 master weights + AdamW moments);
+frozen parts (the SD3.5 base, the teacher, the autoencoder, NULL text embeddings) are a separate,
+never-donated argument, so gradients and optimizer memory exist for trainable leaves only.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from smfsr_jax.training import sharding
+
+# loss_fn(trainable params, frozen, batch, rng) -> (loss, metrics dict of scalars)
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 while all are
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a constant learning rate (training.md §0)."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip),
+        optax.adamw(config.lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay))
+
+
+def create_state(params, optimizer: optax.GradientTransformation, use_ema: bool) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+                      nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RULES):
+    """Moments follow the parameters' rule (same shapes); scalars are replicated."""
+    return sharding.param_shardings(abstract_state, mesh, rules)
+
+
+def init_state(params, optimizer, use_ema: bool, mesh, rules=sharding.DEFAULT_RULES):
+    """Shape first, then shardings, then a jitted init: the state is born sharded.
+
+    `params` are host (numpy) arrays; they are placed with their shardings before the optimizer init.
+    """
+    abstract = jax.eval_shape(lambda p: create_state(p, optimizer, use_ema), params)
+    shardings = state_shardings(abstract, mesh, rules)
+    params = sharding.put(params, shardings.params)
+    state = jax.jit(lambda p: create_state(p, optimizer, use_ema), out_shardings=shardings)(params)
+    return state, shardings
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, seed: int,
+                    ema_decay: float | None = None) -> Callable:
+    """update(state, frozen, batch) -> (state, metrics), rng = fold_in(PRNGKey(seed), step)."""
+    base_rng = jax.random.PRNGKey(seed)
+
+    def update(state: TrainState, frozen, batch):
+        rng = jax.random.fold_in(base_rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+        ema = state.ema_params
+        if ema_decay is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        metrics = dict(metrics, grad_norm=grad_norm, param_norm=global_norm(params),
+                       update_norm=global_norm(updates))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                                  nonfinite_step=nonfinite_step)
+        return new_state, metrics
+
+    return update
+
+
+def jit_train_step(update: Callable, state_shardings_, frozen_shardings, mesh):
+    """jit with explicit shardings; the state is donated, the frozen tree is not."""
+    return jax.jit(update, in_shardings=(state_shardings_, frozen_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings_, sharding.replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,62 @@
+"""Metric writers: TensorBoard (clu) plus a JSON-lines file, on process 0 only."""
+
+import json
+import os
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """One JSON object per write_scalars call: {"step": n, name: value, ...}."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write_scalars(self, step, scalars):
+        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard events in WORKDIR and metrics in WORKDIR/metrics.jsonl (no-op writers off process 0)."""
+    just_logging = jax.process_index() > 0
+    tensorboard = metric_writers.create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
+    if just_logging:
+        return tensorboard
+    return metric_writers.MultiWriter([tensorboard, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
