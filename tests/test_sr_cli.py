@@ -1,0 +1,131 @@
+"""`python -m smfsr_jax.sr`: x4 outputs for odd sizes and converted formats, skipped corrupt files, per-seed folders,
+captions (JSON file or .txt folder) with and without text encoders, single-file input."""
+
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from smfsr_jax import sr
+from tests.test_sampling import lr_crop, make_bundle
+from tests.text_fixtures import write_tiny_sd35_root
+
+# Inputs are (height, width) 37x53 and 200x300: preprocessed to 512x728 and 800x1200, i.e. 64x91 and 100x150
+# latents, tiled 2 and 8 ways with the default 64/24 tiles. Every run uses --batch_size 2, so each size compiles once.
+SMALL, LARGE = (37, 53), (200, 300)
+
+
+@pytest.fixture(scope="module")
+def student_bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "student")
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lr")
+    Image.fromarray(lr_crop("astronaut", *SMALL)).save(folder / "a_rgb.png")
+    Image.fromarray(lr_crop("camera", *SMALL, 200, 200)[..., 0], mode="L").save(folder / "b_gray.png")
+    gray16 = (lr_crop("camera", *SMALL, 300, 100)[..., 0].astype(np.uint16) * 257 + 100).astype(np.uint16)
+    cv2.imwrite(str(folder / "c_gray16.png"), gray16)
+    Image.fromarray(lr_crop("coffee", *LARGE, 100, 200)).save(folder / "d_rgb.jpg", quality=95)
+    rgba = np.dstack([lr_crop("chelsea", *LARGE, 50, 100), np.full(LARGE, 128, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(folder / "e_rgba.png")
+    (folder / "f_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+EXPECTED = {"a_rgb": SMALL, "b_gray": SMALL, "c_gray16": SMALL, "d_rgb": LARGE, "e_rgba": LARGE}
+
+
+def read_png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.mode == "RGB"
+        return np.asarray(image)
+
+
+def test_cli_x4_outputs_converted_inputs_and_corrupt_file(student_bundle, input_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(input_dir), "--output", str(out),
+                    "--batch_size", "2", "--seeds", "7"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{stem}.png" for stem in EXPECTED)
+    for stem, (height, width) in EXPECTED.items():
+        assert read_png(out / f"{stem}.png").shape == (4 * height, 4 * width, 3)
+    captured = capsys.readouterr()
+    assert "wrote 5 images" in captured.out and "skipped 1" in captured.out
+    assert "f_corrupt.png" in captured.err
+
+    # Several seeds: one folder each. The first two files keep their indices and batch, so seed 7 repeats the run
+    # above exactly; seed 8 differs.
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for name in ("a_rgb.png", "b_gray.png"):
+        (subset / name).write_bytes((input_dir / name).read_bytes())
+    multi = tmp_path / "multi"
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(subset), "--output", str(multi),
+                    "--batch_size", "2", "--seeds", "7,8"]) == 0
+    assert sorted(p.name for p in multi.iterdir()) == ["seed7", "seed8"]
+    for stem in ("a_rgb", "b_gray"):
+        seven = read_png(multi / "seed7" / f"{stem}.png")
+        np.testing.assert_array_equal(seven, read_png(out / f"{stem}.png"))
+        assert np.mean(seven != read_png(multi / "seed8" / f"{stem}.png")) > 0.1
+
+
+def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path):
+    out = tmp_path / "single"
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(input_dir / "a_rgb.png"), "--output", str(out),
+                    "--batch_size", "2", "--seeds", "7"]) == 0
+    assert [p.name for p in out.iterdir()] == ["a_rgb.png"]
+    assert read_png(out / "a_rgb.png").shape == (4 * SMALL[0], 4 * SMALL[1], 3)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 10)
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
+    with pytest.raises(SystemExit):
+        sr.main(["--checkpoint", student_bundle, "--input", str(tmp_path / "missing"), "--output", str(out)])
+
+
+@pytest.fixture(scope="module")
+def caption_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("captioned")
+    Image.fromarray(lr_crop("astronaut", *SMALL, 120, 200)).save(folder / "x.png")
+    Image.fromarray(lr_crop("coffee", *SMALL, 250, 300)).save(folder / "y.png")
+    return folder
+
+
+def _run(bundle_dir, inputs, out, *extra):
+    assert sr.main(["--checkpoint", bundle_dir, "--input", str(inputs), "--output", str(out), "--batch_size", "2",
+                    *extra]) == 0
+    return {name: read_png(out / f"{name}.png") for name in ("x", "y")}
+
+
+def test_cli_captions_with_text_encoders(tmp_path_factory, caption_inputs, tmp_path):
+    text_root = write_tiny_sd35_root(str(tmp_path_factory.mktemp("sd35_text")))
+    bundle_dir = make_bundle(tmp_path / "captioned_bundle", seed=5, text_encoders_dir=text_root)
+    captions_json = tmp_path / "captions.json"
+    captions_json.write_text(json.dumps({"x.png": "a photo of a green tree"}))
+    captions_dir = tmp_path / "captions"
+    captions_dir.mkdir()
+    (captions_dir / "x.txt").write_text("a photo of a green tree\n")
+
+    plain = _run(bundle_dir, caption_inputs, tmp_path / "plain")
+    from_json = _run(bundle_dir, caption_inputs, tmp_path / "json", "--captions", str(captions_json))
+    from_txt = _run(bundle_dir, caption_inputs, tmp_path / "txt", "--captions", str(captions_dir))
+    assert np.mean(from_json["x"] != plain["x"]) > 0.01  # the caption conditions x
+    np.testing.assert_array_equal(from_json["y"], plain["y"])  # y has no caption: NULL embeddings
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(from_txt[name], from_json[name])
+
+
+def test_cli_caption_without_text_encoders_uses_null(student_bundle, caption_inputs, tmp_path, caplog):
+    plain = _run(student_bundle, caption_inputs, tmp_path / "plain")
+    with caplog.at_level(logging.WARNING):
+        captioned = _run(student_bundle, caption_inputs, tmp_path / "captioned", "--caption", "a photo of a dog")
+    warnings = [r for r in caplog.records if "text encoders" in r.getMessage()]
+    assert len(warnings) == 1
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(captioned[name], plain[name])
