@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import load_converted
-from smfsr_jax.evaluation.musiq import score_by_size
+from smfsr_jax.evaluation.musiq import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -241,9 +240,9 @@ def clipiqa_scores(params, config: CLIPIQAConfig, images: jnp.ndarray) -> jnp.nd
     return CLIPIQA(config).apply({"params": params}, x)
 
 
-def load(path: str, batch_size: int = 1) -> Callable:
+def load(path, batch_size: int = 1) -> Callable:
     """Converted CLIPIQA directory (smfsr_jax.convert.clipiqa) -> images -> per-image scores (np.ndarray)."""
-    config_dict, _, params = load_converted(path)
+    config_dict, params = load_metric(path, "clipiqa")
     config = config_from_dict(config_dict)
     score_batch = jax.jit(clipiqa_scores, static_argnums=1)
     return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

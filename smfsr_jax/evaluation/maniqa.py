@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import load_converted
-from smfsr_jax.evaluation.musiq import Mlp, score_by_size
+from smfsr_jax.evaluation.musiq import Mlp, load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
 
 
@@ -304,9 +303,9 @@ def maniqa_scores(params, config: MANIQAConfig, images: jnp.ndarray) -> jnp.ndar
     return MANIQA(config).apply({"params": params}, crops)
 
 
-def load(path: str, batch_size: int = 1) -> Callable:
+def load(path, batch_size: int = 1) -> Callable:
     """Converted MANIQA directory (smfsr_jax.convert.maniqa) -> images -> per-image scores (np.ndarray)."""
-    config_dict, _, params = load_converted(path)
+    config_dict, params = load_metric(path, "maniqa")
     config = config_from_dict(config_dict)
     score_batch = jax.jit(maniqa_scores, static_argnums=1)
     return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

@@ -14,6 +14,7 @@ function per size and scores differently sized images one size at a time.
 
 import dataclasses
 import math
+import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import load_converted
+from smfsr_jax.convert.common import CheckpointError, is_converted, load_converted
+from smfsr_jax.evaluation.io import to_unit_float
 from smfsr_jax.models.attention import dot_product_attention
 
 STEM_WIDTH = 64  # pyiqa's resnet_token_dim: fixed, not a checkpoint option
@@ -284,18 +286,6 @@ def musiq_scores(params, config: MUSIQConfig, images: jnp.ndarray) -> jnp.ndarra
 # Scoring images of any size (shared by the MANIQA and CLIPIQA entry points)
 
 
-def to_unit_float(image) -> np.ndarray:
-    """uint8 [0, 255] or float [0, 1] image(s) -> float32 [0, 1]; anything else is an error."""
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {image.dtype}")
-    if image.size and (image.min() < 0 or image.max() > 1):
-        raise ValueError(f"float images must lie in [0, 1], got [{image.min()}, {image.max()}]")
-    return image.astype(np.float32)
-
-
 def score_by_size(score_batch: Callable, images, batch_size: int = 1) -> np.ndarray:
     """Per-image scores of an NHWC batch or a list of HWC images, grouped by size.
 
@@ -318,9 +308,24 @@ def score_by_size(score_batch: Callable, images, batch_size: int = 1) -> np.ndar
     return scores
 
 
-def load(path: str, batch_size: int = 1) -> Callable:
-    """Converted MUSIQ directory (smfsr_jax.convert.musiq) -> images -> per-image scores (np.ndarray)."""
-    config_dict, _, params = load_converted(path)
+def load_metric(path, converter: str) -> tuple[dict, dict]:
+    """(config dict, params) of a directory written by smfsr_jax.convert.<converter>.convert."""
+    path = os.fspath(path)
+    if not is_converted(path):
+        raise CheckpointError(f"{path}: not a converted {converter} directory; convert the published weights "
+                              f"first with smfsr_jax.convert.{converter}.convert(src, dst)")
+    config, meta, params = load_converted(path)
+    if meta.get("converter") != converter:
+        raise CheckpointError(f"{path}: holds {meta.get('converter')!r} weights, not {converter!r}")
+    return config, params
+
+
+def load(path, batch_size: int = 1) -> Callable:
+    """Converted MUSIQ directory (smfsr_jax.convert.musiq) -> images -> per-image scores (np.ndarray).
+
+    Images: an NHWC batch or a list of HWC images of any sizes, uint8 or float in [0, 1].
+    """
+    config_dict, params = load_metric(path, "musiq")
     config = config_from_dict(config_dict)
     score_batch = jax.jit(musiq_scores, static_argnums=1)  # params as an argument: fast compiles
     return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)
