@@ -102,16 +102,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if os.path.isdir(args.input) and os.path.abspath(args.input) == os.path.abspath(args.output):
+        parser.error("--output must differ from the --input directory (outputs would replace the inputs)")
     try:
         files = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
-    except (OSError, ValueError) as e:
+        pipeline = SRPipeline.from_checkpoint(
+            args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap, tile_batch=args.tile_batch, caption_rule=not args.raw_captions)
+    except (OSError, ValueError) as e:  # missing files, bad captions file, not a bundle, bad tile settings
         parser.error(str(e))
-    pipeline = SRPipeline.from_checkpoint(
-        args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap, tile_batch=args.tile_batch, caption_rule=not args.raw_captions)
     several_seeds = len(args.seeds) > 1
     for seed in args.seeds:
         os.makedirs(os.path.join(args.output, f"seed{seed}") if several_seeds else args.output, exist_ok=True)

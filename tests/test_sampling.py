@@ -422,7 +422,7 @@ def test_teacher_bundle_uses_the_teacher_sampler(tmp_path):
     path = make_bundle(tmp_path / "teacher", kind="teacher", negative_embeddings=random_embeddings(9))
     teacher = small_pipeline(path)
     assert teacher.kind == "teacher"
-    times, guidance = teacher._sampler_settings(None, None)
+    times, guidance = teacher.sampler_settings()
     np.testing.assert_array_equal(times, schedules.sd3_sampling_sigmas(pipeline.TEACHER_STEPS))
     assert guidance == pipeline.TEACHER_GUIDANCE
     out = teacher(lr_crop("astronaut", 32, 40, 200, 200), seed=1, steps=2, guidance_scale=3.0)

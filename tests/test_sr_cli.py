@@ -85,8 +85,11 @@ def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path
     bad.mkdir()
     (bad / "x.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 10)
     assert sr.main(["--checkpoint", student_bundle, "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
-    with pytest.raises(SystemExit):
-        sr.main(["--checkpoint", student_bundle, "--input", str(tmp_path / "missing"), "--output", str(out)])
+    for bad_args in (["--input", str(tmp_path / "missing"), "--output", str(out)],
+                     ["--input", str(bad), "--output", str(bad)],
+                     ["--input", str(bad), "--output", str(out), "--tile_overlap", "64"]):
+        with pytest.raises(SystemExit):
+            sr.main(["--checkpoint", student_bundle, *bad_args])
 
 
 @pytest.fixture(scope="module")

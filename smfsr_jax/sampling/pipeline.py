@@ -228,7 +228,9 @@ class SRPipeline:
                                 color_method=color_method, rounding=self.output_rounding, tile_size=self.tile_size,
                                 tile_overlap=self.tile_overlap, tile_batch=self.tile_batch)
 
-    def _sampler_settings(self, steps, guidance_scale) -> tuple[np.ndarray, float]:
+    def sampler_settings(self, steps: int | None = None,
+                         guidance_scale: float | None = None) -> tuple[np.ndarray, float]:
+        """(descending time grid, CFG scale) that a call with these arguments samples with."""
         if self.kind == "student":
             if guidance_scale not in (None, 1.0):
                 raise ValueError("guidance_scale applies to teacher bundles; SMFSR students sample without CFG")
@@ -254,7 +256,7 @@ class SRPipeline:
             raise ValueError(f"{count} images but {len(captions)} captions and {len(indices)} indices")
         if color_fix not in color.METHODS:
             raise ValueError(f"color_fix must be one of {color.METHODS}, got {color_fix!r}")
-        times, guidance_scale = self._sampler_settings(steps, guidance_scale)
+        times, guidance_scale = self.sampler_settings(steps, guidance_scale)
         sr_function = self._sr_function(times, guidance_scale, color_fix)
         negative = self._negative() if guidance_scale > 1.0 else None
 
