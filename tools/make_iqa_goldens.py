@@ -11,7 +11,8 @@ the tests draw the same arrays from our converters' expected shapes. Images come
 pyiqa's own metric (create_metric, preprocessing included) scores them; the scores, a few intermediate
 activations and the preprocessing facts go to tests/golden/iqa_<metric>.npz (tens of KB).
 
-Only numpy is imported at module level: the tests import `random_state_dict` and `golden_images`.
+Only numpy is imported at module level: the tests import the generators (`random_state_dict`,
+`golden_images`, `resize_input`, `clip_archive_tensors`; `save_torchscript_archive` imports torch itself).
 """
 
 import os
@@ -26,8 +27,8 @@ SEED = 20240901
 
 # Reduced pyiqa options per metric: same code paths, a fraction of the compute.
 MUSIQ_TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2)
-MANIQA_TINY = dict(embed_dim=32, dim_mlp=32, test_sample=2, vit=dict(embed_dim=32, depth=10, num_heads=2, mlp_ratio=2.0,
-                                                      num_classes=10))
+MANIQA_TINY = dict(embed_dim=32, dim_mlp=32, test_sample=2,
+                   vit=dict(embed_dim=32, depth=10, num_heads=2, mlp_ratio=2.0, num_classes=10))
 CLIP_RN50 = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
                  vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
                  transformer_heads=8, transformer_layers=12)

@@ -235,6 +235,24 @@ class TransformerBlock(nn.Module):
         return x + Mlp(self.mlp_dim, name="mlp")(layer_norm("norm2")(x))
 
 
+class TransformerEncoder(nn.Module):
+    config: MUSIQConfig
+
+    @nn.compact
+    def __call__(self, x, spatial_positions, scale_positions, mask):
+        cfg = self.config
+        dim = cfg.hidden_size
+        position_emb = self.param("position_emb", nn.initializers.normal(0.02), (cfg.hash_grid_size ** 2, dim))
+        scale_emb = self.param("scale_emb", nn.initializers.normal(0.02), (cfg.num_scales, dim))
+        cls = self.param("cls", nn.initializers.zeros, (dim,))
+        x = x + position_emb[spatial_positions] + scale_emb[scale_positions]
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, dim)), x], axis=1)
+        mask = jnp.broadcast_to(jnp.concatenate([jnp.ones(1, bool), jnp.asarray(mask, bool)]), x.shape[:2])
+        for i in range(cfg.num_layers):
+            x = TransformerBlock(cfg.mlp_dim, cfg.num_heads, name=f"encoderblock_{i}")(x, mask)
+        return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="encoder_norm")(x)
+
+
 class MUSIQ(nn.Module):
     """Patch tokens (B, N, p, p, 3) in [-1, 1] + (N,) positions, scale ids, mask -> (B,) scores."""
 
@@ -252,28 +270,8 @@ class MUSIQ(nn.Module):
         x = nn.max_pool(jnp.pad(x, pad), (3, 3), strides=(2, 2))
         x = Bottleneck(4 * STEM_WIDTH, name="block1")(x)
         x = nn.Dense(cfg.hidden_size, name="embedding")(x.reshape(b, n, -1))  # HWC flattening, as TF
-
-        encoder = TransformerEncoder(cfg, name="transformer_encoder")
-        x = encoder(x, spatial_positions, scale_positions, mask)
+        x = TransformerEncoder(cfg, name="transformer_encoder")(x, spatial_positions, scale_positions, mask)
         return nn.Dense(1, name="head")(x[:, 0])[:, 0]
-
-
-class TransformerEncoder(nn.Module):
-    config: MUSIQConfig
-
-    @nn.compact
-    def __call__(self, x, spatial_positions, scale_positions, mask):
-        cfg = self.config
-        dim = cfg.hidden_size
-        position_emb = self.param("position_emb", nn.initializers.normal(0.02), (cfg.hash_grid_size ** 2, dim))
-        scale_emb = self.param("scale_emb", nn.initializers.normal(0.02), (cfg.num_scales, dim))
-        cls = self.param("cls", nn.initializers.zeros, (dim,))
-        x = x + position_emb[spatial_positions] + scale_emb[scale_positions]
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, dim)), x], axis=1)
-        mask = jnp.broadcast_to(jnp.concatenate([jnp.ones(1, bool), jnp.asarray(mask, bool)]), x.shape[:2])
-        for i in range(cfg.num_layers):
-            x = TransformerBlock(cfg.mlp_dim, cfg.num_heads, name=f"encoderblock_{i}")(x, mask)
-        return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="encoder_norm")(x)
 
 
 def musiq_scores(params, config: MUSIQConfig, images: jnp.ndarray) -> jnp.ndarray:
