@@ -23,9 +23,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from clu import parameter_overview, periodic_actions  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from smfsr_jax.data import captions, pipeline  # noqa: E402
+from smfsr_jax.sampling import bundle  # noqa: E402
 from smfsr_jax.training import checkpoints, sharding, stages, writers  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
@@ -107,28 +109,46 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start + 10))
 
     compiled, pending, last = None, None, {}
-    for step in range(start + 1, config.total_steps + 1):
-        batch = device_batch(next(batches), mesh)
-        if compiled is None:  # ahead-of-time: surfaces OOM and compile time before the loop runs
-            compiled = update.lower(state, frozen, batch).compile()
-            logging.info("step compiled; memory: %s", compiled.memory_analysis())
-        state, metrics = compiled(state, frozen, batch)
-        # Metrics are read one step late: the host never waits for the step it just dispatched.
-        if pending is not None and pending[0] % config.log_every == 0:
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            batch = device_batch(next(batches), mesh)
+            if compiled is None:  # ahead-of-time: surfaces OOM and compile time before the loop runs
+                compiled = update.lower(state, frozen, batch).compile()
+                logging.info("step compiled; memory: %s", compiled.memory_analysis())
+            state, metrics = compiled(state, frozen, batch)
+            # Metrics are read one step late: the host never waits for the step it just dispatched.
+            if pending is not None and pending[0] % config.log_every == 0:
+                last = write_metrics(writer, *pending)
+            pending = (step, metrics)
+            for hook in hooks:
+                hook(step)
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                check_finite(state, step)
+                checkpointer.save(step, state, batches.get_state())
+        if pending is not None:
             last = write_metrics(writer, *pending)
-        pending = (step, metrics)
-        for hook in hooks:
-            hook(step)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            check_finite(state, step)
-            checkpointer.save(step, state, batches.get_state())
-    if pending is not None:
-        last = write_metrics(writer, *pending)
-        check_finite(state, pending[0])
-    checkpointer.wait()
-    checkpointer.close()
+            check_finite(state, pending[0])
+    finally:  # an interrupted run still completes the saves already started
+        checkpointer.wait()
+        checkpointer.close()
+    export_bundle(stage, state, config, paths["bundle"])
     writer.flush()
     return last
+
+
+def export_bundle(stage: stages.Stage, state: state_lib.TrainState, config: ml_collections.ConfigDict, dst: str):
+    """Write the trained network (EMA weights when kept) as a model bundle for SR and the next stage."""
+    trainable = state.ema_params if config.ema_decay is not None else state.params
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)  # every process takes part
+    if jax.process_index() != 0:
+        return
+    null = stage.frozen["null"]
+    bundle.save_bundle(dst, student_config=stage.model_config, student_params=stage.model_params(trainable),
+                       autoencoder_config=stage.autoencoder_config, autoencoder_params=stage.frozen["autoencoder"],
+                       null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]),
+                       text_encoders_dir=config.text.get("encoders"),
+                       meta={"stage": stage.name, "step": int(jax.device_get(state.step)), "variant": config.variant})
+    logging.info("wrote %s", dst)
 
 
 def write_metrics(writer, step: int, metrics: dict) -> dict:

@@ -40,6 +40,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
         dict(kind="pixel", downscale=4, latent_channels=48, path=None) if tiny else
         dict(kind="kl", path=ml_collections.config_dict.placeholder(str), dtype="bfloat16"))
     c.text = ml_collections.ConfigDict(dict(
+        encoders=ml_collections.config_dict.placeholder(str),  # converted text encoders, referenced by the bundle
         t5_max_length=77,
         # NULL embeddings: "dataset" (the caption cache), an .npz path, or "placeholder" (tiny runs).
         null="placeholder" if tiny else "dataset",
@@ -49,8 +50,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
     c.ema_decay = ml_collections.config_dict.placeholder(float)
     c.frozen_dtype = "float32" if tiny else "bfloat16"
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [("pos_embed/pos_embed", "replicate"), (".*", "fsdp")]
+    # Tuples, so that --config.mesh="(('data', 4), ('fsdp', 2))" can override them from the command line.
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = (("pos_embed/pos_embed", "replicate"), (".*", "fsdp"))
 
     c.log_every = 10 if tiny else 50
     c.checkpoint_every = 100 if tiny else 1000
@@ -68,4 +70,4 @@ def model_config(variant: str, preset: str, **overrides) -> ml_collections.Confi
     else:
         cfg = mmdit.PRESETS[preset](**{"dtype": "bfloat16", "remat_policy": "dots_with_no_batch_dims_saveable",
                                        **overrides})
-    return ml_collections.ConfigDict(cfg.to_dict())
+    return ml_collections.ConfigDict({**cfg.to_dict(), "dual_attention_layers": cfg.dual_attention_layers})

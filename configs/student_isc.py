@@ -30,7 +30,7 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     tiny = variant == "tiny"
     c.model = common.model_config(variant, "smfsr_student")
     c.init = ml_collections.ConfigDict(dict(teacher=ml_collections.config_dict.placeholder(str)))
-    c.trainable = ["control", "^time_text_embed_interval/"]
+    c.trainable = ("control", "^time_text_embed_interval/")
     c.isc = ml_collections.ConfigDict(dict(
         p_boundary=0.6, per_sample=False,
         boundary_cfg=ml_collections.config_dict.placeholder(float)))  # None: the paper's "w/o CFG"

@@ -32,7 +32,7 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
         base=None if tiny else ml_collections.config_dict.placeholder(str),  # SD3.5-M (any layout)
         random=tiny))
     # The tiny run has no pretrained SD3.5 to freeze: it trains every weight (base and control at once).
-    c.trainable = [".*"] if tiny else ["control"]
+    c.trainable = (".*",) if tiny else ("control",)
     c.flow_matching = ml_collections.ConfigDict(dict(shift=3.0))
     c.batch_size = 8 if tiny else 32
     c.total_steps = 600 if tiny else 80_000

@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One persistent compilation cache per test session (shared with subprocesses through the environment):
+# tests that compile the same tiny steps again load them instead.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/smfsr_jax_test_cache_{os.getuid()}")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -237,14 +237,23 @@ CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 
 
+def _local_checkpointer():
+    """A checkpointer of host arrays for this process alone (no cross-process barriers), so one process
+    of a multi-host run can convert or export while the others carry on."""
+    import jax
+    import orbax.checkpoint as ocp
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_converted(dst: str, config: dict, params, meta: dict | None = None):
     """Write an orbax checkpoint of `params` under dst/params and the JSON config beside it."""
-    import orbax.checkpoint as ocp
     dst = os.path.abspath(dst)
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(dst, CONFIG_NAME), "w") as f:
         json.dump({"config": config, "meta": meta or {}}, f, indent=2, sort_keys=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         ckptr.save(os.path.join(dst, PARAMS_DIR), params, force=True)
 
 
@@ -261,9 +270,8 @@ def read_converted_config(path: str) -> tuple[dict, dict]:
 
 def load_converted(path: str, abstract_params=None):
     """Read (config dict, meta dict, params) written by save_converted."""
-    import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     config, meta = read_converted_config(path)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract_params)
     return config, meta, params

@@ -1,0 +1,245 @@
+"""train.py on tiny configs: both stages, loss decrease, sharding/process invariance, resume, NaN guard."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train
+from configs import student_isc, teacher_fm
+from smfsr_jax.convert import common
+from smfsr_jax.convert.transformer import load_transformer
+from smfsr_jax.data import build
+from smfsr_jax.objectives import isc
+from smfsr_jax.training import checkpoints, partition, stages, writers
+from tests.conftest import REPO
+
+TINY_OVERRIDES = {"model.num_layers": 2, "model.dual_attention_layers": (0,), "model.num_heads": 2,
+                  "model.head_dim": 16, "data.degradation.crop_size": 32, "batch_size": 8, "log_every": 1,
+                  "optimizer.lr": 1e-3,
+                  "checkpoint_every": 1000, "image_every": 1000}
+
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    build.build("bundled", str(path))
+    return str(path)
+
+
+def tiny(module, data_dir, **overrides):
+    config = module.get_config("tiny")
+    for key, value in {**TINY_OVERRIDES, "data.data_dir": data_dir, **overrides}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def bundle_params(workdir):
+    return load_transformer(pathlib.Path(workdir) / "bundle")[1]
+
+
+def assert_trees_close(a, b, atol):
+    flat_a, flat_b = common.flatten(a), common.flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    worst = max(float(np.abs(np.asarray(flat_a[k], np.float64) - np.asarray(flat_b[k], np.float64)).max())
+                for k in flat_a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, tmp_path_factory):
+    """The reference tiny teacher: STEPS steps on one device (reused by the invariance tests)."""
+    workdir = tmp_path_factory.mktemp("teacher")
+    train.train(tiny(teacher_fm, data_dir, total_steps=STEPS), str(workdir))
+    return workdir
+
+
+def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
+    records = [r for r in writers.read_jsonl(teacher_run / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+    assert all(np.isfinite(r["grad_norm"]) for r in records)
+    record = json.loads((teacher_run / "bundle" / "bundle.json").read_text())
+    assert record["kind"] == "teacher" and record["meta"]["step"] == STEPS
+    assert json.loads((teacher_run / "config.json").read_text())["stage"] == "teacher"
+    assert checkpoints.finished_steps(str(teacher_run / "checkpoints")) == [STEPS]
+
+
+def test_student_step_from_the_teacher_bundle(teacher_run, data_dir, tmp_path):
+    config = tiny(student_isc, data_dir, total_steps=3, **{"init.teacher": str(teacher_run / "bundle")})
+    last = train.train(config, str(tmp_path))
+    assert np.isfinite(last["isc_loss"]) and 0.0 <= last["boundary_fraction"] <= 1.0
+    student = bundle_params(tmp_path)
+    teacher = bundle_params(teacher_run)
+    # Frozen weights are bit-identical after training; only control and the interval MLP moved.
+    flat_s, flat_t = common.flatten(student), common.flatten(teacher)
+    for path, value in flat_t.items():
+        if "control" in path:
+            continue
+        student_path = path.replace("time_text_embed/", "time_text_embed_interval/time_text_embed/")
+        if not student_path.startswith("time_text_embed_interval"):
+            np.testing.assert_array_equal(flat_s[student_path], value, err_msg=path)
+    moved = [p for p in flat_s if "control" in p and "to_k_control" not in p
+             and not np.array_equal(flat_s[p], flat_t[p])]
+    assert moved
+    # Double-norm mode: to_k_control gets no gradient and no weight decay: untouched.
+    for path in (p for p in flat_s if "to_k_control" in p):
+        np.testing.assert_array_equal(flat_s[path], flat_t[path])
+
+
+def test_frozen_parts_are_bit_identical_after_a_step(teacher_run, data_dir):
+    config = tiny(student_isc, data_dir, **{"init.teacher": str(teacher_run / "bundle")})
+    stage = stages.build_stage(config)
+    from smfsr_jax.training import sharding
+    from smfsr_jax.training import state as state_lib
+    mesh = sharding.make_mesh(config.mesh)
+    optimizer = state_lib.make_optimizer(config.optimizer)
+    state, shardings = state_lib.init_state(stage.trainable, optimizer, False, mesh)
+    frozen_shardings = sharding.param_shardings(stage.frozen, mesh)
+    frozen = sharding.put(stage.frozen, frozen_shardings)
+    before = jax.device_get(frozen)
+    batch = train.device_batch(next(train.data_iterator(config)), mesh)
+    step = state_lib.jit_train_step(state_lib.make_train_step(stage.loss_fn, optimizer, seed=0), shardings,
+                                    frozen_shardings, mesh)
+    new_state, _ = step(state, frozen, batch)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(frozen))
+    assert int(new_state.step) == 1
+
+
+def test_isc_targets_carry_no_gradient():
+    """With the targets' own dependence on theta cut, d loss / d theta = 2 mean((u - target) du/dtheta)."""
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
+
+    def u_fn_of(theta):
+        return lambda z, r, t: theta[0] * z + theta[1] * (t - r)[:, None, None, None]
+
+    teacher_fn = lambda z, t: 0.5 * z  # noqa: E731
+    theta = jnp.array([0.7, -0.3])
+    for key in range(6):  # both branches
+        rng = jax.random.PRNGKey(key)
+        grad = jax.grad(lambda th: isc.isc_loss(u_fn_of(th), teacher_fn, x0, rng)[0])(theta)
+        frozen_theta = jax.lax.stop_gradient(theta)
+
+        def with_constant_target(th):
+            # The same loss with the target computed from a separate, constant copy of theta.
+            r, t, lam, s = isc.sample_isc_times(jax.random.split(rng, 3)[0], x0.shape[0])
+            noise = jax.random.normal(jax.random.split(rng, 3)[1], x0.shape)
+            z_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            boundary = jax.random.uniform(jax.random.split(rng, 3)[2]) < 0.6
+            target = jnp.where(boundary, teacher_fn(z_t, t),
+                               isc.split_target(u_fn_of(frozen_theta), z_t, r, s, t, lam))
+            u = jnp.where(boundary, u_fn_of(th)(z_t, t, t), u_fn_of(th)(z_t, r, t))
+            return jnp.mean(jnp.square(u - target))
+
+        np.testing.assert_allclose(grad, jax.grad(with_constant_target)(theta), rtol=1e-5, atol=1e-7)
+
+
+def test_nan_stops_training_before_any_checkpoint(data_dir, tmp_path, monkeypatch):
+    config = tiny(teacher_fm, data_dir, total_steps=6, checkpoint_every=2)
+    original = train.device_batch
+    calls = {"n": 0}
+
+    def poisoned(batch, mesh):
+        calls["n"] += 1
+        batch = dict(batch)
+        # Caption embeddings on every batch (so shapes never change), NaN in those of step 3.
+        null = np.zeros((batch["hr"].shape[0], 8, 32), np.float32)
+        batch["prompt_embeds"] = np.full_like(null, np.nan) if calls["n"] == 3 else null
+        batch["pooled_prompt_embeds"] = np.zeros((batch["hr"].shape[0], 32), np.float32)
+        return original(batch, mesh)
+
+    monkeypatch.setattr(train, "device_batch", poisoned)
+    with pytest.raises(train.NonFiniteError, match="at step 3"):
+        train.train(config, str(tmp_path))
+    assert checkpoints.finished_steps(str(tmp_path / "checkpoints")) == [2]
+    assert not (tmp_path / "bundle").exists()
+
+
+class DiesAtBatch:
+    """A data iterator that raises KeyboardInterrupt when asked for its n-th batch (a killed run)."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.count = inner, n, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.n:
+            raise KeyboardInterrupt("killed")
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_killed_run_resumes_exactly(teacher_run, data_dir, tmp_path, monkeypatch):
+    config = tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=25)
+    original = train.data_iterator
+    monkeypatch.setattr(train, "data_iterator", lambda cfg: DiesAtBatch(original(cfg), 40))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, str(tmp_path))
+    assert checkpoints.finished_steps(str(tmp_path / "checkpoints")) == [25]
+    monkeypatch.setattr(train, "data_iterator", original)
+    train.train(config, str(tmp_path))
+    assert_trees_close(bundle_params(tmp_path), bundle_params(teacher_run), atol=0.0)
+
+
+def _run_subprocess(args, env_extra, cwd=REPO):
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **env_extra)
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _config_flags(data_dir, **extra):
+    flags = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, "data.data_dir": data_dir, "total_steps": STEPS,
+                                              **extra}.items()]
+    return flags
+
+
+def test_eight_devices_and_two_processes_match_one_device(teacher_run, data_dir, tmp_path):
+    """data x fsdp mesh on 8 fake CPU devices, and 2 processes under jax.distributed (4 devices each)."""
+    mesh8 = tmp_path / "mesh8"
+    eight = _run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(mesh8),
+                             *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
+                            {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    out8 = eight.communicate(timeout=900)[0]
+    assert eight.returncode == 0, out8[-3000:]
+    assert_trees_close(bundle_params(mesh8), bundle_params(teacher_run), atol=1e-5)
+
+    two = tmp_path / "two_processes"
+    procs = [_run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(two),
+                              "--num_processes", "2", "--process_id", str(i), "--coordinator_address",
+                              "localhost:29517", *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
+                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert_trees_close(bundle_params(two), bundle_params(teacher_run), atol=1e-5)
+
+
+def test_trainable_masks_match_the_paper_counts():
+    student = student_isc.get_config("sd35m")
+    from smfsr_jax.models import mmdit
+    params = mmdit.abstract_params(mmdit.MMDiTConfig.from_dict(student.model.to_dict()))
+    trainable, frozen = partition.partition(params, student.trainable)
+    assert partition.count(trainable) == 366_222_336
+    trainable, _ = partition.partition(params, student.trainable, ("to_k_control",))
+    assert partition.count(trainable) == 278_871_552
+    teacher = teacher_fm.get_config("sd35m")
+    params = mmdit.abstract_params(mmdit.MMDiTConfig.from_dict(teacher.model.to_dict()))
+    assert partition.count(partition.partition(params, teacher.trainable)[0]) == 350_877_696
