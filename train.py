@@ -108,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.profile and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start + 10))
 
+    preview = stages.make_preview_fn(stage)
     compiled, pending, last = None, None, {}
     try:
         for step in range(start + 1, config.total_steps + 1):
@@ -122,6 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = (step, metrics)
             for hook in hooks:
                 hook(step)
+            if step % config.image_every == 0:
+                rows = preview(state.params, frozen, batch, jax.random.PRNGKey(step))
+                writer.write_images(step, {"lr_sr_hr": multihost_utils.process_allgather(rows, tiled=True)})
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 check_finite(state, step)
                 checkpointer.save(step, state, batches.get_state())

@@ -4,6 +4,8 @@ Public API (imported lazily, so that e.g. the VAE converter does not import tran
   load_transformer(path, **config_overrides) -> (MMDiTConfig, params)
   load_vae(path) -> (VAEConfig, params)
   load_dinov3(path) -> (DINOv3Config, params)
+  load_text_encoders(sd35_dir) -> TextEncoders; load_clip_text / load_t5 for one encoder
+  load_lpips(net, trunk_path, lin_path) / load_lpips_from(path, net) -> (LPIPSConfig, params)
 """
 
 import importlib
@@ -12,7 +14,11 @@ _EXPORTS = {
     "load_transformer": "transformer",
     "student_from_teacher": "transformer",
     "load_vae": "vae",
-    "load_text_encoder": "text",
+    "load_text_encoders": "text",
+    "load_clip_text": "text",
+    "load_t5": "text",
+    "load_lpips": "lpips",
+    "load_lpips_from": "lpips",
     "load_dinov3": "dinov3",
     "CheckpointError": "common",
 }

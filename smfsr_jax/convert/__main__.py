@@ -5,13 +5,20 @@
   python -m smfsr_jax.convert vae --src stable-diffusion-3.5-medium --dst ckpt/vae
   python -m smfsr_jax.convert text --src stable-diffusion-3.5-medium --dst ckpt/text
   python -m smfsr_jax.convert dinov3 --src dinov3-vits16-pretrain-lvd1689m --dst ckpt/dinov3
+  python -m smfsr_jax.convert lpips --net alex --src weights/lpips_alex --dst ckpt/lpips_alex
+  python -m smfsr_jax.convert musiq --src musiq_koniq_ckpt-e95806b9.pth --dst ckpt/musiq
+  python -m smfsr_jax.convert maniqa --src MANIQA_PIPAL-ae6d356b.pth --dst ckpt/maniqa
+  python -m smfsr_jax.convert clipiqa --src RN50.pt --dst ckpt/clipiqa
+
+lpips --src: a directory with torchvision's trunk file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth)
+and the lpips lin heads (alex.pth / vgg.pth), or a pyiqa LPIPS_v0.1_*.pth file.
 """
 
 import argparse
 import importlib
 import sys
 
-KINDS = ("transformer", "vae", "text", "dinov3")
+KINDS = ("transformer", "vae", "text", "dinov3", "lpips", "musiq", "maniqa", "clipiqa")
 
 
 def _bool(text: str) -> bool:
@@ -31,14 +38,19 @@ def main(argv=None):
     parser.add_argument("--lr_key_bug", type=_bool, default=None,
                         help="transformer only: double-normalised LR keys (default true; false for dit4sr_r1)")
     parser.add_argument("--variant", default="", help="transformer only: name recorded in the metadata")
+    parser.add_argument("--net", choices=("alex", "vgg"), default=None, help="lpips only: the trunk")
     args = parser.parse_args(argv)
     module = importlib.import_module(f"smfsr_jax.convert.{args.kind}")
     if args.kind == "transformer":
         overrides = {} if args.lr_key_bug is None else {"lr_key_bug": args.lr_key_bug}
         module.convert(args.src, args.dst, variant=args.variant, **overrides)
+    elif args.lr_key_bug is not None or args.variant:
+        parser.error("--lr_key_bug and --variant apply to the transformer only")
+    elif args.kind == "lpips":
+        module.convert(args.src, args.dst, net=args.net or "alex")
+    elif args.net:
+        parser.error("--net applies to lpips only")
     else:
-        if args.lr_key_bug is not None or args.variant:
-            parser.error("--lr_key_bug and --variant apply to the transformer only")
         module.convert(args.src, args.dst)
     print(f"wrote {args.dst}", file=sys.stderr)
 

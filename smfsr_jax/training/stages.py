@@ -234,3 +234,37 @@ def describe(stage: Stage) -> dict:
 def workdir_paths(workdir: str) -> dict:
     return {"checkpoints": os.path.join(workdir, "checkpoints"), "bundle": os.path.join(workdir, "bundle"),
             "config": os.path.join(workdir, "config.json"), "metrics": os.path.join(workdir, "metrics.jsonl")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image summaries.
+
+def make_preview_fn(stage: Stage, teacher_steps: int = 8, count: int = 4):
+    """jitted (trainable, frozen, batch, rng) -> (count, S, 3S, 3) uint8 rows of [LR x4 | SR | HR].
+
+    The student samples in one step (x = eps - u(eps, 0, 1)); a teacher with `teacher_steps` Euler steps on
+    the SD3 grid, without CFG.
+    """
+    from smfsr_jax.sampling import samplers, schedules
+    model = mmdit.MMDiT(stage.model_config)
+    autoencoder = vae.make_autoencoder(stage.autoencoder_config)
+
+    def preview(trainable, frozen, batch, rng):
+        batch = {k: v[:count] for k, v in batch.items()}
+        rng_latents, rng_noise = jax.random.split(rng)
+        lr = encode_images(stage.autoencoder_config, frozen["autoencoder"], batch["lr_up"], rng_latents)
+        context, pooled = text_condition(frozen, batch, lr.shape[0])
+        apply = lambda z, **kw: model.apply({"params": stage.model_params(trainable, frozen)}, z, **kw)  # noqa: E731
+        noise = jax.random.normal(rng_noise, lr.shape)
+        cond = {samplers.CONTEXT: context, samplers.POOLED: pooled}
+        if stage.model_config.time_conditioning == "interval":
+            z = samplers.one_step(samplers.student_velocity(apply), noise, lr, cond)
+        else:
+            z = samplers.euler_sample(samplers.teacher_velocity(apply), noise, lr, cond,
+                                      schedules.sd3_sampling_sigmas(teacher_steps))
+        x = autoencoder.apply({"params": frozen["autoencoder"]}, vae.denormalize_latents(z, stage.autoencoder_config),
+                              method="decode")
+        sr = jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+        return jnp.concatenate([batch["lr_up"], sr, batch["hr"]], axis=2)
+
+    return jax.jit(preview)

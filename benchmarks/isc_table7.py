@@ -1,0 +1,91 @@
+"""Experiment (paper Table 7 in miniature): the one-step ISC student against the multi-step teacher.
+
+On the tiny configs trained on the bundled photographs (the `make demo` runs; trained here when absent), the
+held-back photographs are cut into random 128² crops and degraded (Real-ESRGAN second order, fixed seeds).
+Rows: bicubic x4, the teacher with 1/2/4/50 Euler steps on the SD3 grid (no CFG), the student with 1/2/4
+cosine-grid steps. Metrics: PSNR and SSIM on Y (pyiqa definitions); LPIPS joins when its weights are given
+(--lpips_weights, a converted `python -m smfsr_jax.convert lpips` directory).
+
+  python benchmarks/isc_table7.py --workdir workdirs/demo [--crops 16] [--lpips_weights DIR]
+
+Prints a Markdown table (the one recorded in docs/experiments.md) and, last, one JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+
+from smfsr_jax import demo  # noqa: E402
+from smfsr_jax.data import degradation, images, pipeline  # noqa: E402
+from smfsr_jax.evaluation.psnr_ssim import psnr, ssim  # noqa: E402
+from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
+
+CROP = 128
+
+
+def holdout_crops(data_dir: str, count: int, seed: int = 1234):
+    """`count` (LR, HR) pairs: random crops of the held-back photographs, degraded with fixed seeds."""
+    config = degradation.default_config()
+    config.crop_size = CROP
+    source = pipeline.open_source("bundled", "holdout", data_dir)
+    photos = [images.decode_rgb8(source[i]["hr"]) for i in range(len(source))]
+    lrs, hrs = [], []
+    for k in range(count):
+        rng = np.random.default_rng([seed, k])
+        photo = photos[k % len(photos)]
+        top, left = rng.integers(photo.shape[0] - CROP + 1), rng.integers(photo.shape[1] - CROP + 1)
+        hr = np.ascontiguousarray(photo[top:top + CROP, left:left + CROP])
+        _, lr = degradation.degrade(hr.astype(np.float32) / 255.0, rng, config)
+        lrs.append(degradation.to_uint8(lr))
+        hrs.append(hr)
+    return lrs, np.stack(hrs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="workdirs/demo")
+    parser.add_argument("--crops", type=int, default=16)
+    parser.add_argument("--lpips_weights", default=None)
+    args = parser.parse_args()
+    workdir = os.path.abspath(args.workdir)
+    teacher_dir, student_dir = (os.path.join(workdir, s, "bundle") for s in ("teacher", "student"))
+    if not (os.path.isdir(teacher_dir) and os.path.isdir(student_dir)):
+        demo.run(workdir)
+    lrs, hrs = holdout_crops(os.path.join(workdir, "tfds"), args.crops)
+    lpips = None
+    if args.lpips_weights:
+        from smfsr_jax.evaluation.metrics import load_lpips_alex
+        lpips = load_lpips_alex(args.lpips_weights)
+
+    teacher = SRPipeline.from_checkpoint(teacher_dir, process_size=CROP, batch_size=8)
+    student = SRPipeline.from_checkpoint(student_dir, process_size=CROP, batch_size=8)
+    rows = [("bicubic x4", "-", np.stack([demo.bicubic_x4(lr) for lr in lrs]))]
+    rows += [("teacher (Euler)", n, np.stack(teacher(lrs, seed=0, steps=n, guidance_scale=1.0))) for n in (1, 2, 4, 50)]
+    rows += [("student (cosine grid)", n, np.stack(student(lrs, seed=0, steps=n))) for n in (1, 2, 4)]
+
+    header = "| model | steps | PSNR | SSIM |" + (" LPIPS |" if lpips else "")
+    lines = [header, "|---|---|---|---|" + ("---|" if lpips else "")]
+    results = []
+    for name, steps, sr in rows:
+        entry = {"model": name, "steps": steps, "psnr": float(psnr(sr, hrs).mean()), "ssim": float(ssim(sr, hrs).mean())}
+        if lpips:
+            entry["lpips"] = float(np.mean(lpips(sr, hrs)))
+        results.append(entry)
+        lines.append(f"| {name} | {steps} | {entry['psnr']:.2f} | {entry['ssim']:.4f} |"
+                     + (f" {entry['lpips']:.4f} |" if lpips else ""))
+    print("\n".join(lines))
+    student_1 = next(r for r in results if r["model"].startswith("student") and r["steps"] == 1)
+    teacher_50 = next(r for r in results if r["model"].startswith("teacher") and r["steps"] == 50)
+    print(json.dumps({"name": "isc_table7_tiny", "value": round(student_1["psnr"], 3), "unit": "dB PSNR (1-step student)",
+                      "teacher_50_step_psnr": round(teacher_50["psnr"], 3), "crops": args.crops, "crop": CROP,
+                      "rows": results}))
+
+
+if __name__ == "__main__":
+    main()
