@@ -83,9 +83,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     stage = stages.build_stage(config)
     logging.info("stage %s", json.dumps(stages.describe(stage)))
-    optimizer = state_lib.make_optimizer(config.optimizer)
+    optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
     state, state_shardings = state_lib.init_state(stage.trainable, optimizer, config.ema_decay is not None, mesh,
-                                                  rules)
+                                                  rules, stage.model_state)
     frozen_shardings = sharding.param_shardings(stage.frozen, mesh, rules)
     frozen = sharding.put(stage.frozen, frozen_shardings)
     if jax.process_index() == 0:

@@ -8,9 +8,10 @@ from smfsr_jax.models import mmdit
 VARIANTS = ("sd35m", "tiny")
 
 # The embedded default (training.md §7b): an exactly invertible pixel latent (space-to-depth by 4 and a
-# fixed orthogonal map, 48 channels) instead of an untrained VAE, 64-pixel crops, a 4-block MM-DiT.
+# fixed orthogonal map, 48 channels) instead of an untrained VAE, 64-pixel crops, a 3-block MM-DiT. Its
+# width (192) must hold a whole 2x2x48 patch: the velocity target carries the full-dimensional noise.
 TINY_CROP = 64
-TINY_MODEL = dict(num_layers=4, num_heads=4, head_dim=32, in_channels=48, out_channels=48,
+TINY_MODEL = dict(num_layers=3, num_heads=6, head_dim=32, in_channels=48, out_channels=48,
                   joint_attention_dim=32, pooled_projection_dim=32, pos_embed_max_size=32, sample_size=16,
                   dual_attention_layers=(0, 1))
 

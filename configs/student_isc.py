@@ -35,6 +35,6 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
         p_boundary=0.6, per_sample=False,
         boundary_cfg=ml_collections.config_dict.placeholder(float)))  # None: the paper's "w/o CFG"
     c.batch_size = 8 if tiny else 16
-    c.total_steps = 400 if tiny else 40_000
-    c.optimizer.lr = 3e-4 if tiny else 5e-5
+    c.total_steps = 200 if tiny else 40_000
+    c.optimizer.lr = 1e-3 if tiny else 5e-5
     return c

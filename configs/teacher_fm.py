@@ -35,6 +35,6 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     c.trainable = (".*",) if tiny else ("control",)
     c.flow_matching = ml_collections.ConfigDict(dict(shift=3.0))
     c.batch_size = 8 if tiny else 32
-    c.total_steps = 600 if tiny else 80_000
-    c.optimizer.lr = 3e-4 if tiny else 5e-5
+    c.total_steps = 400 if tiny else 80_000
+    c.optimizer.lr = 1e-3 if tiny else 5e-5
     return c

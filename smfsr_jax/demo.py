@@ -1,10 +1,12 @@
 """`make demo`: the embedded default, end to end on CPU with no pretrained weights (training.md §7b).
 
 1. builds the `bundled` dataset (photographs shipped in scikit-image) into WORKDIR/tfds;
-2. trains the tiny teacher (stage 0, flow matching) and the tiny student from it (stage 1, ISC);
+2. trains the tiny teacher (stage 0, flow matching), the tiny student from it (stage 1, ISC) and refines
+   the student with the GAN stage (stage 2: ISC + Rec + VSD + adversarial);
 3. super-resolves the held-back photographs (never trained on; synthetic LR from the same degradation)
-   with bicubic x4, the teacher (multi-step Euler) and the one-step student, writes the images and prints
-   PSNR (Y channel, as the benchmarks report it) so a newcomer sees at once whether training worked.
+   with bicubic x4, the teacher (multi-step Euler) and the one-step students of stages 1 and 2, writes the
+   images and prints PSNR (Y channel, as the benchmarks report it) so a newcomer sees at once whether
+   training worked.
 
 Re-running continues: finished stages are resumed from their last checkpoint (nothing left to do).
 
@@ -23,7 +25,7 @@ from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train  # noqa: E402
-from configs import student_isc, teacher_fm  # noqa: E402
+from configs import common, student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.data import build, degradation, pipeline  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
@@ -51,35 +53,44 @@ def bicubic_x4(lr: np.ndarray) -> np.ndarray:
 
 
 def super_resolve(bundle_dir: str, lrs, steps: int, **call):
-    sr = SRPipeline.from_checkpoint(bundle_dir, process_size=4 * lrs[0].shape[0])
+    """x4 SR in latent tiles of the training crop's size (as SMFSR tiles at its 512 training size)."""
+    tile = common.TINY_CROP // 4
+    sr = SRPipeline.from_checkpoint(bundle_dir, process_size=4 * lrs[0].shape[0], tile_size=tile,
+                                    tile_overlap=tile // 2, batch_size=len(lrs))
     return sr(list(lrs), seed=0, steps=steps, **call)
 
 
-def run(workdir: str, teacher_steps: int | None = None, student_steps: int | None = None) -> dict:
+def train_stage(module, workdir: str, data_dir: str, steps: int | None, **init) -> str:
+    """Train (or resume) one tiny stage; returns its bundle directory."""
+    config = module.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.total_steps = steps or config.total_steps
+    for key, path in init.items():
+        config.init[key] = path
+    print(f"training {config.stage} ({config.total_steps} steps) in {workdir}", flush=True)
+    train.train(config, workdir)
+    return os.path.join(workdir, "bundle")
+
+
+def run(workdir: str, steps: dict | None = None) -> dict:
+    """All three tiny stages, then SR of the held-back photographs; `steps` overrides {stage: total_steps}."""
+    steps = steps or {}
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "tfds")
     if not os.path.isdir(os.path.join(data_dir, "bundled")):
         build.build("bundled", data_dir)
-
-    teacher = teacher_fm.get_config("tiny")
-    teacher.data.data_dir = data_dir
-    if teacher_steps:
-        teacher.total_steps = teacher_steps
-    train.train(teacher, os.path.join(workdir, "teacher"))
-
-    student = student_isc.get_config("tiny")
-    student.data.data_dir = data_dir
-    student.init.teacher = os.path.join(workdir, "teacher", "bundle")
-    if student_steps:
-        student.total_steps = student_steps
-    train.train(student, os.path.join(workdir, "student"))
+    teacher = train_stage(teacher_fm, os.path.join(workdir, "teacher"), data_dir, steps.get("teacher"))
+    student = train_stage(student_isc, os.path.join(workdir, "student"), data_dir, steps.get("student"),
+                          teacher=teacher)
+    gan = train_stage(student_gan, os.path.join(workdir, "gan"), data_dir, steps.get("gan"), teacher=teacher,
+                      student=student)
 
     names, lrs, hrs = holdout_pairs(data_dir)
     outputs = {
         "bicubic": [bicubic_x4(lr) for lr in lrs],
-        f"teacher_{TEACHER_STEPS}step": super_resolve(os.path.join(workdir, "teacher", "bundle"), lrs,
-                                                       TEACHER_STEPS, guidance_scale=1.0),
-        "student_1step": super_resolve(os.path.join(workdir, "student", "bundle"), lrs, 1),
+        f"teacher_{TEACHER_STEPS}step": super_resolve(teacher, lrs, TEACHER_STEPS, guidance_scale=1.0),
+        "isc_1step": super_resolve(student, lrs, 1),
+        "gan_1step": super_resolve(gan, lrs, 1),
     }
     out_dir = os.path.join(workdir, "outputs")
     os.makedirs(out_dir, exist_ok=True)
@@ -90,7 +101,7 @@ def run(workdir: str, teacher_steps: int | None = None, student_steps: int | Non
         report[method]["mean"] = round(float(scores.mean()), 3)
     for i, name in enumerate(names):
         row = [bicubic_x4(lrs[i])] + [outputs[m][i] for m in outputs if m != "bicubic"] + [hrs[i]]
-        Image.fromarray(np.concatenate(row, axis=1)).save(os.path.join(out_dir, f"{name}_bicubic_teacher_student_hr.png"))
+        Image.fromarray(np.concatenate(row, axis=1)).save(os.path.join(out_dir, f"{name}_comparison.png"))
         Image.fromarray(lrs[i]).save(os.path.join(out_dir, f"{name}_lr.png"))
         for method, images in outputs.items():
             Image.fromarray(images[i]).save(os.path.join(out_dir, f"{name}_{method}.png"))
@@ -102,16 +113,17 @@ def run(workdir: str, teacher_steps: int | None = None, student_steps: int | Non
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/demo")
-    parser.add_argument("--teacher_steps", type=int, default=None, help="default: configs/teacher_fm.py:tiny")
-    parser.add_argument("--student_steps", type=int, default=None, help="default: configs/student_isc.py:tiny")
+    for stage in ("teacher", "student", "gan"):
+        parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"default: the {stage} tiny config")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "jax_cache"))
-    result = run(args.workdir, args.teacher_steps, args.student_steps)
+    result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in ("teacher", "student", "gan")})
     print("\nPSNR (dB, Y channel) on the held-back photographs (x4 from synthetic real-world LR):")
     for method, scores in result["psnr"].items():
         print(f"  {method:>16}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    print(f"\nImages (LR, bicubic, teacher, one-step student, HR side by side): {result['outputs']}")
+    print(f"\nImages in {result['outputs']}: <name>_comparison.png shows bicubic | teacher | stage-1 student | "
+          "stage-2 student | HR; each output is also saved alone.")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,30 @@ def import_torch():
     torch = pytest.importorskip("torch", reason="torch is a test-only dependency (requirements-dev.txt)")
     torch.set_num_threads(2)
     return torch
+
+
+# Tiny training runs reused across test modules (tests/tiny_runs.py).
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The `bundled` dataset built once per session."""
+    from smfsr_jax.data import build
+    path = tmp_path_factory.mktemp("tfds")
+    build.build("bundled", str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def teacher_run(data_dir, tmp_path_factory):
+    """The reference tiny teacher: tiny_runs.STEPS steps on one device."""
+    from configs import teacher_fm
+    from tests import tiny_runs
+    return tiny_runs.run(teacher_fm, data_dir, tmp_path_factory.mktemp("teacher"), total_steps=tiny_runs.STEPS)
+
+
+@pytest.fixture(scope="session")
+def student_run(teacher_run, data_dir, tmp_path_factory):
+    """A tiny ISC student from the reference teacher (a few steps)."""
+    from configs import student_isc
+    from tests import tiny_runs
+    return tiny_runs.run(student_isc, data_dir, tmp_path_factory.mktemp("student"), total_steps=4,
+                         **{"init.teacher": str(teacher_run / "bundle")})

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,42 +13,10 @@ import pytest
 import train
 from configs import student_isc, teacher_fm
 from smfsr_jax.convert import common
-from smfsr_jax.convert.transformer import load_transformer
-from smfsr_jax.data import build
 from smfsr_jax.objectives import isc
 from smfsr_jax.training import checkpoints, partition, stages, writers
 from tests.conftest import REPO
-
-TINY_OVERRIDES = {"model.num_layers": 2, "model.dual_attention_layers": (0,), "model.num_heads": 2,
-                  "model.head_dim": 16, "data.degradation.crop_size": 32, "batch_size": 8, "log_every": 1,
-                  "optimizer.lr": 1e-3,
-                  "checkpoint_every": 1000, "image_every": 1000}
-
-
-STEPS = 60
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    build.build("bundled", str(path))
-    return str(path)
-
-
-def tiny(module, data_dir, **overrides):
-    config = module.get_config("tiny")
-    for key, value in {**TINY_OVERRIDES, "data.data_dir": data_dir, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def bundle_params(workdir):
-    return load_transformer(pathlib.Path(workdir) / "bundle")[1]
-
+from tests.tiny_runs import STEPS, TINY_OVERRIDES, bundle_params, tiny
 
 def assert_trees_close(a, b, atol):
     flat_a, flat_b = common.flatten(a), common.flatten(b)
@@ -57,14 +24,6 @@ def assert_trees_close(a, b, atol):
     worst = max(float(np.abs(np.asarray(flat_a[k], np.float64) - np.asarray(flat_b[k], np.float64)).max())
                 for k in flat_a)
     assert worst <= atol, worst
-
-
-@pytest.fixture(scope="module")
-def teacher_run(data_dir, tmp_path_factory):
-    """The reference tiny teacher: STEPS steps on one device (reused by the invariance tests)."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    train.train(tiny(teacher_fm, data_dir, total_steps=STEPS), str(workdir))
-    return workdir
 
 
 def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
@@ -79,11 +38,10 @@ def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
     assert checkpoints.finished_steps(str(teacher_run / "checkpoints")) == [STEPS]
 
 
-def test_student_step_from_the_teacher_bundle(teacher_run, data_dir, tmp_path):
-    config = tiny(student_isc, data_dir, total_steps=3, **{"init.teacher": str(teacher_run / "bundle")})
-    last = train.train(config, str(tmp_path))
-    assert np.isfinite(last["isc_loss"]) and 0.0 <= last["boundary_fraction"] <= 1.0
-    student = bundle_params(tmp_path)
+def test_student_steps_from_the_teacher_bundle(teacher_run, student_run):
+    last = [r for r in writers.read_jsonl(student_run / "metrics.jsonl") if "isc_loss" in r][-1]
+    assert last["step"] == 4 and np.isfinite(last["isc_loss"]) and 0.0 <= last["boundary_fraction"] <= 1.0
+    student = bundle_params(student_run)
     teacher = bundle_params(teacher_run)
     # Frozen weights are bit-identical after training; only control and the interval MLP moved.
     flat_s, flat_t = common.flatten(student), common.flatten(teacher)

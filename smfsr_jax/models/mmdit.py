@@ -274,16 +274,15 @@ class PatchEmbed(nn.Module):
 class JointAttention(nn.Module):
     """Attention over [image | LR | context] tokens (`attn`), or [image | LR] (`attn2`, no context).
 
-    The LR half gets the frozen projections followed by the zero-initialised control projections, shares
+    The LR half gets the frozen projections followed by the control projections, shares
     the image q/k RMSNorm and is output through `to_out_control(o_lr + h_lr)` (architecture.md §5.2).
     """
     config: MMDiTConfig
     with_context: bool
     context_pre_only: bool = False
 
-    def dense(self, name, zero_init=False):
-        init = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
-        return nn.Dense(self.config.hidden_size, dtype=self.config.compute_dtype, name=name, **init)
+    def dense(self, name):
+        return nn.Dense(self.config.hidden_size, dtype=self.config.compute_dtype, name=name)
 
     def heads(self, x):
         return x.reshape(*x.shape[:2], self.config.num_heads, self.config.head_dim)
@@ -305,13 +304,13 @@ class JointAttention(nn.Module):
         v = self.heads(to_v(h))
         qs, ks, vs = [q], [k], [v]
         if cfg.lr_stream:
-            q_lr = norm_q(self.heads(self.dense("to_q_control", zero_init=True)(to_q(h_lr))))
-            k_lr = self.heads(self.dense("to_k_control", zero_init=True)(to_k(h_lr)))
+            q_lr = norm_q(self.heads(self.dense("to_q_control")(to_q(h_lr))))
+            k_lr = self.heads(self.dense("to_k_control")(to_k(h_lr)))
             if cfg.qk_norm:
                 # The released weights were trained with the LR keys taken from the normalised image keys,
                 # normalised again; `to_k_control` is then unused (XLA drops it).
                 k_lr = norm_k(k) if cfg.lr_key_bug else norm_k(k_lr)
-            v_lr = self.heads(self.dense("to_v_control", zero_init=True)(to_v(h_lr)))
+            v_lr = self.heads(self.dense("to_v_control")(to_v(h_lr)))
             qs, ks, vs = qs + [q_lr], ks + [k_lr], vs + [v_lr]
         if self.with_context:
             qs.append(self.qk_norm("norm_added_q")(self.heads(self.dense("add_q_proj")(context))))
@@ -333,7 +332,7 @@ class JointAttention(nn.Module):
 
 
 class DepthwiseConv3x3(nn.Module):
-    """Depthwise 3x3 conv (zero padding 1, bias, zero init) as nine shifted multiply-adds.
+    """Depthwise 3x3 conv (zero padding 1, bias) as nine shifted multiply-adds.
 
     Same parameters as `nn.Conv(C, (3, 3), feature_group_count=C)`; written out because XLA's grouped
     convolution gradient inside `scan` is two orders of magnitude slower on CPU, and the shifted sum
@@ -344,7 +343,7 @@ class DepthwiseConv3x3(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.zeros, (3, 3, 1, c), jnp.float32).astype(self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 1, c), jnp.float32).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
         h, w = x.shape[1:3]
         padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -480,7 +479,10 @@ class MMDiT(nn.Module):
 
 
 def init_params(config: MMDiTConfig, rng, latent_size: tuple = (8, 8), context_len: int = 4, batch: int = 1):
-    """Randomly initialised params (flax default inits; control q/k/v and control conv start at zero)."""
+    """Params for training from scratch: flax default inits, adaLN modulations and proj_out at zero.
+
+    The LR stream starts random here, not at zero: zero control weights (DiT4SR's init, made by
+    `convert.transformer.teacher_from_base`) only make sense on top of a pretrained base."""
     args, kwargs = dummy_inputs(config, latent_size, context_len, batch)
     return MMDiT(config).init(rng, *args, **kwargs)["params"]
 

@@ -37,10 +37,14 @@ class Stage:
     loss_fn: Callable
     autoencoder_config: vae.VAEConfig
     teacher_config: Optional[mmdit.MMDiTConfig] = None
+    model_state: dict = dataclasses.field(default_factory=dict)  # non-trained variables the step updates
+    parts: tuple = ()  # top-level trainable parts with their own optimizers (stage 2)
+    student_part: Optional[str] = None  # the part holding the exported network's trainable weights
 
     def model_params(self, trainable, frozen=None) -> dict:
         """Full parameters of the trained network."""
         frozen = self.frozen if frozen is None else frozen
+        trainable = trainable[self.student_part] if self.student_part else trainable
         return partition.merge(trainable, frozen["base"], frozen["own"])
 
     def teacher_params(self, frozen=None) -> dict:
@@ -147,19 +151,26 @@ def teacher_stage(config: ml_collections.ConfigDict) -> Stage:
     trainable, frozen_model = _split(params, config, model_config)
     frozen = {"base": _frozen_cast(frozen_model, config), "own": {}, "teacher": {}, "autoencoder": ae_params,
               "null": null_embeddings(config.text, model_config, config.data)}
+    return Stage("teacher", model_config, trainable, frozen, make_teacher_loss(config, model_config, ae_config),
+                 ae_config)
+
+
+def make_teacher_loss(config, model_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig):
+    """The stage-0 loss_fn (state.LossFn): flow matching in x0 space on the batch's HR latents."""
     model = mmdit.MMDiT(model_config)
-    fm = config.get("flow_matching", ml_collections.ConfigDict())
+    shift = config.get("flow_matching", ml_collections.ConfigDict()).get("shift", 3.0)
 
-    def loss_fn(trainable_params, frozen_, batch, rng):
+    def loss_fn(trainable_params, model_state, frozen, batch, rng):
         rng_latents, rng_loss = jax.random.split(rng)
-        hr, lr = batch_latents(ae_config, frozen_, batch, rng_latents)
-        context, pooled = text_condition(frozen_, batch, hr.shape[0])
-        params_ = partition.merge(trainable_params, frozen_["base"], frozen_["own"])
-        velocity = lambda z, t: model.apply({"params": params_}, z, context=context, pooled=pooled, t=t,  # noqa: E731
+        hr, lr = batch_latents(ae_config, frozen, batch, rng_latents)
+        context, pooled = text_condition(frozen, batch, hr.shape[0])
+        params = partition.merge(trainable_params, frozen["base"], frozen["own"])
+        velocity = lambda z, t: model.apply({"params": params}, z, context=context, pooled=pooled, t=t,  # noqa: E731
                                             lr_latents=lr)
-        return flow_matching.teacher_fm_loss(velocity, hr, rng_loss, shift=fm.get("shift", 3.0))
+        loss, metrics = flow_matching.teacher_fm_loss(velocity, hr, rng_loss, shift=shift)
+        return loss, (metrics, model_state)
 
-    return Stage("teacher", model_config, trainable, frozen, loss_fn, ae_config)
+    return loss_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,43 +197,54 @@ def student_stage(config: ml_collections.ConfigDict) -> Stage:
     frozen = {"base": _frozen_cast(base, config), "own": _frozen_cast(student_own, config),
               "teacher": _frozen_cast(teacher_own, config), "autoencoder": ae_params,
               "null": null_embeddings(config.text, student_config, config.data)}
-    student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
-    isc_config = config.isc
-
-    def loss_fn(trainable_params, frozen_, batch, rng):
-        rng_latents, rng_loss = jax.random.split(rng)
-        hr, lr = batch_latents(ae_config, frozen_, batch, rng_latents)
-        context, pooled = text_condition(frozen_, batch, hr.shape[0])
-        student_params_ = partition.merge(trainable_params, frozen_["base"], frozen_["own"])
-        teacher_params_ = jax.lax.stop_gradient(partition.merge(frozen_["base"], frozen_["teacher"]))
-
-        def u_fn(z, r, t):
-            return student.apply({"params": student_params_}, z, context=context, pooled=pooled, t=t, r=r,
-                                 lr_latents=lr)
-
-        def teacher_fn(z, t, ctx=context, pool=pooled):
-            return teacher.apply({"params": teacher_params_}, z, context=ctx, pooled=pool, t=t, lr_latents=lr)
-
-        uncond_fn = None
-        if isc_config.get("boundary_cfg") is not None:
-            null_ctx, null_pooled = text_condition(frozen_, {}, hr.shape[0])
-            uncond_fn = lambda z, t: teacher_fn(z, t, null_ctx, null_pooled)  # noqa: E731
-        return isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
-                            per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
-                            boundary_cfg=isc_config.get("boundary_cfg"))
-
     logging.info("student: %d trainable, %d frozen-own, %d shared base, %d teacher-own parameters",
                  partition.count(trainable), partition.count(student_own), partition.count(base),
                  partition.count(teacher_own))
-    return Stage("student", student_config, trainable, frozen, loss_fn, ae_config, teacher_config)
+    return Stage("student", student_config, trainable, frozen,
+                 make_student_loss(config, student_config, teacher_config, ae_config), ae_config, teacher_config)
+
+
+def make_student_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.MMDiTConfig,
+                      ae_config: vae.VAEConfig):
+    """The stage-1 loss_fn (state.LossFn): ISC + boundary against the frozen teacher."""
+    student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
+    isc_config = config.isc
+
+    def loss_fn(trainable_params, model_state, frozen, batch, rng):
+        rng_latents, rng_loss = jax.random.split(rng)
+        hr, lr = batch_latents(ae_config, frozen, batch, rng_latents)
+        context, pooled = text_condition(frozen, batch, hr.shape[0])
+        student_params = partition.merge(trainable_params, frozen["base"], frozen["own"])
+        teacher_params = jax.lax.stop_gradient(partition.merge(frozen["base"], frozen["teacher"]))
+
+        def u_fn(z, r, t):
+            return student.apply({"params": student_params}, z, context=context, pooled=pooled, t=t, r=r,
+                                 lr_latents=lr)
+
+        def teacher_fn(z, t, ctx=context, pool=pooled):
+            return teacher.apply({"params": teacher_params}, z, context=ctx, pooled=pool, t=t, lr_latents=lr)
+
+        uncond_fn = None
+        if isc_config.get("boundary_cfg") is not None:
+            null_ctx, null_pooled = text_condition(frozen, {}, hr.shape[0])
+            uncond_fn = lambda z, t: teacher_fn(z, t, null_ctx, null_pooled)  # noqa: E731
+        loss, metrics = isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
+                                     per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
+                                     boundary_cfg=isc_config.get("boundary_cfg"))
+        return loss, (metrics, model_state)
+
+    return loss_fn
 
 
 STAGES = {"teacher": teacher_stage, "student": student_stage}
 
 
 def build_stage(config: ml_collections.ConfigDict) -> Stage:
+    if config.stage == "gan":
+        from smfsr_jax.training import gan  # stage 2 builds on this module
+        return gan.gan_stage(config)
     if config.stage not in STAGES:
-        raise ValueError(f"unknown stage {config.stage!r}; expected one of {sorted(STAGES)}")
+        raise ValueError(f"unknown stage {config.stage!r}; expected one of {sorted(STAGES) + ['gan']}")
     return STAGES[config.stage](config)
 
 

@@ -15,8 +15,9 @@ import optax
 
 from smfsr_jax.training import sharding
 
-# loss_fn(trainable params, frozen, batch, rng) -> (loss, metrics dict of scalars)
-LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(trainable params, model_state, frozen, batch, rng) -> (loss, (metrics dict of scalars, new model_state));
+# model_state holds non-trained variables that the step updates (the discriminator's spectral-norm vectors).
+LossFn = Callable[[Any, Any, Any, dict, jax.Array], tuple[jax.Array, tuple[dict, Any]]]
 
 
 @flax.struct.dataclass
@@ -25,19 +26,31 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
+    model_state: Any
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 while all are
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a constant learning rate (training.md §0)."""
-    return optax.chain(
-        optax.clip_by_global_norm(config.clip),
-        optax.adamw(config.lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay))
+def make_optimizer(config: ml_collections.ConfigDict, parts: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a constant learning rate (training.md §0).
+
+    With `parts` (the top-level keys of the trainable tree, e.g. stage 2's student, regularizer and
+    discriminator) each part gets its own AdamW and its own clipping norm, as separate optimizers would.
+    """
+    def adamw():
+        return optax.chain(
+            optax.clip_by_global_norm(config.clip),
+            optax.adamw(config.lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay))
+
+    if not parts:
+        return adamw()
+    return optax.multi_transform({part: adamw() for part in parts},
+                                 lambda params: {part: part for part in params})
 
 
-def create_state(params, optimizer: optax.GradientTransformation, use_ema: bool) -> TrainState:
+def create_state(params, optimizer: optax.GradientTransformation, use_ema: bool, model_state=None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+                      model_state=model_state if model_state is not None else {},
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
@@ -46,15 +59,19 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
     return sharding.param_shardings(abstract_state, mesh, rules)
 
 
-def init_state(params, optimizer, use_ema: bool, mesh, rules=sharding.DEFAULT_RULES):
+def init_state(params, optimizer, use_ema: bool, mesh, rules=sharding.DEFAULT_RULES, model_state=None):
     """Shape first, then shardings, then a jitted init: the state is born sharded.
 
-    `params` are host (numpy) arrays; they are placed with their shardings before the optimizer init.
+    `params` (and `model_state`) are host (numpy) arrays; they are placed with their shardings before the
+    optimizer init.
     """
-    abstract = jax.eval_shape(lambda p: create_state(p, optimizer, use_ema), params)
+    model_state = {} if model_state is None else model_state
+    create = lambda p, m: create_state(p, optimizer, use_ema, m)  # noqa: E731
+    abstract = jax.eval_shape(create, params, model_state)
     shardings = state_shardings(abstract, mesh, rules)
     params = sharding.put(params, shardings.params)
-    state = jax.jit(lambda p: create_state(p, optimizer, use_ema), out_shardings=shardings)(params)
+    model_state = sharding.put(model_state, shardings.model_state)
+    state = jax.jit(create, out_shardings=shardings)(params, model_state)
     return state, shardings
 
 
@@ -69,7 +86,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     def update(state: TrainState, frozen, batch):
         rng = jax.random.fold_in(base_rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = global_norm(grads)
@@ -81,7 +99,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         metrics = dict(metrics, grad_norm=grad_norm, param_norm=global_norm(params),
                        update_norm=global_norm(updates))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                                  nonfinite_step=nonfinite_step)
+                                  model_state=model_state, nonfinite_step=nonfinite_step)
         return new_state, metrics
 
     return update
