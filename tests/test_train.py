@@ -201,3 +201,18 @@ def test_trainable_masks_match_the_paper_counts():
     teacher = teacher_fm.get_config("sd35m")
     params = mmdit.abstract_params(mmdit.MMDiTConfig.from_dict(teacher.model.to_dict()))
     assert partition.count(partition.partition(params, teacher.trainable)[0]) == 350_877_696
+
+
+def test_checkpoints_load_for_inference_and_readers_skip_saves_in_progress(teacher_run):
+    from smfsr_jax.training import inference
+    directory = teacher_run / "checkpoints"
+    # A save in progress is a temporary directory until orbax renames it: readers must not see it.
+    in_progress = directory / f"{STEPS + 10}.orbax-checkpoint-tmp-1234"
+    in_progress.mkdir()
+    try:
+        assert checkpoints.finished_steps(str(directory)) == [STEPS]
+        model = inference.load_checkpoint(str(teacher_run))
+    finally:
+        in_progress.rmdir()
+    assert model.meta == {"stage": "teacher", "step": STEPS} and model.kind == "teacher"
+    assert_trees_close(model.transformer_params, bundle_params(teacher_run), atol=0.0)
