@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.evaluation.musiq import load_metric, score_by_size
+from smfsr_jax.evaluation.scoring import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

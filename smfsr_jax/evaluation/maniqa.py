@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.evaluation.musiq import Mlp, load_metric, score_by_size
+from smfsr_jax.evaluation.musiq import Mlp
+from smfsr_jax.evaluation.scoring import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
 
 

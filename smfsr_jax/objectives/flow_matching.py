@@ -9,26 +9,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from smfsr_jax.sampling import schedules
 
 # Velocity of the network: (z, t) -> v, with t the flow time in [0, 1]; conditioning is closed over.
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def shift_sigmas(s, shift: float = 3.0):
-    """SD3's timestep shift sigma = shift s / (1 + (shift - 1) s)."""
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def sd3_training_sigmas(num_train_timesteps: int = 1000, shift: float = 3.0) -> np.ndarray:
-    """The descending training grid: sigma_i = shift((N - i) / N), i = 0..N-1 (no terminal zero)."""
-    s = np.arange(num_train_timesteps, 0, -1, dtype=np.float64) / num_train_timesteps
-    return shift_sigmas(s, shift).astype(np.float32)
-
-
 def sample_logit_normal_sigmas(rng, batch: int, num_train_timesteps: int = 1000, shift: float = 3.0):
     """sigma = grid[min(floor(N sigmoid(n)), N - 1)], n ~ N(0, 1), one per sample."""
-    grid = jnp.asarray(sd3_training_sigmas(num_train_timesteps, shift))
+    grid = jnp.asarray(schedules.sd3_training_sigmas(num_train_timesteps, shift))
     u = jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
     index = jnp.minimum(jnp.floor(num_train_timesteps * u).astype(jnp.int32), num_train_timesteps - 1)
     return grid[index]

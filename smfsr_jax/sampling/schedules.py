@@ -29,6 +29,13 @@ def shift_sigmas(sigmas, shift: float = SD3_SHIFT):
     return shift * sigmas / (sigmas.dtype.type(1.0) + (shift - sigmas.dtype.type(1.0)) * sigmas)
 
 
+def sd3_training_sigmas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, shift: float = SD3_SHIFT) -> np.ndarray:
+    """The scheduler's descending training grid shift((N - i) / N), i = 0..N-1, in float32 as diffusers builds it
+    (no terminal zero); the teacher's flow-matching times are drawn from it."""
+    timesteps = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
+    return shift_sigmas(timesteps / np.float32(num_train_timesteps), shift)
+
+
 def sd3_sampling_sigmas(steps: int, shift: float = SD3_SHIFT,
                         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
     """(steps + 1,) float32: diffusers' `set_timesteps(steps)` sigmas with the terminal 0.
@@ -39,8 +46,7 @@ def sd3_sampling_sigmas(steps: int, shift: float = SD3_SHIFT,
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
-    train_sigmas = shift_sigmas(train / np.float32(num_train_timesteps), shift)
+    train_sigmas = sd3_training_sigmas(num_train_timesteps, shift)
     sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
     timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps)
     sigmas = shift_sigmas(timesteps / num_train_timesteps, shift).astype(np.float32)

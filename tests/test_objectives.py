@@ -1,0 +1,56 @@
+"""Objectives as pure functions: the teacher's time grid and loss identity, ISC branches and times."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smfsr_jax.objectives import flow_matching, isc
+from smfsr_jax.sampling import schedules
+from tests.conftest import import_torch
+
+
+def test_training_grid_matches_diffusers_scheduler():
+    import_torch()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    np.testing.assert_allclose(schedules.sd3_training_sigmas(), scheduler.sigmas.numpy(), rtol=0, atol=0)
+
+
+def test_logit_normal_sigmas_come_from_the_grid():
+    sigmas = np.asarray(flow_matching.sample_logit_normal_sigmas(jax.random.PRNGKey(0), 4096))
+    grid = schedules.sd3_training_sigmas()
+    assert np.isin(sigmas, grid).all()
+    # sigmoid(N(0,1)) has median 1/2: the grid index median is ~500, sigma = shift(1/2) = 0.75.
+    assert abs(np.median(sigmas) - 0.75) < 0.02
+
+
+def test_x0_loss_equals_sigma_weighted_velocity_loss():
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 3))
+    velocity_fn = lambda z, t: 0.5 * z - 0.1  # noqa: E731
+    rng = jax.random.PRNGKey(2)
+    loss, _ = flow_matching.teacher_fm_loss(velocity_fn, x0, rng)
+    rng_sigma, rng_noise = jax.random.split(rng)
+    sigma = flow_matching.sample_logit_normal_sigmas(rng_sigma, 6)[:, None, None, None]
+    noise = jax.random.normal(rng_noise, x0.shape)
+    z = (1 - sigma) * x0 + sigma * noise
+    np.testing.assert_allclose(loss, jnp.mean(sigma ** 2 * (velocity_fn(z, sigma) - (noise - x0)) ** 2), rtol=1e-5)
+
+
+def test_isc_times_are_ordered_and_the_branch_rate_is_the_papers():
+    r, t, lam, s = isc.sample_isc_times(jax.random.PRNGKey(3), 1000)
+    assert bool(jnp.all((r <= s) & (s <= t))) and bool(jnp.all((lam >= 0) & (lam <= 1)))
+    x0 = jnp.zeros((2, 2, 2, 1))
+    u_fn = lambda z, r, t: z  # noqa: E731
+    teacher_fn = lambda z, t: z  # noqa: E731
+    fractions = [float(isc.isc_loss(u_fn, teacher_fn, x0, jax.random.PRNGKey(k))[1]["boundary_fraction"])
+                 for k in range(400)]
+    assert abs(np.mean(fractions) - 0.6) < 0.07
+    per_sample = isc.isc_loss(u_fn, teacher_fn, jnp.zeros((512, 1, 1, 1)), jax.random.PRNGKey(0), per_sample=True)
+    assert abs(float(per_sample[1]["boundary_fraction"]) - 0.6) < 0.07
+
+
+def test_boundary_cfg_mixes_against_the_unconditional_teacher():
+    z = jnp.ones((2, 2, 2, 1))
+    t = jnp.full((2,), 0.5)
+    target = isc.boundary_target(lambda z, t: 3 * z, z, t, uncond_fn=lambda z, t: z, cfg_scale=4.5)
+    np.testing.assert_allclose(target, 1 + 4.5 * (3 - 1))
