@@ -294,16 +294,17 @@ def _super_resolve_and_score(pipeline, benchmark: runner.BenchmarkSet, seed: int
                              show_progress: bool) -> dict:
     metrics = {name: m for name, m in run.metrics.items() if benchmark.has_reference or not m.full_reference}
     scores, skipped = Scores(metrics), {}
+    progress = tqdm(total=benchmark.count, desc=f"{benchmark.dataset} seed {seed}", unit="image", file=sys.stderr,
+                    disable=not show_progress)
     began = time.perf_counter()
-    images = benchmark.images(skipped, run.captions)
-    if show_progress:
-        images = tqdm(images, total=benchmark.count, desc=f"{benchmark.dataset} seed {seed}", unit="image",
-                      file=sys.stderr)
-    for chunk, outputs in runner.super_resolve(pipeline, images, seed, sr_dir, batch_size=run.batch_size,
-                                               steps=run.steps, color_fix=run.color_fix):
+    for chunk, outputs in runner.super_resolve(pipeline, benchmark.images(skipped, run.captions), seed, sr_dir,
+                                               batch_size=run.batch_size, steps=run.steps, color_fix=run.color_fix):
         scores.add([image.name for image in chunk], outputs, [image.hr for image in chunk])
+        progress.update(len(chunk))
     for name, reason in skipped.items():
         scores.skip(name, reason)
+    progress.update(len(skipped))
+    progress.close()
     reference = f"{benchmark.dataset} HR images ({runner.SPLIT} split)" if benchmark.has_reference else None
     return scores.results(sr_dir, reference, dataset=benchmark.dataset, seed=seed,
                           wall_s=time.perf_counter() - began)
@@ -439,7 +440,7 @@ def _check_mode_flags(FLAGS) -> str:
                      - set(_MODE_FLAGS[mode]))
     given = [f"--{name}" for name in foreign if FLAGS[name].present]
     if given:
-        raise app.UsageError(f"{', '.join(given)} do not apply to --{mode}")
+        raise app.UsageError(f"--{mode} does not take {', '.join(given)}")
     if mode in ("sr_dir", "checkpoint") and FLAGS.out is None:
         raise app.UsageError(f"--{mode} needs --out")
     if mode == "watch" and FLAGS.out is not None:
@@ -467,14 +468,15 @@ def main(argv):
     weights_paths = {name: getattr(FLAGS, spec.weights_flag) for name, spec in REGISTRY.items()
                      if spec.needs_weights}
     try:  # bad flags, missing weights, mismatched names, unreadable datasets or models: a message, no traceback
-        metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
         if mode == "sr_dir":
+            metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
             results = evaluate_directory(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size)
-        else:
+        else:  # cheap checks first, then the metric networks, then the model
             seeds = parse_seeds(FLAGS.seeds)
+            benchmarks = [runner.BenchmarkSet(d, FLAGS.data_dir, FLAGS.max_images) for d in FLAGS.datasets]
+            metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
             run = BenchmarkRun(
-                benchmarks=[runner.BenchmarkSet(d, FLAGS.data_dir, FLAGS.max_images) for d in FLAGS.datasets],
-                seeds=seeds, metrics=metrics,
+                benchmarks=benchmarks, seeds=seeds, metrics=metrics,
                 diversity_metric=(diversity_metric(metrics, seeds, weights_paths, FLAGS.weights_dir)
                                   if FLAGS.table4 else None),
                 batch_size=FLAGS.batch_size, steps=FLAGS.steps, color_fix=FLAGS.color_fix, captions=FLAGS.captions,
