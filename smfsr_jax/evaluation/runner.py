@@ -72,7 +72,7 @@ class BenchmarkSet:
                 first_with_name[output_name] = name
                 lr = image_io.decode_rgb8(record["lr"], name)
                 hr = image_io.decode_rgb8(record["hr"], name) if self.has_reference else None
-            except (image_io.BadImage, KeyError, ValueError, OSError) as e:  # BadImage is a ValueError
+            except (KeyError, ValueError, OSError) as e:  # image_io.BadImage is a ValueError
                 skipped[name] = str(e)
                 continue
             caption = record_text(record["caption"]).strip() if use_captions else ""
