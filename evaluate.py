@@ -67,7 +67,8 @@ from smfsr_jax.evaluation.metrics import REGISTRY, Metric, MissingWeightsError, 
 from smfsr_jax.evaluation.osediff_log import evaluation_log, format_log
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.sampling import color
-from smfsr_jax.sampling.pipeline import PROCESS_SIZE
+from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
+from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import checkpoints, inference, stages
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "clipiqa", "musiq", "maniqa")
@@ -244,25 +245,6 @@ def write_results(results: dict, out_path: str) -> list[str]:
     return paths
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'1', '1,2,5', '1..20' or a mix ('1..5,9') -> the distinct seeds in the given order."""
-    seeds = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            if ".." in part:
-                first, last = (int(s) for s in part.split(".."))
-                if last < first:
-                    raise ValueError
-                seeds.extend(range(first, last + 1))
-            elif part:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(f"--seeds: expected integers and ranges such as 1..20, got {part!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must name distinct integers, got {text!r}")
-    return seeds
-
-
 def diversity_metric(metrics: dict[str, Metric], seeds, weights_paths=None, weights_dir=None) -> Metric | None:
     """The LPIPS metric of Table 4 when `seeds` allow one, else None; missing weights raise here, before any SR."""
     if not tables.diversity_seeds(seeds):
@@ -315,7 +297,7 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
 
     Returns {"table1": ..., ["table3": ..., "table4": ...]} as written (smfsr_jax/evaluation/tables.py).
     """
-    pipeline = runner.make_pipeline(bundle, batch_size=run.batch_size, process_size=run.process_size)
+    pipeline = SRPipeline.from_bundle(bundle, batch_size=run.batch_size, process_size=run.process_size)
     times, guidance_scale = pipeline.sampler_settings(run.steps)
     setup = {"checkpoint": bundle.path, "kind": bundle.kind, "stage": bundle.meta.get("stage"),
              "step": bundle.meta.get("step"), "sampling_steps": len(times) - 1, "guidance_scale": guidance_scale,

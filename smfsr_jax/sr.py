@@ -39,13 +39,29 @@ from smfsr_jax.sampling.pipeline import SRPipeline
 
 
 def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    """'1', '1,2,5', '1..20' or a mix ('1..5,9') -> the distinct seeds in the given order."""
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if ".." in part:
+                first, last = (int(s) for s in part.split(".."))
+                if last < first:
+                    raise ValueError
+                seeds.extend(range(first, last + 1))
+            elif part:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds: expected integers and ranges such as 1..20, got {part!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds must list distinct integers, got {text!r}")
+        raise ValueError(f"--seeds must name distinct integers, got {text!r}")
     return seeds
+
+
+def _seeds_arg(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def list_inputs(path: str) -> list[str]:
@@ -83,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="model bundle directory (bundle.json)")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated seeds (default 0)")
+    parser.add_argument("--seeds", type=_seeds_arg, default=[0],
+                        help="seeds: 1, 1,2,5 or ranges such as 1..20 (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 student, 40 teacher)")
     captions = parser.add_mutually_exclusive_group()
     captions.add_argument("--caption", default=None, help="one caption for every image")

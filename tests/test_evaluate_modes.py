@@ -14,6 +14,7 @@ import pytest
 from skimage import data as skimage_data
 
 import evaluate
+from smfsr_jax.sr import parse_seeds
 from smfsr_jax.convert.common import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
 from smfsr_jax.data import build
@@ -182,12 +183,12 @@ def test_benchmark_sets_are_checked_before_sampling(benchmark_dir):
 
 
 def test_seed_lists_and_ranges():
-    assert evaluate.parse_seeds("1") == [1]
-    assert evaluate.parse_seeds("1..5,9") == [1, 2, 3, 4, 5, 9]
-    assert evaluate.parse_seeds(" 3, 1 ") == [3, 1]
+    assert parse_seeds("1") == [1]
+    assert parse_seeds("1..5,9") == [1, 2, 3, 4, 5, 9]
+    assert parse_seeds(" 3, 1 ") == [3, 1]
     for bad in ("", "1,1", "1..3,2", "a", "5..1", "1..2..3"):
         with pytest.raises(ValueError, match="--seeds"):
-            evaluate.parse_seeds(bad)
+            parse_seeds(bad)
     assert tables.diversity_seeds(range(1, 21)) == [2, 3, 4, 5, 6, 7]
     assert tables.diversity_seeds([1, 3, 9]) == [3] and tables.diversity_seeds([2, 3]) == []
 

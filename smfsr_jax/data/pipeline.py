@@ -56,7 +56,8 @@ def open_source(dataset: str, split: str, data_dir: str):
 
     import smfsr_jax.data.tfds  # noqa: F401 (registers the builders)
 
-    return tfds.data_source(dataset, split=split, data_dir=data_dir)
+    # download=False: an unbuilt dataset is an error here, never a half-built folder.
+    return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
 
 
 def record_text(value) -> str:

@@ -49,7 +49,7 @@ class BenchmarkSet:
             builder = BUILDERS[name](data_dir=data_dir, config=config)
         except ValueError as e:  # an unknown config
             raise ValueError(f"{dataset}: {e}") from None
-        # Checked first: tfds.data_source would try to build a missing set (and fail without its manual_dir).
+        # Checked first, to answer an unbuilt set with the command that builds it.
         if not builder.is_prepared():
             raise FileNotFoundError(f"{dataset} is not built in {data_dir}: python -m smfsr_jax.data.build "
                                     f"--dataset {dataset} --manual_dir SOURCE_FILES --data_dir {data_dir}")
@@ -113,11 +113,3 @@ def load_model(path: str, step: Optional[int] = None, stage: Optional[stages.Sta
         return inference.load_checkpoint(path, step, stage)
     raise FileNotFoundError(f"{path}: neither a model bundle ({bundle_lib.BUNDLE_FILE}) nor a training workdir "
                             "(config.json)")
-
-
-def make_pipeline(bundle: bundle_lib.Bundle, **options) -> SRPipeline:
-    """SRPipeline over a loaded bundle (or checkpoint); options go to the SRPipeline constructor."""
-    return SRPipeline(bundle.transformer_config, bundle.transformer_params, bundle.autoencoder_config,
-                      bundle.autoencoder_params, bundle.null_embeddings,
-                      negative_embeddings=bundle.negative_embeddings, text_encoders_dir=bundle.text_encoders_dir,
-                      **options)

@@ -169,7 +169,11 @@ class SRPipeline:
         """Load a bundle directory (bundle.py); dtype/attention override the transformer config; options go to
         the constructor (batch_size, tile_size, tile_overlap, tile_batch, process_size, caption_rule, ...)."""
         overrides = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
-        b = bundle_lib.load_bundle(path, **overrides)
+        return cls.from_bundle(bundle_lib.load_bundle(path, **overrides), **options)
+
+    @classmethod
+    def from_bundle(cls, b: bundle_lib.Bundle, **options):
+        """A loaded bundle (or a training checkpoint from training.inference.load_checkpoint)."""
         return cls(b.transformer_config, b.transformer_params, b.autoencoder_config, b.autoencoder_params,
                    b.null_embeddings, negative_embeddings=b.negative_embeddings,
                    text_encoders_dir=b.text_encoders_dir, **options)
