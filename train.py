@@ -135,6 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:  # an interrupted run still completes the saves already started
         checkpointer.wait()
         checkpointer.close()
+        batches.close()
     export_bundle(stage, state, config, paths["bundle"])
     writer.flush()
     return last
@@ -156,8 +157,12 @@ def export_bundle(stage: stages.Stage, state: state_lib.TrainState, config: ml_c
 
 
 def write_metrics(writer, step: int, metrics: dict) -> dict:
+    """Write one step's metrics; stops the run (before any further checkpoint) once a step was non-finite."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    first_bad = int(scalars.pop("first_nonfinite_step"))
     writer.write_scalars(step, scalars)
+    if first_bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient at step {first_bad + 1}; no checkpoint was written after it")
     return scalars
 
 

@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 from smfsr_jax import demo  # noqa: E402
 from smfsr_jax.data import degradation, images, pipeline  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr, ssim  # noqa: E402
-from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
 
 CROP = 128
 
@@ -63,8 +62,8 @@ def main():
         from smfsr_jax.evaluation.metrics import load_lpips_alex
         lpips = load_lpips_alex(args.lpips_weights)
 
-    teacher = SRPipeline.from_checkpoint(teacher_dir, process_size=CROP, batch_size=8)
-    student = SRPipeline.from_checkpoint(student_dir, process_size=CROP, batch_size=8)
+    teacher = demo.tiny_pipeline(teacher_dir, CROP // 4, batch_size=8)
+    student = demo.tiny_pipeline(student_dir, CROP // 4, batch_size=8)
     rows = [("bicubic x4", "-", np.stack([demo.bicubic_x4(lr) for lr in lrs]))]
     rows += [("teacher (Euler)", n, np.stack(teacher(lrs, seed=0, steps=n, guidance_scale=1.0))) for n in (1, 2, 4, 50)]
     rows += [("student (cosine grid)", n, np.stack(student(lrs, seed=0, steps=n))) for n in (1, 2, 4)]

@@ -52,12 +52,16 @@ def bicubic_x4(lr: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(lr).resize((lr.shape[1] * 4, lr.shape[0] * 4), Image.BICUBIC))
 
 
-def super_resolve(bundle_dir: str, lrs, steps: int, **call):
-    """x4 SR in latent tiles of the training crop's size (as SMFSR tiles at its 512 training size)."""
+def tiny_pipeline(bundle_dir: str, lr_side: int, batch_size: int) -> SRPipeline:
+    """SR of `lr_side` LR images in latent tiles of the training crop's size (as SMFSR tiles at its 512
+    training size), without the protocol's upscaling of small inputs."""
     tile = common.TINY_CROP // 4
-    sr = SRPipeline.from_checkpoint(bundle_dir, process_size=4 * lrs[0].shape[0], tile_size=tile,
-                                    tile_overlap=tile // 2, batch_size=len(lrs))
-    return sr(list(lrs), seed=0, steps=steps, **call)
+    return SRPipeline.from_checkpoint(bundle_dir, process_size=4 * lr_side, tile_size=tile, tile_overlap=tile // 2,
+                                      batch_size=batch_size)
+
+
+def super_resolve(bundle_dir: str, lrs, steps: int, **call):
+    return tiny_pipeline(bundle_dir, lrs[0].shape[0], len(lrs))(list(lrs), seed=0, steps=steps, **call)
 
 
 def train_stage(module, workdir: str, data_dir: str, steps: int | None, **init) -> str:

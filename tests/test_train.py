@@ -145,6 +145,9 @@ class DiesAtBatch:
     def set_state(self, state):
         self.inner.set_state(state)
 
+    def close(self):
+        self.inner.close()
+
 
 def test_killed_run_resumes_exactly(teacher_run, data_dir, tmp_path, monkeypatch):
     config = tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=25)

@@ -97,7 +97,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         if ema_decay is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
         metrics = dict(metrics, grad_norm=grad_norm, param_norm=global_norm(params),
-                       update_norm=global_norm(updates))
+                       update_norm=global_norm(updates), first_nonfinite_step=nonfinite_step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                                   model_state=model_state, nonfinite_step=nonfinite_step)
         return new_state, metrics
