@@ -1,4 +1,4 @@
-"""Compile (without running) the full-size stage-1 (ISC) and stage-2 (GAN) steps and print XLA's memory analysis.
+"""Compile (without running) the full-size teacher, ISC and GAN training steps; print XLA's memory analysis.
 
 Every input is abstract (jax.ShapeDtypeStruct): no weights are loaded and nothing is allocated. The step is the
 one train.py runs (state donated, frozen SD3.5 base in bf16, trainable fp32 + AdamW). XLA compiles for the
@@ -6,6 +6,7 @@ backend present: on a GPU host the figures are the GPU's; on CPU they are the CP
 assignment, a close proxy for the peak (same graph, same remat decisions; fusion differs slightly).
 
   python benchmarks/memory_sd35m.py --stage isc --batch 16 --remat dots_with_no_batch_dims_saveable
+  python benchmarks/memory_sd35m.py --stage teacher --batch 32
   python benchmarks/memory_sd35m.py --stage gan --batch 8 --regularizer full
 
 The last line is one JSON object: peak GiB (arguments + temporaries + outputs - aliased) against 141 GB.
@@ -21,81 +22,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from configs import student_gan, student_isc  # noqa: E402
-from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
-from smfsr_jax.models import discriminator, dinov3, lpips, mmdit, vae  # noqa: E402
-from smfsr_jax.training import gan, partition, stages  # noqa: E402
+from benchmarks import common  # noqa: E402
+from configs import student_gan, student_isc, teacher_fm  # noqa: E402
+from smfsr_jax.models import mmdit  # noqa: E402
+from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 DEVICE_BYTES = 141e9
-TEXT_TOKENS, POOLED = 154, 2048
-
-
-def abstract(tree, dtype=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
-
-
-def networks(config):
-    student_cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
-    teacher_cfg = student_cfg.replace(time_conditioning="single", time_scale=1000.0)
-    student, teacher = mmdit.abstract_params(student_cfg), mmdit.abstract_params(teacher_cfg)
-    teacher_own, base = partition.partition(teacher, stages.TEACHER_OWN)
-    trainable, student_frozen = partition.partition(student, config.trainable, ("to_k_control",))
-    student_own, _ = partition.partition(student_frozen, config.trainable)
-    ae_cfg = vae.VAEConfig.sd3(dtype="bfloat16", remat=True)
-    bf16 = jnp.bfloat16
-    frozen = {"base": abstract(base, bf16), "own": abstract(student_own, bf16), "teacher": abstract(teacher_own, bf16),
-              "autoencoder": abstract(vae_abstract_params(ae_cfg)),
-              "null": {"prompt_embeds": jax.ShapeDtypeStruct((TEXT_TOKENS, 4096), jnp.float32),
-                       "pooled_prompt_embeds": jax.ShapeDtypeStruct((POOLED,), jnp.float32)}}
-    return student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen
-
-
-def gan_parts(config, teacher, teacher_cfg, frozen):
-    reg_trainable, reg_frozen = gan.regularizer_parts(teacher, teacher_cfg, config.regularizer)
-    lpips_cfg = lpips.LPIPSConfig(net="vgg")
-    image = jnp.zeros((1, 64, 64, 3))
-    lpips_params = jax.eval_shape(lambda: lpips.LPIPS(lpips_cfg).init(jax.random.PRNGKey(0), image, image)["params"])
-    backbone = dinov3.DINOv3Config.vits16()
-    dino_params = dinov3.abstract_params(backbone)
-    disc_cfg = discriminator.DiscriminatorConfig(backbone=backbone)
-    features = tuple(jax.ShapeDtypeStruct((2, 196, 384), jnp.float32) for _ in disc_cfg.tap_names)
-    variables = jax.eval_shape(lambda f: discriminator.Discriminator(disc_cfg).init(jax.random.PRNGKey(0), f),
-                               features)
-    frozen = dict(frozen, regularizer=abstract(reg_frozen, jnp.bfloat16), lpips=lpips_params, dinov3=dino_params)
-    return abstract(reg_trainable), variables["params"], {"spectral": variables["spectral"]}, lpips_cfg, disc_cfg, frozen
+CONFIGS = {"teacher": teacher_fm, "isc": student_isc, "gan": student_gan}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("isc", "gan"), default="isc")
+    parser.add_argument("--stage", choices=sorted(CONFIGS), default="isc")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable", choices=sorted(mmdit.REMAT_POLICIES))
+    parser.add_argument("--remat", default="full", choices=sorted(mmdit.REMAT_POLICIES))
     parser.add_argument("--regularizer", choices=("full", "lora"), default="full")
     args = parser.parse_args()
-    config = (student_isc if args.stage == "isc" else student_gan).get_config("sd35m")
+    config = CONFIGS[args.stage].get_config("sd35m")
     config.model.remat_policy = args.remat
     if args.stage == "gan":
         config.regularizer.mode = args.regularizer
-    student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen = networks(config)
-    model_state, parts = {}, ()
-    if args.stage == "isc":
-        loss_fn = stages.make_student_loss(config, student_cfg, teacher_cfg, ae_cfg)
-    else:
-        reg, heads, model_state, lpips_cfg, disc_cfg, frozen = gan_parts(config, teacher, teacher_cfg, frozen)
-        trainable = {"student": trainable, "regularizer": reg, "discriminator": heads}
-        losses = gan.make_losses(config, student_cfg, teacher_cfg, ae_cfg, lpips_cfg, disc_cfg)
-        loss_fn = gan.combine_losses(losses, config.weights)
-        parts = gan.PARTS
+    loss_fn, trainable, frozen, model_state, parts = common.stage_step(args.stage, config)
     optimizer = state_lib.make_optimizer(config.optimizer, parts)
     state = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, False, m), trainable, model_state)
     side, b = 512, args.batch
-    batch = {"hr": jax.ShapeDtypeStruct((b, side, side, 3), jnp.uint8),
-             "lr_up": jax.ShapeDtypeStruct((b, side, side, 3), jnp.uint8),
-             "prompt_embeds": jax.ShapeDtypeStruct((b, TEXT_TOKENS, 4096), jnp.float32),
-             "pooled_prompt_embeds": jax.ShapeDtypeStruct((b, POOLED), jnp.float32)}
+    batch = common.train_batch(config, b, side)
     step = jax.jit(state_lib.make_train_step(loss_fn, optimizer, seed=0), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()

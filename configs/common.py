@@ -69,6 +69,6 @@ def model_config(variant: str, preset: str, **overrides) -> ml_collections.Confi
         cfg = cfg.replace(lr_stream=True, **({"time_conditioning": "interval", "time_scale": 1.0}
                                                if preset == "smfsr_student" else {}))
     else:
-        cfg = mmdit.PRESETS[preset](**{"dtype": "bfloat16", "remat_policy": "dots_with_no_batch_dims_saveable",
+        cfg = mmdit.PRESETS[preset](**{"dtype": "bfloat16", "remat_policy": "full",
                                        **overrides})
     return ml_collections.ConfigDict({**cfg.to_dict(), "dual_attention_layers": cfg.dual_attention_layers})

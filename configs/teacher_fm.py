@@ -6,7 +6,8 @@ Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared befo
     --config.init.base=/ckpt/stable-diffusion-3.5-medium --config.autoencoder.path=/ckpt/stable-diffusion-3.5-medium \
     --config.data.data_dir=/data/tfds --config.data.captions=True
 
-  Expected: 80K steps at batch 32 (4x RTX 5880 in the paper); the loss (x0-space MSE) falls from ~0.3
+  Expected: 80K steps at global batch 32 (4x RTX 5880 in the paper; 16 per device fit a 141 GB H200, see
+  the README's memory table, so use two or more, or --config.batch_size=16 on one); the loss (x0-space MSE) falls from ~0.3
   to ~0.1 within the first thousand steps; the result is sampled with 40 Euler steps and CFG.
 
 Tiny (CPU, the embedded default; `make demo` runs it):
@@ -14,7 +15,7 @@ Tiny (CPU, the embedded default; `make demo` runs it):
   python train.py --config configs/teacher_fm.py:tiny --workdir runs/tiny_teacher \
     --config.data.data_dir=runs/tfds
 
-  Expected: ~600 steps in a few minutes on 2 cores; the loss falls from ~0.5 to below 0.1.
+  Expected: 400 steps in a few minutes on 2 cores; the loss falls from ~0.5 to below 0.1.
 """
 
 import ml_collections

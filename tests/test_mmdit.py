@@ -160,7 +160,7 @@ def test_random_config_parity_with_diffusers(name, tmp_path):
 
 def dit4sr_state_dict(cfg_dict, seed, interval=False, dead_keys=True):
     """A DiT4SR / SMFSR state dict built from diffusers' SD3 keys plus the control keys of architecture.md §5.4."""
-    torch = import_torch()
+    import_torch()  # skips without torch
     from diffusers import SD3Transformer2DModel
     base = SD3Transformer2DModel(**cfg_dict)
     shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}

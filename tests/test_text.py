@@ -1,7 +1,6 @@
 """SD3 text encoders: fp32 parity with transformers (CLIPTextModelWithProjection, T5EncoderModel), prompt
 assembly against diffusers' StableDiffusion3Pipeline.encode_prompt, strict converters, caption rule."""
 
-import dataclasses
 import json
 import os
 import shutil

@@ -15,7 +15,6 @@ three groups: `dual_blocks` (MMDiT-X blocks with `attn2`), `blocks` (plain) and 
 """
 
 import dataclasses
-import functools
 import math
 from typing import Any, Optional
 

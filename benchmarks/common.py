@@ -1,0 +1,245 @@
+"""Shared pieces of the benchmarks: the stages' parameter trees as shapes, random weights made on the device,
+FLOP counting with XLA's cost analysis, timing and the hardware line.
+
+The scripts put the repository root on sys.path and import this module as `benchmarks.common`.
+"""
+
+import contextlib
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
+from smfsr_jax.models import discriminator, dinov3, lpips, mmdit, vae
+from smfsr_jax.training import gan, partition, stages
+
+TEXT_TOKENS, POOLED = 154, 2048  # SD3's 77 CLIP + 77 T5 tokens; pooled CLIP-L + CLIP-G
+
+
+def abstract(tree, dtype=None):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
+
+
+def text_shape(config) -> tuple[int, int, int]:
+    """(tokens, context width, pooled width) of a stage config's caption embeddings."""
+    tokens = TEXT_TOKENS if config.variant == "sd35m" else config.text.context_length
+    return tokens, config.model.joint_attention_dim, config.model.pooled_projection_dim
+
+
+def autoencoder(config):
+    """(VAEConfig, abstract params) of a stage config: the SD3 VAE in bf16 with remat, or the tiny pixel latent."""
+    if config.autoencoder.kind == "pixel":
+        return vae.VAEConfig.pixel(downscale=config.autoencoder.downscale,
+                                   latent_channels=config.autoencoder.latent_channels), {}
+    ae_cfg = vae.VAEConfig.sd3(dtype="bfloat16", remat=True)
+    return ae_cfg, abstract(vae_abstract_params(ae_cfg))
+
+
+def _null(config):
+    tokens, width, pooled = text_shape(config)
+    return {"prompt_embeds": jax.ShapeDtypeStruct((tokens, width), jnp.float32),
+            "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), jnp.float32)}
+
+
+def networks(config):
+    """Stage 1/2 trees as shapes: (student cfg, teacher cfg, VAE cfg, teacher params, trainable, frozen)."""
+    student_cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
+    teacher_cfg = student_cfg.replace(time_conditioning="single", time_scale=1000.0)
+    student, teacher = mmdit.abstract_params(student_cfg), mmdit.abstract_params(teacher_cfg)
+    teacher_own, base = partition.partition(teacher, stages.TEACHER_OWN)
+    trainable, student_frozen = partition.partition(student, config.trainable, ("to_k_control",))
+    student_own, _ = partition.partition(student_frozen, config.trainable)
+    ae_cfg, ae_params = autoencoder(config)
+    dtype = jnp.dtype(config.frozen_dtype)
+    frozen = {"base": abstract(base, dtype), "own": abstract(student_own, dtype),
+              "teacher": abstract(teacher_own, dtype), "autoencoder": ae_params, "null": _null(config)}
+    return student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen
+
+
+def teacher_networks(config):
+    """Stage 0 trees as shapes: (teacher cfg, VAE cfg, trainable, frozen), split as stages.teacher_stage does."""
+    cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
+    exclude = ("to_k_control",) if cfg.lr_key_bug and cfg.qk_norm else ()
+    trainable, base = partition.partition(mmdit.abstract_params(cfg), config.trainable, exclude)
+    ae_cfg, ae_params = autoencoder(config)
+    frozen = {"base": abstract(base, jnp.dtype(config.frozen_dtype)), "own": {}, "teacher": {},
+              "autoencoder": ae_params, "null": _null(config)}
+    return cfg, ae_cfg, trainable, frozen
+
+
+def gan_parts(config, teacher, teacher_cfg, frozen):
+    """Stage 2 extras as shapes: (regularizer, discriminator heads, spectral state, LPIPS cfg, D cfg, frozen)."""
+    reg_trainable, reg_frozen = gan.regularizer_parts(teacher, teacher_cfg, config.regularizer)
+    lpips_cfg = lpips.LPIPSConfig(net=config.rec.lpips.net)
+    image = jnp.zeros((1, 64, 64, 3))
+    lpips_params = jax.eval_shape(lambda: lpips.LPIPS(lpips_cfg).init(jax.random.PRNGKey(0), image, image)["params"])
+    backbone = dinov3.DINOv3Config.tiny() if config.disc.get("random_init") else dinov3.DINOv3Config.vits16()
+    resolution = config.disc.resolution if config.disc.resolution == "native" else int(config.disc.resolution)
+    disc_cfg = discriminator.DiscriminatorConfig(backbone=backbone, blocks=tuple(config.disc.blocks),
+                                                 resolution=resolution, group_size=config.disc.group_size,
+                                                 diffaugment=tuple(config.disc.diffaugment))
+    dino_params = dinov3.abstract_params(backbone)
+    side = 64 if resolution == "native" else resolution
+    features = jax.eval_shape(lambda p: discriminator.backbone_features(p, jnp.zeros((2, side, side, 3)), disc_cfg,
+                                                                        rng=jax.random.PRNGKey(0)), dino_params)
+    variables = jax.eval_shape(lambda f: discriminator.Discriminator(disc_cfg).init(jax.random.PRNGKey(0), f),
+                               features)
+    frozen = dict(frozen, regularizer=abstract(reg_frozen, jnp.dtype(config.frozen_dtype)), lpips=lpips_params,
+                  dinov3=dino_params)
+    return abstract(reg_trainable), variables["params"], {"spectral": variables["spectral"]}, lpips_cfg, disc_cfg, frozen
+
+
+def stage_step(stage: str, config):
+    """(loss_fn, trainable, frozen, model_state, parts) of one training stage, every tree as shapes."""
+    model_state, parts = {}, ()
+    if stage == "teacher":
+        cfg, ae_cfg, trainable, frozen = teacher_networks(config)
+        loss_fn = stages.make_teacher_loss(config, cfg, ae_cfg)
+        return loss_fn, trainable, frozen, model_state, parts
+    student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen = networks(config)
+    if stage == "isc":
+        return stages.make_student_loss(config, student_cfg, teacher_cfg, ae_cfg), trainable, frozen, model_state, parts
+    reg, heads, model_state, lpips_cfg, disc_cfg, frozen = gan_parts(config, teacher, teacher_cfg, frozen)
+    trainable = {"student": trainable, "regularizer": reg, "discriminator": heads}
+    losses = gan.make_losses(config, student_cfg, teacher_cfg, ae_cfg, lpips_cfg, disc_cfg)
+    return gan.combine_losses(losses, config.weights), trainable, frozen, model_state, gan.PARTS
+
+
+def train_batch(config, batch: int, side: int) -> dict:
+    """A training batch as shapes: uint8 HR and bicubic-upsampled LR crops plus caption embeddings."""
+    tokens, width, pooled = text_shape(config)
+    return {"hr": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
+            "lr_up": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
+            "prompt_embeds": jax.ShapeDtypeStruct((batch, tokens, width), jnp.float32),
+            "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, pooled), jnp.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Random values on the device.
+
+def _leaf_name(path) -> str:
+    return partition._key_name(path[-1]) if path else ""
+
+
+def random_tree(tree, seed: int = 0, std: float = 0.02, pool: int = 1 << 26):
+    """Device arrays shaped like `tree` (arrays or ShapeDtypeStructs), made by one jitted function (no host copy).
+
+    Floats ~ N(0, std²), except norm scales (1) and biases (0), so that deep random networks stay finite;
+    integers (images) uniform over 0..255. Values come from one draw of at most `pool` numbers per kind and
+    dtype, read cyclically: a few RNG kernels compile in seconds where one per leaf takes minutes, and memory
+    stays bounded. Good for speed measurements, not for statistics.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    kinds, sizes = [], {}
+    for path, leaf in leaves:
+        dtype, name = jnp.dtype(leaf.dtype), _leaf_name(path)
+        kind = "int" if jnp.issubdtype(dtype, jnp.integer) else name if name in ("scale", "bias") else "normal"
+        kinds.append(kind)
+        if kind in ("int", "normal"):
+            sizes[(kind, dtype)] = sizes.get((kind, dtype), 0) + int(np.prod(leaf.shape))
+
+    def make(key):
+        pools, offsets, out = {}, {}, []
+        for i, ((kind, dtype), total) in enumerate(sorted(sizes.items(), key=str)):
+            k, size = jax.random.fold_in(key, i), min(total, pool)
+            draw = (jax.random.randint(k, (size,), 0, 256, jnp.int32) if kind == "int"
+                    else std * jax.random.normal(k, (size,), jnp.float32)).astype(dtype)
+            pools[(kind, dtype)], offsets[(kind, dtype)] = jnp.concatenate([draw, draw]), 0
+        for (_, leaf), kind in zip(leaves, kinds):
+            dtype, count = jnp.dtype(leaf.dtype), int(np.prod(leaf.shape))
+            if kind == "scale":
+                out.append(jnp.ones(leaf.shape, dtype))
+            elif kind == "bias":
+                out.append(jnp.zeros(leaf.shape, dtype))
+            else:
+                values, start = pools[(kind, dtype)], offsets[(kind, dtype)]
+                size = values.shape[0] // 2
+                chunk = values[start % size:start % size + min(count, size)]
+                out.append((chunk if count <= size else jnp.resize(chunk, (count,))).reshape(leaf.shape))
+                offsets[(kind, dtype)] = start + count
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(make)(jax.random.PRNGKey(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs.
+
+@contextlib.contextmanager
+def flop_counting(branch: bool | None = None):
+    """Make XLA's cost analysis count every executed FLOP once.
+
+    HloCostAnalysis counts a while-loop body once whatever its trip count (so a 23-block `nn.scan` counts as
+    one block) and a conditional as its costlier branch. Inside this context `nn.scan` unrolls fully and, with
+    `branch` given, `jax.lax.cond` runs only that branch (True: the first function). Use it only to lower a
+    copy of a step for counting, never for the step that is timed, and jit a fresh function inside it
+    (`jax.jit(lambda *a: f(*a))`): jit reuses an earlier trace of the same function, patches unseen.
+    """
+    scan, cond = nn.scan, jax.lax.cond
+
+    def unrolled_scan(target, *args, **kwargs):
+        return scan(target, *args, **{**kwargs, "unroll": kwargs.get("length") or 1})
+
+    def one_branch(pred, true_fun, false_fun, *operands, **kwargs):
+        return (true_fun if branch else false_fun)(*operands)
+
+    nn.scan = unrolled_scan
+    if branch is not None:
+        jax.lax.cond = one_branch
+    try:
+        yield
+    finally:
+        nn.scan, jax.lax.cond = scan, cond
+
+
+def cost_flops(lowered_or_compiled) -> float:
+    """The 'flops' entry of XLA's cost analysis (a dict, or a one-element list in older jax)."""
+    cost = lowered_or_compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and environment.
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+    """(median, all) wall seconds of fn() after `warmup` untimed calls; fn must block on its result."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), times
+
+
+def enable_compilation_cache(path: str | None):
+    """jax's persistent compilation cache in `path` (every executable cached, however fast it compiled)."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def hardware() -> str:
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return f"CPU x{os.cpu_count()} cores"
+    return f"{len(devices)}x {devices[0].device_kind}"
+
+
+def device_bytes_limit() -> int | None:
+    """Usable memory of the first device (None on CPU, where the stats are absent)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def environment() -> dict:
+    return {"hardware": hardware(), "backend": jax.default_backend(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d")}
