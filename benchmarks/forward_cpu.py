@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import median_seconds  # noqa: E402
 from smfsr_jax.convert import common  # noqa: E402
 from smfsr_jax.convert.transformer import load_transformer  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
@@ -28,16 +28,6 @@ CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=8, attent
               joint_attention_dim=1024, caption_projection_dim=512, pooled_projection_dim=256, out_channels=16,
               pos_embed_max_size=64, dual_attention_layers=(0, 1, 2, 3), qk_norm="rms_norm")
 BATCH, LATENT, TEXT_TOKENS = 2, 32, 154
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -79,8 +69,8 @@ def main():
                          return_dict=False)[0]
 
     diff = float(np.abs(np.asarray(ours()).transpose(0, 3, 1, 2) - reference().numpy()).max())
-    jax_s = median_seconds(ours, args.repeats)
-    torch_s = median_seconds(reference, args.repeats)
+    jax_s, _ = median_seconds(ours, args.repeats, warmup=1)
+    torch_s, _ = median_seconds(reference, args.repeats, warmup=1)
     print(f"jax {jax_s * 1e3:.1f} ms, torch eager {torch_s * 1e3:.1f} ms, max |diff| {diff:.2e}")
     print(json.dumps({"name": "mmdit_forward_cpu", "value": round(jax_s * 1e3, 2), "unit": "ms",
                       "reference_ms": round(torch_s * 1e3, 2), "speedup": round(torch_s / jax_s, 3),

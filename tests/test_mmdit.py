@@ -458,10 +458,17 @@ def test_attention_switch_and_errors():
     params = random_params(cfg, seed=4)
     z, kw = tiny_inputs(cfg)
     ref = forward(cfg, params, z, kw)
-    # `cudnn` falls back to the XLA path for fp32 (and on CPU).
+    # `cudnn` falls back to the XLA path for fp32 and off the GPU, so one config runs everywhere.
     for impl in ("xla", "cudnn"):
         out = forward(cfg.replace(attention=impl), params, z, kw)
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    bf16 = {impl: np.asarray(forward(cfg.replace(attention=impl, dtype="bfloat16"), params, z, kw), np.float32)
+            for impl in ("xla", "cudnn")}
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(bf16["cudnn"], bf16["xla"])
+    np.testing.assert_allclose(bf16["cudnn"], ref, atol=0.05 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="implementation"):
+        forward(cfg.replace(attention="flash"), params, z, kw)
     with pytest.raises(ValueError, match="lr_latents"):
         mmdit.MMDiT(cfg).apply({"params": params}, z, **{**kw, "lr_latents": None})
     with pytest.raises(ValueError, match="exceeds"):
