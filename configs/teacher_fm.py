@@ -7,8 +7,9 @@ Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared befo
     --config.data.data_dir=/data/tfds --config.data.captions=True
 
   Expected: 80K steps at global batch 32 (4x RTX 5880 in the paper; 16 per device fit a 141 GB H200, see
-  the README's memory table, so use two or more, or --config.batch_size=16 on one); the loss (x0-space MSE) falls from ~0.3
-  to ~0.1 within the first thousand steps; the result is sampled with 40 Euler steps and CFG.
+  the README's memory table, so use two or more, or --config.batch_size=16 on one); the loss (x0-space
+  MSE) falls from ~0.3 to ~0.1 within the first thousand steps; the result is sampled with 40 Euler steps
+  and CFG.
 
 Tiny (CPU, the embedded default; `make demo` runs it):
 
