@@ -15,21 +15,12 @@ from smfsr_jax.convert import clipiqa as clipiqa_convert
 from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
 from smfsr_jax.evaluation import clipiqa
 from tests.conftest import REPO, import_torch
+from tests.iqa_checks import SCORE_REL, assert_close
 from tools.make_iqa_goldens import CLIP_RN50, CLIP_TINY, clip_archive_tensors, golden_images, save_torchscript_archive
 
 GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_clipiqa.npz")
 IMAGES = golden_images()  # 224 x 224 and 256 x 192 (H x W) uint8, scored at native resolution
 PRESETS = {"tiny": (clipiqa.TINY, CLIP_TINY), "full": (clipiqa.RN50, CLIP_RN50)}
-
-
-# A score is one scalar at the end of a deep fp32 chain, where summation order alone moves it by up to
-# ~6e-6 relative (full-size MUSIQ); activations are compared against their largest entry.
-SCORE_REL = 5e-5
-
-
-def assert_close(actual, expected, rel=1e-5):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=rel * np.abs(expected).max())
 
 
 def archive_tensors(preset):

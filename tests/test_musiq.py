@@ -14,24 +14,11 @@ from smfsr_jax.convert import musiq as musiq_convert
 from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
 from smfsr_jax.evaluation import musiq
 from tests.conftest import REPO, import_torch
+from tests.iqa_checks import SCORE_REL, assert_close, unit
 from tools.make_iqa_goldens import golden_images, random_state_dict, resize_input
 
 GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_musiq.npz")
 IMAGES = golden_images()  # 224 x 224 and 256 x 192 (H x W) uint8
-
-
-# A score is one scalar at the end of a deep fp32 chain, where summation order alone moves it by up to
-# ~6e-6 relative (full-size MUSIQ); activations are compared against their largest entry.
-SCORE_REL = 5e-5
-
-
-def assert_close(actual, expected, rel=1e-5):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=rel * np.abs(expected).max())
-
-
-def unit(image):
-    return image[None].astype(np.float32) / 255
 
 
 def test_hashed_positions_match_torch_nearest():
