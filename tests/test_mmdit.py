@@ -81,7 +81,10 @@ def test_torch_reference_reproduces_official_fixtures(name):
         out = torch_dit4sr.forward(sd, cfg, x["hidden_states"], x["controlnet_image"], x["encoder_hidden_states"],
                                    x["pooled_projections"], x["timestep"], x.get("r_timestep"),
                                    lr_key_bug=name != "dit4sr_r1_tiny")
-    np.testing.assert_allclose(out.numpy(), np.load(fixture / "outputs.npz")["sample"], atol=1e-9, rtol=0)
+    # Not bit-exact across machines: torch's float32 exp of the sinusoid frequencies differs by 1 ulp between
+    # CPUs, which the ~1e3 timesteps amplify to ~1e-5 of the output (seen: 1.8e-5 on an AMD EPYC), above the
+    # fixture's own fp32-vs-fp64 spread (~1e-6). The bound is the parity tests' 1e-5 * max|ref|.
+    assert_close(out.numpy(), np.load(fixture / "outputs.npz")["sample"])
 
 
 # ---------------------------------------------------------------------------------------------
