@@ -59,7 +59,7 @@ def data_iterator(config: ml_collections.ConfigDict):
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     batches = pipeline.train_pipeline(
-        source, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+        source, batch_size=config.batch_size // jax.process_count(), seed=stages.data_seed(config),
         degradation_config=config.data.degradation, text_dropout=config.data.text_dropout, embeddings=embeddings,
         worker_count=config.data.worker_count, worker_buffer_size=config.data.worker_buffer_size)
     return iter(batches)
@@ -152,7 +152,7 @@ def export_bundle(stage: stages.Stage, state: state_lib.TrainState, config: ml_c
                        autoencoder_config=stage.autoencoder_config, autoencoder_params=stage.frozen["autoencoder"],
                        null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]),
                        text_encoders_dir=config.text.get("encoders"),
-                       meta={"stage": stage.name, "step": int(jax.device_get(state.step)), "variant": config.variant})
+                       meta=stages.bundle_meta(stage, config, int(jax.device_get(state.step))))
     logging.info("wrote %s", dst)
 
 

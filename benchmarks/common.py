@@ -34,7 +34,8 @@ def autoencoder(config):
     """(VAEConfig, abstract params) of a stage config: the SD3 VAE in bf16 with remat, or the tiny pixel latent."""
     if config.autoencoder.kind == "pixel":
         return vae.VAEConfig.pixel(downscale=config.autoencoder.downscale,
-                                   latent_channels=config.autoencoder.latent_channels), {}
+                                   latent_channels=config.autoencoder.latent_channels,
+                                   pixel_basis=config.autoencoder.pixel_basis), {}
     ae_cfg = vae.VAEConfig.sd3(dtype="bfloat16", remat=True)
     return ae_cfg, abstract(vae_abstract_params(ae_cfg))
 

@@ -7,12 +7,15 @@ from smfsr_jax.models import mmdit
 
 VARIANTS = ("sd35m", "tiny")
 
-# The embedded default (training.md §7b): an exactly invertible pixel latent (space-to-depth by 4 and a
-# fixed orthogonal map, 48 channels) instead of an untrained VAE, 64-pixel crops, a 3-block MM-DiT. Its
-# width (192) must hold a whole 2x2x48 patch: the velocity target carries the full-dimensional noise.
-TINY_CROP = 64
-TINY_MODEL = dict(num_layers=3, num_heads=6, head_dim=32, in_channels=48, out_channels=48,
-                  joint_attention_dim=32, pooled_projection_dim=32, pos_embed_max_size=32, sample_size=16,
+# The embedded default: no pretrained weights anywhere, so the latent is an exactly invertible pixel latent,
+# a 2-level CDF 5/3 wavelet transform (48 channels at 1/4 resolution), and each token is one latent pixel
+# (4x4 image pixels). Measured on the demo (docs/experiments.md, tiny geometry): with 8x8-pixel tokens of an
+# orthogonal space-to-depth latent the 16-step teacher draws a mosaic (border/interior gradient ratio 2.2),
+# and 4x4-pixel tokens of it still one (2.9); the wavelet's synthesis functions overlap their neighbours, so a
+# per-token error decodes to a smooth bump instead of a block (ratio 1.05). 32-pixel crops keep the step cheap.
+TINY_CROP = 32
+TINY_MODEL = dict(num_layers=3, num_heads=4, head_dim=32, patch_size=1, in_channels=48, out_channels=48,
+                  joint_attention_dim=32, pooled_projection_dim=32, pos_embed_max_size=32, sample_size=8,
                   dual_attention_layers=(0, 1))
 
 
@@ -32,19 +35,23 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         dataset="bundled" if tiny else "lsdir", split="train",
         data_dir=ml_collections.config_dict.placeholder(str),
-        captions=False,  # read cached caption embeddings (python -m smfsr_jax.data.captions)
+        # Cached caption embeddings (python -m smfsr_jax.data.captions); without them every sample gets the NULL
+        # text, so text dropout and the CFG terms compare NULL with NULL. The tiny data has no captions.
+        captions=not tiny,
         text_dropout=0.2, worker_count=0 if tiny else 8, worker_buffer_size=2))
     c.data.degradation = degradation.default_config()
     c.data.degradation.crop_size = TINY_CROP if tiny else 512
 
     c.autoencoder = ml_collections.ConfigDict(
-        dict(kind="pixel", downscale=4, latent_channels=48, path=None) if tiny else
+        dict(kind="pixel", downscale=4, latent_channels=48, pixel_basis="wavelet", path=None) if tiny else
         dict(kind="kl", path=ml_collections.config_dict.placeholder(str), dtype="bfloat16"))
     c.text = ml_collections.ConfigDict(dict(
         encoders=ml_collections.config_dict.placeholder(str),  # converted text encoders, referenced by the bundle
         t5_max_length=77,
         # NULL embeddings: "dataset" (the caption cache), an .npz path, or "placeholder" (tiny runs).
         null="placeholder" if tiny else "dataset",
+        # DiT4SR's published NULL_*.pt folder: checked against the NULL in use when the teacher is released weights.
+        published_null=ml_collections.config_dict.placeholder(str),
         context_length=8))
 
     c.optimizer = ml_collections.ConfigDict(dict(lr=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip=1.0))
@@ -63,12 +70,18 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
     return c
 
 
-def model_config(variant: str, preset: str, **overrides) -> ml_collections.ConfigDict:
+# Fields that loaded weights decide (their time scale, the base grid of the positional table): a stage that
+# loads its network leaves them out of config.model, so that overriding them is an error, not a no-op.
+LOADED_FIELDS = ("time_scale", "sample_size")
+
+
+def model_config(variant: str, preset: str, loaded: bool = False, **overrides) -> ml_collections.ConfigDict:
+    """config.model of a stage; `loaded`: the stage starts from weights on disk (module comment above)."""
     if variant == "tiny":
         cfg = mmdit.MMDiTConfig.tiny(**{**TINY_MODEL, **overrides})
-        cfg = cfg.replace(lr_stream=True, **({"time_conditioning": "interval", "time_scale": 1.0}
-                                               if preset == "smfsr_student" else {}))
+        cfg = cfg.replace(lr_stream=True, **({"time_conditioning": "interval"} if preset == "smfsr_student" else {}))
     else:
         cfg = mmdit.PRESETS[preset](**{"dtype": "bfloat16", "remat_policy": "full",
                                        **overrides})
-    return ml_collections.ConfigDict({**cfg.to_dict(), "dual_attention_layers": cfg.dual_attention_layers})
+    fields = {k: v for k, v in cfg.to_dict().items() if not (loaded and k in LOADED_FIELDS)}
+    return ml_collections.ConfigDict({**fields, "dual_attention_layers": cfg.dual_attention_layers})

@@ -10,7 +10,7 @@ with python -m smfsr_jax.convert lpips --net vgg / dinov3):
   python train.py --config configs/student_gan.py:sd35m --workdir runs/gan \
     --config.init.student=runs/student/bundle --config.init.teacher=runs/teacher/bundle \
     --config.autoencoder.path=ckpt/vae --config.rec.lpips.weights=ckpt/lpips_vgg \
-    --config.disc.backbone=ckpt/dinov3_vits16 --config.data.data_dir=/data/tfds --config.data.captions=True
+    --config.disc.backbone=ckpt/dinov3_vits16 --config.data.data_dir=/data/tfds
 
   Expected: 10K steps at batch 8; the discriminator loss leaves 2.0 within the first hundred steps and
   settles near 1.5-1.9 while LPIPS on held-out crops falls below the stage-1 student's.
@@ -22,12 +22,14 @@ weights stand in for the pretrained networks (none exist at this size).
     --config.init.student=runs/tiny_student/bundle --config.init.teacher=runs/tiny_teacher/bundle \
     --config.data.data_dir=runs/tfds
 
-  Expected: 100 steps in under 3 minutes; disc_term falls below 2.0 and adv_g_term moves with it.
+  Expected: 100 steps in ~2 min; disc_term falls below 2.0 (~1.92) and adv_g_term moves with it; the
+  one-step output scores ~19.9 dB on the held-back photographs (block ratio ~0.94, no mosaic).
 """
 
 import ml_collections
 
 from configs import common
+from smfsr_jax.objectives import isc
 
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
@@ -35,12 +37,12 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     c = common.base_config(variant)
     c.stage = "gan"
     tiny = variant == "tiny"
-    c.model = common.model_config(variant, "smfsr_student")
+    c.model = common.model_config(variant, "smfsr_student", loaded=True)
     c.init = ml_collections.ConfigDict(dict(student=ml_collections.config_dict.placeholder(str),
                                             teacher=ml_collections.config_dict.placeholder(str)))
     c.trainable = ("control", "^time_text_embed_interval/")
     c.weights = ml_collections.ConfigDict(dict(isc=1.0, rec=1.0, vsd=1.0, adv=0.5))  # Eq. 20
-    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False))
+    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_TIMES))
     c.rec = ml_collections.ConfigDict(dict(
         lpips_weight=1.0,
         lpips=dict(net="alex" if tiny else "vgg", weights=ml_collections.config_dict.placeholder(str),
@@ -50,7 +52,9 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     c.regularizer = ml_collections.ConfigDict(dict(mode="full", lora_rank=64 if not tiny else 8))
     c.disc = ml_collections.ConfigDict(dict(
         backbone=ml_collections.config_dict.placeholder(str), random_init=tiny,
-        blocks=(0, 1) if tiny else (2, 5, 8, 11), resolution="native" if tiny else "224", group_size=8,
+        # "native": DINOv3 (RoPE) reads the full output; "224" downscales first, dropping the high frequencies
+        # this stage exists to add.
+        blocks=(0, 1) if tiny else (2, 5, 8, 11), resolution="native", group_size=8,
         diffaugment=()))
     c.batch_size = 8
     c.total_steps = 100 if tiny else 10_000

@@ -4,9 +4,10 @@
 2. trains the tiny teacher (stage 0, flow matching), the tiny student from it (stage 1, ISC) and refines
    the student with the GAN stage (stage 2: ISC + Rec + VSD + adversarial);
 3. super-resolves the held-back photographs (never trained on; synthetic LR from the same degradation)
-   with bicubic x4, the teacher (multi-step Euler) and the one-step students of stages 1 and 2, writes the
-   images and prints PSNR (Y channel, as the benchmarks report it) so a newcomer sees at once whether
-   training worked.
+   with bicubic x4, the teacher (one and 16 Euler steps), the stage-1 student (one and four steps) and the
+   one-step stage-2 student, writes the images and prints, per method, PSNR (Y channel, as the benchmarks
+   report it) and the token-grid block ratio (evaluation/artifacts.py: ~1 for photographs, 2 for a
+   mosaic), so a newcomer sees at once whether training worked and whether one step matches many.
 
 Re-running continues: finished stages are resumed from their last checkpoint (nothing left to do).
 
@@ -27,11 +28,14 @@ from PIL import Image  # noqa: E402
 import train  # noqa: E402
 from configs import common, student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.data import build, degradation, pipeline  # noqa: E402
+from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
+from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
 from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
 
 HOLDOUT_CROP = 128  # held-back HR crops; LR 32 x 32
 TEACHER_STEPS = 16
+STUDENT_STEPS = 4
 
 
 def holdout_pairs(data_dir: str, crop: int = HOLDOUT_CROP):
@@ -55,18 +59,24 @@ def bicubic_x4(lr: np.ndarray) -> np.ndarray:
 def tiny_pipeline(bundle_dir: str, lr_side: int, batch_size: int) -> SRPipeline:
     """SR of `lr_side` LR images in latent tiles of the training crop's size (as SMFSR tiles at its 512
     training size), without the protocol's upscaling of small inputs."""
-    tile = common.TINY_CROP // 4
-    return SRPipeline.from_checkpoint(bundle_dir, process_size=4 * lr_side, tile_size=tile, tile_overlap=tile // 2,
-                                      batch_size=batch_size)
+    loaded = bundle_lib.load_bundle(bundle_dir)
+    tile = common.TINY_CROP // loaded.autoencoder_config.downscale
+    return SRPipeline.from_bundle(loaded, process_size=4 * lr_side, tile_size=tile, tile_overlap=tile // 2,
+                                  batch_size=batch_size)
 
 
-def super_resolve(bundle_dir: str, lrs, steps: int, **call):
-    return tiny_pipeline(bundle_dir, lrs[0].shape[0], len(lrs))(list(lrs), seed=0, steps=steps, **call)
+def token_pixels(sr: SRPipeline) -> int:
+    """Image pixels per transformer token along a side: the grid `block_ratio` looks at."""
+    return sr.autoencoder_config.downscale * sr.transformer_config.patch_size
 
 
 def train_stage(module, workdir: str, data_dir: str, steps: int | None, **init) -> str:
     """Train (or resume) one tiny stage; returns its bundle directory."""
-    config = module.get_config("tiny")
+    return train_config(module.get_config("tiny"), workdir, data_dir, steps, **init)
+
+
+def train_config(config, workdir: str, data_dir: str, steps: int | None = None, **init) -> str:
+    """Train (or resume) a tiny stage config on the bundled data; `init` names its input bundles."""
     config.data.data_dir = data_dir
     config.total_steps = steps or config.total_steps
     for key, path in init.items():
@@ -90,28 +100,33 @@ def run(workdir: str, steps: dict | None = None) -> dict:
                       student=student)
 
     names, lrs, hrs = holdout_pairs(data_dir)
-    outputs = {
-        "bicubic": [bicubic_x4(lr) for lr in lrs],
-        f"teacher_{TEACHER_STEPS}step": super_resolve(teacher, lrs, TEACHER_STEPS, guidance_scale=1.0),
-        "isc_1step": super_resolve(student, lrs, 1),
-        "gan_1step": super_resolve(gan, lrs, 1),
-    }
+    pipelines = {stage: tiny_pipeline(path, lrs[0].shape[0], len(lrs))
+                 for stage, path in (("teacher", teacher), ("isc", student), ("gan", gan))}
+    runs = {"teacher_1step": ("teacher", 1), f"teacher_{TEACHER_STEPS}step": ("teacher", TEACHER_STEPS),
+            "isc_1step": ("isc", 1), f"isc_{STUDENT_STEPS}step": ("isc", STUDENT_STEPS), "gan_1step": ("gan", 1)}
+    outputs = {"bicubic": [bicubic_x4(lr) for lr in lrs]}
+    for method, (stage, steps) in runs.items():
+        call = {"guidance_scale": 1.0} if stage == "teacher" else {}
+        outputs[method] = pipelines[stage](list(lrs), seed=0, steps=steps, **call)
+    token = token_pixels(pipelines["teacher"])
     out_dir = os.path.join(workdir, "outputs")
     os.makedirs(out_dir, exist_ok=True)
-    report = {}
+    report = {"token_pixels": token, "hr_block_ratio": round(block_ratio(np.stack(hrs), token), 3), "methods": {}}
     for method, images in outputs.items():
         scores = psnr(np.stack(images), np.stack(hrs))
-        report[method] = {name: round(float(s), 3) for name, s in zip(names, scores)}
-        report[method]["mean"] = round(float(scores.mean()), 3)
+        report["methods"][method] = {"psnr": {name: round(float(s), 3) for name, s in zip(names, scores)},
+                                     "psnr_mean": round(float(scores.mean()), 3),
+                                     "block_ratio": round(block_ratio(np.stack(images), token), 3)}
+    shown = ("bicubic", f"teacher_{TEACHER_STEPS}step", "isc_1step", "gan_1step")
     for i, name in enumerate(names):
-        row = [bicubic_x4(lrs[i])] + [outputs[m][i] for m in outputs if m != "bicubic"] + [hrs[i]]
+        row = [outputs[m][i] for m in shown] + [hrs[i]]
         Image.fromarray(np.concatenate(row, axis=1)).save(os.path.join(out_dir, f"{name}_comparison.png"))
         Image.fromarray(lrs[i]).save(os.path.join(out_dir, f"{name}_lr.png"))
         for method, images in outputs.items():
             Image.fromarray(images[i]).save(os.path.join(out_dir, f"{name}_{method}.png"))
-    with open(os.path.join(out_dir, "psnr.json"), "w") as f:
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    return {"outputs": out_dir, "psnr": report}
+    return {"outputs": out_dir, "report": report}
 
 
 def main():
@@ -123,11 +138,20 @@ def main():
     logging.set_verbosity(logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "jax_cache"))
     result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in ("teacher", "student", "gan")})
-    print("\nPSNR (dB, Y channel) on the held-back photographs (x4 from synthetic real-world LR):")
-    for method, scores in result["psnr"].items():
-        print(f"  {method:>16}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    print(f"\nImages in {result['outputs']}: <name>_comparison.png shows bicubic | teacher | stage-1 student | "
-          "stage-2 student | HR; each output is also saved alone.")
+    report = result["report"]
+    print(f"\nHeld-back photographs, x4 from synthetic real-world LR. PSNR: dB on Y. Block ratio: gradients across "
+          f"the {report['token_pixels']}-pixel token grid over those inside it (HR {report['hr_block_ratio']:.2f}; "
+          "a mosaic is ~2).")
+    for method, scores in report["methods"].items():
+        per_image = "  ".join(f"{k} {v:.2f}" for k, v in scores["psnr"].items())
+        print(f"  {method:>16}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}")
+    methods = report["methods"]
+    teacher_many = methods[f"teacher_{TEACHER_STEPS}step"]["psnr_mean"]
+    print(f"\nOne step vs many: stage-1 student 1 step {methods['isc_1step']['psnr_mean']:.2f} dB, "
+          f"{STUDENT_STEPS} steps {methods[f'isc_{STUDENT_STEPS}step']['psnr_mean']:.2f} dB; teacher 1 step "
+          f"{methods['teacher_1step']['psnr_mean']:.2f} dB, {TEACHER_STEPS} steps {teacher_many:.2f} dB.")
+    print(f"Images in {result['outputs']}: <name>_comparison.png shows bicubic | teacher ({TEACHER_STEPS} steps) | "
+          "stage-1 student | stage-2 student | HR (one step each); every output is also saved alone.")
 
 
 if __name__ == "__main__":

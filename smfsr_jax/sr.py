@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw_captions", action="store_true", help="skip SMFSR's caption rule")
     parser.add_argument("--color_fix", choices=color.METHODS, default="adain")
     parser.add_argument("--batch_size", type=int, default=1, help="images per batch (same preprocessed size)")
-    parser.add_argument("--tile_size", type=int, default=tiling.TILE_SIZE, help="latent tile side")
-    parser.add_argument("--tile_overlap", type=int, default=tiling.TILE_OVERLAP, help="latent tile overlap")
+    parser.add_argument("--tile_size", type=int, default=None,
+                        help=f"latent tile side (default: the bundle's training size, else {tiling.TILE_SIZE})")
+    parser.add_argument("--tile_overlap", type=int, default=None, help="latent tile overlap (default: 3/8 of the tile)")
     parser.add_argument("--tile_batch", type=int, default=tiling.TILE_BATCH, help="tiles per network call")
     parser.add_argument("--guidance_scale", type=float, default=None, help="teacher bundles: CFG scale (default 8)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -127,9 +128,9 @@ def main(argv=None) -> int:
     try:
         files = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
-        pipeline = SRPipeline.from_checkpoint(
-            args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap, tile_batch=args.tile_batch, caption_rule=not args.raw_captions)
+        tiles = {k: v for k, v in (("tile_size", args.tile_size), ("tile_overlap", args.tile_overlap)) if v is not None}
+        pipeline = SRPipeline.from_checkpoint(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size,
+                                              tile_batch=args.tile_batch, caption_rule=not args.raw_captions, **tiles)
     except (OSError, ValueError) as e:  # missing files, bad captions file, not a bundle, bad tile settings
         parser.error(str(e))
     several_seeds = len(args.seeds) > 1

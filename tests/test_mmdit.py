@@ -11,6 +11,7 @@ import pytest
 from smfsr_jax.convert import common
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.models import mmdit
+from smfsr_jax.training import student_init
 from tests.conftest import import_torch, shared_path
 
 FIXTURES = ("sd35_mmdit_tiny", "dit4sr_teacher_tiny", "dit4sr_r1_tiny", "smfsr_student_tiny")
@@ -531,7 +532,7 @@ def test_teacher_from_base_and_student_from_teacher():
             assert not np.any(value), path
         if "to_out_control" in path:
             np.testing.assert_array_equal(value, flat[path.replace("to_out_control", "to_out")])
-    s_cfg, student = convert_transformer.student_from_teacher(t_cfg, teacher, seed=0)
+    s_cfg, student = student_init.student_from_teacher(t_cfg, teacher, interval_init="torch_default", seed=0)
     assert s_cfg.time_conditioning == "interval" and s_cfg.time_scale == 1.0
     np.testing.assert_array_equal(student["time_text_embed_interval"]["time_text_embed"]["timestep_embedder"]
                                   ["linear_1"]["kernel"], teacher["time_text_embed"]["timestep_embedder"]["linear_1"]["kernel"])

@@ -248,7 +248,9 @@ def test_bfloat16_and_remat_keep_the_parameter_tree(tmp_path):
 
 def test_pixel_autoencoder_is_exactly_invertible():
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
-    for config in (VAEConfig.pixel(), VAEConfig.pixel(downscale=2, latent_channels=16)):
+    for config in (VAEConfig.pixel(), VAEConfig.pixel(downscale=2, latent_channels=16),
+                   VAEConfig.pixel(pixel_basis="wavelet"), VAEConfig.pixel(downscale=8, latent_channels=192,
+                                                                           pixel_basis="wavelet")):
         model = make_autoencoder(config)
         assert isinstance(model, PixelAutoencoder)
         assert jax.eval_shape(model.init, jax.random.key(0), images).get("params", {}) == {}
@@ -261,6 +263,20 @@ def test_pixel_autoencoder_is_exactly_invertible():
     assert (VAEConfig.pixel().scaling_factor, VAEConfig.pixel().shift_factor) == (1.0, 0.0)
     with pytest.raises(ValueError, match="latent_channels >= "):
         VAEConfig.pixel(downscale=4, latent_channels=47)
+    with pytest.raises(ValueError, match="wavelet pixel latent"):
+        VAEConfig.pixel(downscale=4, latent_channels=64, pixel_basis="wavelet")
+
+
+def test_wavelet_latent_pixels_decode_to_overlapping_bumps():
+    """An error in one latent pixel spreads past its block (no hard block edge) with the wavelet basis; the
+    orthogonal basis keeps it inside."""
+    latents = np.zeros((1, 4, 4, 48), np.float32)
+    latents[0, 1, 1, 0] = 1.0  # the coarsest (low-pass) coefficient of red at latent pixel (1, 1)
+    for basis, spreads in (("wavelet", True), ("orthogonal", False)):
+        config = VAEConfig.pixel(pixel_basis=basis)
+        image = np.asarray(_jitted(make_autoencoder(config), "decode")({}, latents))[0, ..., 0]
+        outside = np.abs(image).sum() - np.abs(image[4:8, 4:8]).sum()
+        assert (outside > 0.3 * np.abs(image).sum()) == spreads, basis
 
 
 def test_latent_normalisation_and_sampling():

@@ -12,7 +12,6 @@ import importlib
 
 _EXPORTS = {
     "load_transformer": "transformer",
-    "student_from_teacher": "transformer",
     "load_vae": "vae",
     "load_text_encoders": "text",
     "load_clip_text": "text",

@@ -373,24 +373,3 @@ def teacher_from_base(base_config: mmdit.MMDiTConfig, base_params: dict):
         else:
             out[path] = np.zeros(leaf.shape, leaf.dtype)
     return cfg, common.unflatten(out)
-
-
-def student_from_teacher(teacher_config: mmdit.MMDiTConfig, teacher_params: dict, seed: int = 0):
-    """SMFSR student init: every teacher tensor, the time MLPs moved under `time_text_embed_interval`, and
-    the new `interval_embedder` with PyTorch's default Linear init U(+-1/sqrt(fan_in)) (training.md §0)."""
-    if teacher_config.time_conditioning != "single":
-        raise ValueError("the teacher must use single time conditioning")
-    cfg = teacher_config.replace(time_conditioning="interval", time_scale=1.0)
-    rng = np.random.default_rng(seed)
-    params = {k: v for k, v in teacher_params.items() if k != "time_text_embed"}
-    d = cfg.hidden_size
-
-    def torch_default_linear(fan_in, fan_out):
-        bound = 1.0 / np.sqrt(fan_in)
-        return {"kernel": rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32),
-                "bias": rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)}
-
-    params["time_text_embed_interval"] = {
-        "time_text_embed": teacher_params["time_text_embed"],
-        "interval_embedder": {"linear_1": torch_default_linear(2 * d, d), "linear_2": torch_default_linear(d, d)}}
-    return cfg, params

@@ -41,18 +41,22 @@ def embeddings_dir(dataset: str, split: str, data_dir: str, t5_max_length: int =
 class CaptionEmbeddings:
     """Read side: memory-mapped rows, opened lazily (picklable into grain worker processes)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, build_command: str = "python -m smfsr_jax.data.captions"):
         self.directory = pathlib.Path(directory)
         missing = [name for name in _NAMES if not (self.directory / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.directory}: missing {missing}; run python -m smfsr_jax.data.captions")
+            raise FileNotFoundError(f"no caption embeddings in {self.directory} (missing {', '.join(missing)}); "
+                                    f"build them with: {build_command} (or train without captions: "
+                                    "--config.data.captions=False)")
         self.info = json.loads((self.directory / "info.json").read_text())
         self.caption_index = np.load(self.directory / "caption_index.npy")
         self._rows = None
 
     @classmethod
     def for_dataset(cls, dataset: str, split: str, data_dir: str, t5_max_length: int = 77) -> "CaptionEmbeddings":
-        return cls(embeddings_dir(dataset, split, data_dir, t5_max_length))
+        command = (f"python -m smfsr_jax.data.captions --dataset {dataset} --split {split} --data_dir {data_dir} "
+                   f"--text_encoders <SD3.5 root or converted text encoders> --t5_max_length {t5_max_length}")
+        return cls(embeddings_dir(dataset, split, data_dir, t5_max_length), command)
 
     def __getstate__(self):
         return {**self.__dict__, "_rows": None}
@@ -76,6 +80,10 @@ class CaptionEmbeddings:
     @property
     def null(self) -> tuple[np.ndarray, np.ndarray]:
         return self.row(0)
+
+    def pooled_rows(self, limit: int) -> np.ndarray:
+        """(min(limit, U), P) float32: the pooled embeddings of the first distinct captions (row 0 is NULL)."""
+        return np.asarray(self._open()[1][:limit], np.float32)
 
 
 def encode_captions(captions: list[str], encoders, directory: str | os.PathLike, *, t5_max_length: int = 77,

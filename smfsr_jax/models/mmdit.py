@@ -440,13 +440,15 @@ class MMDiT(nn.Module):
         if cfg.lr_stream:
             x = jnp.concatenate([x, patch_embed(lr_latents)], axis=1)
 
+        # The time embedding runs in fp32 at any compute dtype: in bf16, 1000 t and the small differences
+        # between nearby embeddings (which a fitted interval MLP has to resolve) lose their low bits.
         tau_t = jnp.asarray(t, jnp.float32).reshape(b) * cfg.time_scale
         if cfg.time_conditioning == "interval":
             tau_r = jnp.asarray(r, jnp.float32).reshape(b) * cfg.time_scale
-            temb = IntervalTimeEmbedding(cfg.hidden_size, dtype, name="time_text_embed_interval")(
+            temb = IntervalTimeEmbedding(cfg.hidden_size, jnp.float32, name="time_text_embed_interval")(
                 tau_r, tau_t, pooled)
         else:
-            temb = TimestepTextEmbedding(cfg.hidden_size, dtype, name="time_text_embed")(tau_t, pooled)
+            temb = TimestepTextEmbedding(cfg.hidden_size, jnp.float32, name="time_text_embed")(tau_t, pooled)
         ctx = nn.Dense(cfg.hidden_size, dtype=dtype, name="context_embedder")(context.astype(dtype))
 
         carry = (x, ctx)

@@ -1,4 +1,4 @@
-"""SD3 VAE (diffusers `AutoencoderKL`, 16 latent channels) and the exactly invertible pixel latent.
+"""SD3 VAE (diffusers `AutoencoderKL`, 16 latent channels) and the exactly invertible pixel latents.
 
 Images are NHWC in [-1, 1]; latents are raw NHWC (normalise with `normalize_latents` before the
 MM-DiT). Parameter paths mirror the diffusers names with list indices as `_i` and `to_out.0` as
@@ -19,6 +19,7 @@ import numpy as np
 from smfsr_jax.models.attention import dot_product_attention
 
 KINDS = ("kl", "pixel")
+PIXEL_BASES = ("orthogonal", "wavelet")
 DTYPES = ("float32", "bfloat16")
 LOGVAR_RANGE = (-30.0, 20.0)
 GROUP_NORM_EPS = 1e-6
@@ -40,6 +41,8 @@ class VAEConfig:
     kind: str = "kl"
     # Image pixels per latent pixel along each side; for 'kl' it must be 2**(levels - 1).
     downscale: int = 8
+    # 'pixel' only: how a downscale x downscale block becomes latent channels (PixelAutoencoder).
+    pixel_basis: str = "orthogonal"
     dtype: str = "float32"
     remat: bool = False
 
@@ -60,6 +63,11 @@ class VAEConfig:
                                  f"{self.norm_num_groups}")
         else:
             pixels = self.in_channels * self.downscale ** 2
+            if self.pixel_basis not in PIXEL_BASES:
+                raise ValueError(f"VAEConfig.pixel_basis must be one of {PIXEL_BASES}, got {self.pixel_basis!r}")
+            if self.pixel_basis == "wavelet" and (self.downscale & (self.downscale - 1) or self.latent_channels != pixels):
+                raise ValueError(f"VAEConfig: a wavelet pixel latent needs a power-of-two downscale and latent_channels "
+                                 f"= in_channels * downscale**2 = {pixels}, got {self.downscale}, {self.latent_channels}")
             if self.latent_channels < pixels:
                 raise ValueError(f"VAEConfig: a pixel latent needs latent_channels >= in_channels * downscale**2 "
                                  f"= {pixels} to be invertible, got {self.latent_channels}")
@@ -79,9 +87,10 @@ class VAEConfig:
         return cls(**{**fields, **overrides})
 
     @classmethod
-    def pixel(cls, downscale: int = 4, latent_channels: int = 48, **overrides) -> "VAEConfig":
-        """Space-to-depth + fixed orthogonal map: an exact latent with no weights (tiny CPU demos)."""
-        fields = dict(kind="pixel", downscale=downscale, latent_channels=latent_channels,
+    def pixel(cls, downscale: int = 4, latent_channels: int = 48, pixel_basis: str = "orthogonal",
+              **overrides) -> "VAEConfig":
+        """An exact latent with no weights (tiny CPU demos): PixelAutoencoder."""
+        fields = dict(kind="pixel", downscale=downscale, latent_channels=latent_channels, pixel_basis=pixel_basis,
                       scaling_factor=1.0, shift_factor=0.0)
         return cls(**{**fields, **overrides})
 
@@ -289,35 +298,112 @@ def pixel_latent_matrix(pixel_channels: int, latent_channels: int) -> np.ndarray
     return matrix
 
 
+def space_to_depth(x, f: int):
+    """(B, H, W, C) -> (B, H/f, W/f, f*f*C), channels ordered (row in block, column in block, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(x, f: int, channels: int):
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h, w, f, f, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * f, w * f, channels)
+
+
+# CDF 5/3 (LeGall) lifting with symmetric extension, scaled by sqrt(2) so that it is near orthonormal: exactly
+# invertible, and its synthesis functions overlap their neighbours (a hat, not a box), so an error in one
+# latent pixel decodes to a smooth bump instead of a block with hard edges.
+_SQRT2 = float(np.sqrt(2.0))
+
+
+def _next(a):
+    return jnp.concatenate([a[..., 1:], a[..., -1:]], -1)
+
+
+def _previous(a):
+    return jnp.concatenate([a[..., :1], a[..., :-1]], -1)
+
+
+def _lift(x, axis: int):
+    x = jnp.moveaxis(x, axis, -1)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    detail = odd - 0.5 * (even + _next(even))
+    smooth = even + 0.25 * (_previous(detail) + detail)
+    return jnp.moveaxis(smooth * _SQRT2, -1, axis), jnp.moveaxis(detail / _SQRT2, -1, axis)
+
+
+def _unlift(smooth, detail, axis: int):
+    smooth, detail = jnp.moveaxis(smooth, axis, -1) / _SQRT2, jnp.moveaxis(detail, axis, -1) * _SQRT2
+    even = smooth - 0.25 * (_previous(detail) + detail)
+    odd = detail + 0.5 * (even + _next(even))
+    x = jnp.stack([even, odd], -1).reshape(*even.shape[:-1], 2 * even.shape[-1])
+    return jnp.moveaxis(x, -1, axis)
+
+
+def wavelet_encode(x, levels: int):
+    """(B, H, W, C) -> (B, H/2^L, W/2^L, 4^L C): [coarsest level (recursively) | LH, HL, HH of the finest level
+    folded onto the coarse grid]."""
+    if levels == 0:
+        return x
+    low, high = _lift(x, 2)
+    (ll, lh), (hl, hh) = _lift(low, 1), _lift(high, 1)
+    fold = 2 ** (levels - 1)
+    return jnp.concatenate([wavelet_encode(ll, levels - 1)] + [space_to_depth(band, fold) for band in (lh, hl, hh)], -1)
+
+
+def wavelet_decode(z, levels: int, channels: int):
+    """Exact inverse of `wavelet_encode`."""
+    if levels == 0:
+        return z
+    fold = 2 ** (levels - 1)
+    coarse, width = channels * fold * fold, channels * fold * fold
+    lh, hl, hh = (depth_to_space(z[..., coarse + i * width:coarse + (i + 1) * width], fold, channels)
+                  for i in range(3))
+    ll = wavelet_decode(z[..., :coarse], levels - 1, channels)
+    return _unlift(_unlift(ll, lh, 1), _unlift(hl, hh, 1), 2)
+
+
 class PixelAutoencoder(nn.Module):
-    """Space-to-depth by `downscale`, then a fixed orthogonal channel map: exact, no parameters."""
+    """Space-to-depth by `downscale` and a fixed orthogonal channel map ("orthogonal"), or a log2(downscale)-level
+    CDF 5/3 wavelet transform ("wavelet"): exact, no parameters."""
 
     config: VAEConfig
 
+    def _check(self):
+        if self.config.kind != "pixel":
+            raise ValueError(f"PixelAutoencoder needs a 'pixel' config, got kind={self.config.kind!r}")
+
     def _matrix(self):
         cfg = self.config
-        if cfg.kind != "pixel":
-            raise ValueError(f"PixelAutoencoder needs a 'pixel' config, got kind={cfg.kind!r}")
         return jnp.asarray(pixel_latent_matrix(cfg.in_channels * cfg.downscale ** 2, cfg.latent_channels))
+
+    def _levels(self) -> int:
+        return int(self.config.downscale).bit_length() - 1
 
     def encode(self, images):
         """images (B, H, W, C), H and W multiples of downscale -> (mean, logvar = -30 everywhere)."""
-        matrix, f = self._matrix(), self.config.downscale
-        batch, height, width, channels = images.shape
+        self._check()
+        f = self.config.downscale
+        height, width = images.shape[1:3]
         if height % f or width % f:
             raise ValueError(f"PixelAutoencoder: image size {height}x{width} is not a multiple of {f}")
-        x = images.astype(jnp.float32).reshape(batch, height // f, f, width // f, f, channels)
-        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // f, width // f, f * f * channels)
-        mean = jnp.einsum("bhwp,pl->bhwl", x, matrix, precision=jax.lax.Precision.HIGHEST)
+        x = images.astype(jnp.float32)
+        if self.config.pixel_basis == "wavelet":
+            mean = wavelet_encode(x, self._levels())
+        else:
+            mean = jnp.einsum("bhwp,pl->bhwl", space_to_depth(x, f), self._matrix(),
+                              precision=jax.lax.Precision.HIGHEST)
         return mean, jnp.full_like(mean, LOGVAR_RANGE[0])
 
     def decode(self, latents):
         """Exact inverse of `encode` on images (the orthogonal projection for other latents)."""
-        matrix, f = self._matrix(), self.config.downscale
-        batch, height, width, _ = latents.shape
-        x = jnp.einsum("bhwl,pl->bhwp", latents.astype(jnp.float32), matrix, precision=jax.lax.Precision.HIGHEST)
-        x = x.reshape(batch, height, width, f, f, self.config.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(batch, height * f, width * f, self.config.out_channels)
+        self._check()
+        cfg, z = self.config, latents.astype(jnp.float32)
+        if cfg.pixel_basis == "wavelet":
+            return wavelet_decode(z, self._levels(), cfg.out_channels)
+        x = jnp.einsum("bhwl,pl->bhwp", z, self._matrix(), precision=jax.lax.Precision.HIGHEST)
+        return depth_to_space(x, cfg.downscale, cfg.out_channels)
 
     def __call__(self, images):
         mean, _ = self.encode(images)

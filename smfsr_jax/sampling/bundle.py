@@ -155,6 +155,12 @@ def read_bundle_record(path: str) -> dict:
     return record
 
 
+def read_null_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The NULL (prompt_embeds, pooled) of the bundle at `path`, without loading its networks."""
+    record = read_bundle_record(path)
+    return _load_embeddings(os.path.join(os.fspath(path), record["null_embeddings"]))
+
+
 def load_bundle(path: str, **transformer_overrides) -> Bundle:
     """Read a bundle; `transformer_overrides` replace MMDiTConfig fields (e.g. dtype="bfloat16", attention="cudnn")."""
     path = os.path.abspath(os.fspath(path))

@@ -173,7 +173,13 @@ class SRPipeline:
 
     @classmethod
     def from_bundle(cls, b: bundle_lib.Bundle, **options):
-        """A loaded bundle (or a training checkpoint from training.inference.load_checkpoint)."""
+        """A loaded bundle (or a training checkpoint from training.inference.load_checkpoint).
+
+        Tiles default to the latent size the network was trained on (`meta["tile_size"]`, written by training),
+        with 3/8 overlap: SMFSR's 64/24 for 512² crops of the SD3 VAE.
+        """
+        tile = options.get("tile_size", b.meta.get("tile_size", tiling.TILE_SIZE))
+        options = {"tile_size": tile, "tile_overlap": tile * tiling.TILE_OVERLAP // tiling.TILE_SIZE, **options}
         return cls(b.transformer_config, b.transformer_params, b.autoencoder_config, b.autoencoder_params,
                    b.null_embeddings, negative_embeddings=b.negative_embeddings,
                    text_encoders_dir=b.text_encoders_dir, **options)

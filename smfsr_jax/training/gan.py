@@ -103,6 +103,8 @@ def gan_stage(config: ml_collections.ConfigDict) -> stages.Stage:
     ae_config, ae_params = stages.load_autoencoder(config.autoencoder)
     teacher_config, teacher_params = stages.load_teacher(config.init.teacher, config)
     student_config, student_params = load_student(config.init.student, config)
+    null = stages.null_embeddings(config.text, student_config, config.data)
+    stages.check_null_embeddings(config, config.init.teacher, null)
     if student_config.lr_key_bug != teacher_config.lr_key_bug:
         raise ValueError("teacher and student must share lr_key_bug (architecture.md §5.2)")
     teacher_own, base = partition.partition(teacher_params, stages.TEACHER_OWN)
@@ -118,7 +120,7 @@ def gan_stage(config: ml_collections.ConfigDict) -> stages.Stage:
     cast = lambda tree: stages._frozen_cast(tree, config)  # noqa: E731
     frozen = {"base": cast(base), "own": cast(student_own), "teacher": cast(teacher_own),
               "regularizer": cast(reg_frozen), "autoencoder": ae_params, "lpips": lpips_params,
-              "dinov3": dino_params, "null": stages.null_embeddings(config.text, student_config, config.data)}
+              "dinov3": dino_params, "null": null}
     trainable = {"student": student_trainable, "regularizer": reg_trainable, "discriminator": heads}
     losses = make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config)
     stage = stages.Stage("gan", student_config, trainable, frozen, combine_losses(losses, config.weights),
@@ -144,6 +146,7 @@ def combine_losses(losses, weights: ml_collections.ConfigDict):
 
 def make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config):
     """(params, model_state, frozen, batch, rng) -> (terms, metrics, new model_state), each term a scalar."""
+    isc.check_times(**stages.isc_times(config.isc))
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     autoencoder = vae.make_autoencoder(ae_config)
     lpips_model = lpips_lib.LPIPS(lpips_config)
@@ -183,7 +186,8 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
         x = batch["hr"].astype(jnp.float32) / 127.5 - 1.0
 
         isc_loss, isc_metrics = isc.isc_loss(u_fn, lambda z, t: velocity(teacher_params, z, t), hr, keys["isc"],
-                                             p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample)
+                                             p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
+                                             **stages.isc_times(config.isc))
         lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
         rec_loss, rec_metrics = reconstruction.reconstruction_loss(x_hat, x, lpips_fn, config.rec.lpips_weight)
         times = dict(t_min=config.vsd.t_min, t_max=config.vsd.t_max)

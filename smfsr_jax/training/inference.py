@@ -57,4 +57,4 @@ def load_checkpoint(workdir: str, step: Optional[int] = None, stage: Optional[st
         transformer_params=stage.model_params(trainable), autoencoder_config=stage.autoencoder_config,
         autoencoder_params=stage.frozen["autoencoder"],
         null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]), negative_embeddings=None,
-        text_encoders_dir=config.text.get("encoders"), meta={"stage": stage.name, "step": step})
+        text_encoders_dir=config.text.get("encoders"), meta=stages.bundle_meta(stage, config, step))

@@ -66,6 +66,14 @@ def count(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
-def cast(tree, dtype):
-    """Cast floating leaves (frozen parts may be held in bf16)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, tree)
+def cast(tree, dtype, keep: Iterable[str] = ()):
+    """Cast floating leaves (frozen parts may be held in bf16), except those whose path matches `keep`."""
+    keep = tuple(keep)
+
+    def leaf(path, x):
+        name = "/".join(_key_name(k) for k in path)
+        if not np.issubdtype(x.dtype, np.floating) or any(re.search(p, name) for p in keep):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)

@@ -10,6 +10,7 @@ Frozen parts are one dict with fixed keys, passed to every step without donation
 
 import dataclasses
 import os
+import zlib
 from typing import Callable, Optional
 
 import jax
@@ -21,11 +22,16 @@ from absl import logging
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import flow_matching, isc
-from smfsr_jax.training import partition
+from smfsr_jax.sampling import bundle
+from smfsr_jax.training import partition, student_init
 
 # Fields of `config.model` that change how a loaded network runs, not its weights.
 RUNTIME_FIELDS = ("dtype", "attention", "remat_policy", "lr_key_bug")
 TEACHER_OWN = ("control", r"^time_text_embed/")
+# Frozen leaves kept in fp32 when the rest is held in bf16: the positional table is added to every token.
+FROZEN_FP32 = (r"(^|/)pos_embed/pos_embed$",)
+# Rows of pooled caption embeddings the student's interval-embedding fit covers (besides NULL).
+FIT_POOLED_ROWS = 1024
 
 
 @dataclasses.dataclass
@@ -61,7 +67,8 @@ def load_autoencoder(config: ml_collections.ConfigDict) -> tuple[vae.VAEConfig, 
         return load_vae(config.path, **({"dtype": config.dtype} if config.get("dtype") else {}))
     if config.kind != "pixel":
         raise ValueError("autoencoder.path is required unless autoencoder.kind == 'pixel'")
-    return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels), {}
+    return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels,
+                               pixel_basis=config.pixel_basis), {}
 
 
 def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiTConfig, data_config) -> dict:
@@ -128,7 +135,64 @@ def _split(params, config, model_config):
 
 
 def _frozen_cast(tree, config):
-    return partition.cast(tree, np.dtype(config.frozen_dtype)) if config.get("frozen_dtype") else tree
+    return partition.cast(tree, np.dtype(config.frozen_dtype), keep=FROZEN_FP32) if config.get("frozen_dtype") else tree
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The data pipeline's seed: the run seed with the stage name folded in, so that the stages of one recipe
+    see different crops and degradations for the same (epoch, record)."""
+    state = np.random.SeedSequence([config.seed, zlib.crc32(config.stage.encode())]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+def check_null_embeddings(config: ml_collections.ConfigDict, teacher_path: str, null: dict):
+    """The NULL embeddings in use must be those the teacher was trained with: text dropout taught it that
+    condition, and the CFG of the boundary and VSD terms contrasts against it.
+
+    A teacher bundle of this project stores its NULL; a released teacher (DiT4SR, SMFSR's Teacher) was trained
+    with DiT4SR's published NULL_*.pt, compared when `text.published_null` names their folder (or when the
+    caption cache stored them); otherwise this says it cannot check.
+    """
+    in_use = (np.asarray(null["prompt_embeds"], np.float32), np.asarray(null["pooled_prompt_embeds"], np.float32))
+    if os.path.isfile(os.path.join(teacher_path, bundle.BUNDLE_FILE)):
+        expected, source = bundle.read_null_embeddings(teacher_path), f"the teacher bundle {teacher_path}"
+    elif config.text.get("published_null"):
+        from smfsr_jax.convert.text import load_null_embeddings
+        expected, source = load_null_embeddings(config.text.published_null), config.text.published_null
+    else:
+        if not (config.text.null == "dataset" and config.data.captions and _cache_null(config) == "published"):
+            logging.warning("cannot check the NULL embeddings (text.null=%r) against the ones the released teacher "
+                            "%s was trained with (DiT4SR's NULL_*.pt): pass --config.text.published_null=DIR",
+                            config.text.null, teacher_path)
+        return
+    for name, ours, theirs in zip(("prompt_embeds", "pooled"), in_use, expected):
+        theirs = np.asarray(theirs, np.float32)
+        # The caption cache stores fp16: agreement to its rounding is agreement.
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=2e-3, atol=2e-3 * np.abs(theirs).max()):
+            diff = "shape " + str(ours.shape) if ours.shape != theirs.shape else f"max |diff| {np.abs(ours - theirs).max():.3g}"
+            raise ValueError(f"NULL {name} in use (text.null={config.text.null!r}) differ from those of {source} "
+                             f"({diff}); point --config.text.null at the teacher's NULL embeddings")
+
+
+def _cache_null(config) -> str:
+    from smfsr_jax.data.captions import CaptionEmbeddings
+    return CaptionEmbeddings.for_dataset(config.data.dataset, config.data.split, config.data.data_dir,
+                                         config.text.t5_max_length).info.get("null", "")
+
+
+def fit_pooled(config: ml_collections.ConfigDict, null: dict) -> np.ndarray:
+    """The pooled text embeddings a student will see: NULL, plus cached caption rows when captions are on."""
+    rows = [np.asarray(null["pooled_prompt_embeds"], np.float32)[None]]
+    if config.data.captions:
+        from smfsr_jax.data.captions import CaptionEmbeddings
+        rows.append(CaptionEmbeddings.for_dataset(config.data.dataset, config.data.split, config.data.data_dir,
+                                                  config.text.t5_max_length).pooled_rows(FIT_POOLED_ROWS))
+    return np.concatenate(rows)
+
+
+def isc_times(isc_config: ml_collections.ConfigDict) -> dict:
+    """The time-sampler keywords of `isc.isc_loss` from a stage's `isc` config."""
+    return {name: isc_config[name] for name in isc.DEFAULT_TIMES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +220,10 @@ def teacher_stage(config: ml_collections.ConfigDict) -> Stage:
 
 
 def make_teacher_loss(config, model_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig):
-    """The stage-0 loss_fn (state.LossFn): flow matching in x0 space on the batch's HR latents."""
+    """The stage-0 loss_fn (state.LossFn): flow matching (config.flow_matching) on the batch's HR latents."""
     model = mmdit.MMDiT(model_config)
-    shift = config.get("flow_matching", ml_collections.ConfigDict()).get("shift", 3.0)
+    fm = config.flow_matching
+    flow_matching.check_options(fm.loss, fm.sigma_sampler)
 
     def loss_fn(trainable_params, model_state, frozen, batch, rng):
         rng_latents, rng_loss = jax.random.split(rng)
@@ -167,7 +232,8 @@ def make_teacher_loss(config, model_config: mmdit.MMDiTConfig, ae_config: vae.VA
         params = partition.merge(trainable_params, frozen["base"], frozen["own"])
         velocity = lambda z, t: model.apply({"params": params}, z, context=context, pooled=pooled, t=t,  # noqa: E731
                                             lr_latents=lr)
-        loss, metrics = flow_matching.teacher_fm_loss(velocity, hr, rng_loss, shift=shift)
+        loss, metrics = flow_matching.teacher_fm_loss(velocity, hr, rng_loss, loss=fm.loss,
+                                                      sigma_sampler=fm.sigma_sampler, shift=fm.shift)
         return loss, (metrics, model_state)
 
     return loss_fn
@@ -188,15 +254,17 @@ def load_teacher(path: str, config: ml_collections.ConfigDict):
 def student_stage(config: ml_collections.ConfigDict) -> Stage:
     ae_config, ae_params = load_autoencoder(config.autoencoder)
     teacher_config, teacher_params = load_teacher(config.init.teacher, config)
-    student_config, student_params = convert_transformer.student_from_teacher(teacher_config, teacher_params,
-                                                                            seed=config.seed)
+    null = null_embeddings(config.text, teacher_config, config.data)
+    check_null_embeddings(config, config.init.teacher, null)
+    student_config, student_params = student_init.student_from_teacher(
+        teacher_config, teacher_params, interval_init=config.init.interval, pooled=fit_pooled(config, null),
+        seed=config.seed)
     student_config = _runtime_config(student_config, config.model)
     teacher_own, base = partition.partition(teacher_params, TEACHER_OWN)
     trainable, student_frozen = _split(student_params, config, student_config)
     student_own, _ = partition.partition(student_frozen, tuple(config.trainable))  # the rest is `base`
     frozen = {"base": _frozen_cast(base, config), "own": _frozen_cast(student_own, config),
-              "teacher": _frozen_cast(teacher_own, config), "autoencoder": ae_params,
-              "null": null_embeddings(config.text, student_config, config.data)}
+              "teacher": _frozen_cast(teacher_own, config), "autoencoder": ae_params, "null": null}
     logging.info("student: %d trainable, %d frozen-own, %d shared base, %d teacher-own parameters",
                  partition.count(trainable), partition.count(student_own), partition.count(base),
                  partition.count(teacher_own))
@@ -209,6 +277,7 @@ def make_student_loss(config, student_config: mmdit.MMDiTConfig, teacher_config:
     """The stage-1 loss_fn (state.LossFn): ISC + boundary against the frozen teacher."""
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     isc_config = config.isc
+    isc.check_times(**isc_times(isc_config))
 
     def loss_fn(trainable_params, model_state, frozen, batch, rng):
         rng_latents, rng_loss = jax.random.split(rng)
@@ -230,7 +299,7 @@ def make_student_loss(config, student_config: mmdit.MMDiTConfig, teacher_config:
             uncond_fn = lambda z, t: teacher_fn(z, t, null_ctx, null_pooled)  # noqa: E731
         loss, metrics = isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
                                      per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
-                                     boundary_cfg=isc_config.get("boundary_cfg"))
+                                     boundary_cfg=isc_config.get("boundary_cfg"), **isc_times(isc_config))
         return loss, (metrics, model_state)
 
     return loss_fn
@@ -246,6 +315,13 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
     if config.stage not in STAGES:
         raise ValueError(f"unknown stage {config.stage!r}; expected one of {sorted(STAGES) + ['gan']}")
     return STAGES[config.stage](config)
+
+
+def bundle_meta(stage: Stage, config: ml_collections.ConfigDict, step: int) -> dict:
+    """What a model bundle records of its run; `tile_size` is the latent side of the training crops, the tile
+    SR uses by default."""
+    return {"stage": stage.name, "step": step, "variant": config.variant,
+            "tile_size": config.data.degradation.crop_size // stage.autoencoder_config.downscale}
 
 
 def describe(stage: Stage) -> dict:
