@@ -37,7 +37,11 @@ TEACHER_STEPS, STUDENT_STEPS = (1, 2, 4, 50), (1, 2, 4)
 SAMPLERS = {
     "default": dict(isc.DEFAULT_TIMES),
     "algorithm1": dict(time_sampler="logit_normal", anchor_prob=0.0, anchor="interval", boundary_time="max"),
+    "algorithm1_independent_boundary": dict(time_sampler="logit_normal", anchor_prob=0.0, anchor="interval",
+                                            boundary_time="independent"),
     "sorted_uniform": dict(time_sampler="uniform", anchor_prob=0.0, anchor="interval", boundary_time="max"),
+    "uniform_start_anchors": dict(time_sampler="uniform", anchor_prob=0.25, anchor="start",
+                                  boundary_time="independent"),
 }
 
 

@@ -225,5 +225,5 @@ def test_checkpoints_load_for_inference_and_readers_skip_saves_in_progress(teach
         model = inference.load_checkpoint(str(teacher_run))
     finally:
         in_progress.rmdir()
-    assert model.meta == {"stage": "teacher", "step": STEPS} and model.kind == "teacher"
+    assert model.meta == {"stage": "teacher", "step": STEPS, "variant": "tiny", "tile_size": 8} and model.kind == "teacher"
     assert_trees_close(model.transformer_params, bundle_params(teacher_run), atol=0.0)
