@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the stages' parameter trees as shapes, random weights made on the device,
+"""Shared pieces of the benchmarks: random weights made on the device for the stages' abstract trees,
 FLOP counting with XLA's cost analysis, timing and the hardware line.
 
 The scripts put the repository root on sys.path and import this module as `benchmarks.common`.
@@ -13,110 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
-from smfsr_jax.models import discriminator, dinov3, lpips, mmdit, vae
-from smfsr_jax.training import gan, partition, stages
+from smfsr_jax.training import partition
 
-TEXT_TOKENS, POOLED = 154, 2048  # SD3's 77 CLIP + 77 T5 tokens; pooled CLIP-L + CLIP-G
-
-
-def abstract(tree, dtype=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
-
-
-def text_shape(config) -> tuple[int, int, int]:
-    """(tokens, context width, pooled width) of a stage config's caption embeddings."""
-    tokens = TEXT_TOKENS if config.variant == "sd35m" else config.text.context_length
-    return tokens, config.model.joint_attention_dim, config.model.pooled_projection_dim
-
-
-def autoencoder(config):
-    """(VAEConfig, abstract params) of a stage config: the SD3 VAE in bf16 with remat, or the tiny pixel latent."""
-    if config.autoencoder.kind == "pixel":
-        return vae.VAEConfig.pixel(downscale=config.autoencoder.downscale,
-                                   latent_channels=config.autoencoder.latent_channels,
-                                   pixel_basis=config.autoencoder.pixel_basis), {}
-    ae_cfg = vae.VAEConfig.sd3(dtype="bfloat16", remat=True)
-    return ae_cfg, abstract(vae_abstract_params(ae_cfg))
-
-
-def _null(config):
-    tokens, width, pooled = text_shape(config)
-    return {"prompt_embeds": jax.ShapeDtypeStruct((tokens, width), jnp.float32),
-            "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), jnp.float32)}
-
-
-def networks(config):
-    """Stage 1/2 trees as shapes: (student cfg, teacher cfg, VAE cfg, teacher params, trainable, frozen)."""
-    student_cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
-    teacher_cfg = student_cfg.replace(time_conditioning="single", time_scale=1000.0)
-    student, teacher = mmdit.abstract_params(student_cfg), mmdit.abstract_params(teacher_cfg)
-    teacher_own, base = partition.partition(teacher, stages.TEACHER_OWN)
-    trainable, student_frozen = partition.partition(student, config.trainable, ("to_k_control",))
-    student_own, _ = partition.partition(student_frozen, config.trainable)
-    ae_cfg, ae_params = autoencoder(config)
-    dtype = jnp.dtype(config.frozen_dtype)
-    frozen = {"base": abstract(base, dtype), "own": abstract(student_own, dtype),
-              "teacher": abstract(teacher_own, dtype), "autoencoder": ae_params, "null": _null(config)}
-    return student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen
-
-
-def teacher_networks(config):
-    """Stage 0 trees as shapes: (teacher cfg, VAE cfg, trainable, frozen), split as stages.teacher_stage does."""
-    cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
-    exclude = ("to_k_control",) if cfg.lr_key_bug and cfg.qk_norm else ()
-    trainable, base = partition.partition(mmdit.abstract_params(cfg), config.trainable, exclude)
-    ae_cfg, ae_params = autoencoder(config)
-    frozen = {"base": abstract(base, jnp.dtype(config.frozen_dtype)), "own": {}, "teacher": {},
-              "autoencoder": ae_params, "null": _null(config)}
-    return cfg, ae_cfg, trainable, frozen
-
-
-def gan_parts(config, teacher, teacher_cfg, frozen):
-    """Stage 2 extras as shapes: (regularizer, discriminator heads, spectral state, LPIPS cfg, D cfg, frozen)."""
-    reg_trainable, reg_frozen = gan.regularizer_parts(teacher, teacher_cfg, config.regularizer)
-    lpips_cfg = lpips.LPIPSConfig(net=config.rec.lpips.net)
-    image = jnp.zeros((1, 64, 64, 3))
-    lpips_params = jax.eval_shape(lambda: lpips.LPIPS(lpips_cfg).init(jax.random.PRNGKey(0), image, image)["params"])
-    backbone = dinov3.DINOv3Config.tiny() if config.disc.get("random_init") else dinov3.DINOv3Config.vits16()
-    resolution = config.disc.resolution if config.disc.resolution == "native" else int(config.disc.resolution)
-    disc_cfg = discriminator.DiscriminatorConfig(backbone=backbone, blocks=tuple(config.disc.blocks),
-                                                 resolution=resolution, group_size=config.disc.group_size,
-                                                 diffaugment=tuple(config.disc.diffaugment))
-    dino_params = dinov3.abstract_params(backbone)
-    side = 64 if resolution == "native" else resolution
-    features = jax.eval_shape(lambda p: discriminator.backbone_features(p, jnp.zeros((2, side, side, 3)), disc_cfg,
-                                                                        rng=jax.random.PRNGKey(0)), dino_params)
-    variables = jax.eval_shape(lambda f: discriminator.Discriminator(disc_cfg).init(jax.random.PRNGKey(0), f),
-                               features)
-    frozen = dict(frozen, regularizer=abstract(reg_frozen, jnp.dtype(config.frozen_dtype)), lpips=lpips_params,
-                  dinov3=dino_params)
-    return abstract(reg_trainable), variables["params"], {"spectral": variables["spectral"]}, lpips_cfg, disc_cfg, frozen
-
-
-def stage_step(stage: str, config):
-    """(loss_fn, trainable, frozen, model_state, parts) of one training stage, every tree as shapes."""
-    model_state, parts = {}, ()
-    if stage == "teacher":
-        cfg, ae_cfg, trainable, frozen = teacher_networks(config)
-        loss_fn = stages.make_teacher_loss(config, cfg, ae_cfg)
-        return loss_fn, trainable, frozen, model_state, parts
-    student_cfg, teacher_cfg, ae_cfg, teacher, trainable, frozen = networks(config)
-    if stage == "isc":
-        return stages.make_student_loss(config, student_cfg, teacher_cfg, ae_cfg), trainable, frozen, model_state, parts
-    reg, heads, model_state, lpips_cfg, disc_cfg, frozen = gan_parts(config, teacher, teacher_cfg, frozen)
-    trainable = {"student": trainable, "regularizer": reg, "discriminator": heads}
-    losses = gan.make_losses(config, student_cfg, teacher_cfg, ae_cfg, lpips_cfg, disc_cfg)
-    return gan.combine_losses(losses, config.weights), trainable, frozen, model_state, gan.PARTS
-
-
-def train_batch(config, batch: int, side: int) -> dict:
-    """A training batch as shapes: uint8 HR and bicubic-upsampled LR crops plus caption embeddings."""
-    tokens, width, pooled = text_shape(config)
+def train_batch(null: dict, batch: int, side: int) -> dict:
+    """A training batch as shapes: uint8 HR and bicubic-upsampled LR crops plus caption embeddings shaped like
+    the stage's NULL embeddings (`stage.frozen["null"]`)."""
+    prompt, pooled = null["prompt_embeds"].shape, null["pooled_prompt_embeds"].shape
     return {"hr": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
             "lr_up": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
-            "prompt_embeds": jax.ShapeDtypeStruct((batch, tokens, width), jnp.float32),
-            "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, pooled), jnp.float32)}
+            "prompt_embeds": jax.ShapeDtypeStruct((batch, *prompt), jnp.float32),
+            "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, *pooled), jnp.float32)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 
 def gan_bundle(workdir: str, resolution: str) -> str:
     if resolution == student_gan.get_config("tiny").disc.resolution:
-        return os.path.join(workdir, "gan", "bundle")
+        return os.path.join(workdir, "student_gan", "bundle")
     config = student_gan.get_config("tiny")
     config.disc.resolution = resolution
     return demo.train_config(config, os.path.join(workdir, "gan_resolution", resolution), os.path.join(workdir, "tfds"),
-                             teacher=os.path.join(workdir, "teacher", "bundle"),
-                             student=os.path.join(workdir, "student", "bundle"))
+                             teacher=os.path.join(workdir, "teacher_fm", "bundle"),
+                             student=os.path.join(workdir, "student_isc", "bundle"))
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--resolutions", default="native,224")
     args = parser.parse_args()
     workdir = os.path.abspath(args.workdir)
-    if not os.path.isdir(os.path.join(workdir, "gan", "bundle")):
+    if not os.path.isdir(os.path.join(workdir, "student_gan", "bundle")):
         demo.run(workdir)
     names, lrs, hrs = demo.holdout_pairs(os.path.join(workdir, "tfds"))
     hrs = np.stack(hrs)

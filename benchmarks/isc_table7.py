@@ -66,11 +66,11 @@ def holdout_crops(data_dir: str, count: int, seed: int = 1234):
 def student_bundle(workdir: str, sampler: str) -> str:
     """The demo's student for the default sampler; otherwise one trained here from the demo's teacher."""
     if sampler == "default":
-        return os.path.join(workdir, "student", "bundle")
+        return os.path.join(workdir, "student_isc", "bundle")
     config = student_isc.get_config("tiny")
     config.isc.update(SAMPLERS[sampler])
     return demo.train_config(config, os.path.join(workdir, "table7", sampler), os.path.join(workdir, "tfds"),
-                             teacher=os.path.join(workdir, "teacher", "bundle"))
+                             teacher=os.path.join(workdir, "teacher_fm", "bundle"))
 
 
 def main():
@@ -85,8 +85,8 @@ def main():
     if unknown:
         parser.error(f"unknown samplers {unknown}; expected some of {sorted(SAMPLERS)}")
     workdir = os.path.abspath(args.workdir)
-    teacher_dir = os.path.join(workdir, "teacher", "bundle")
-    if not (os.path.isdir(teacher_dir) and os.path.isdir(os.path.join(workdir, "student", "bundle"))):
+    teacher_dir = os.path.join(workdir, "teacher_fm", "bundle")
+    if not (os.path.isdir(teacher_dir) and os.path.isdir(os.path.join(workdir, "student_isc", "bundle"))):
         demo.run(workdir)
     lrs, hrs = holdout_crops(os.path.join(workdir, "tfds"), args.crops)
     lpips = None

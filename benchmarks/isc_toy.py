@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 
 from smfsr_jax.models.mmdit import timestep_sinusoid  # noqa: E402
 from smfsr_jax.objectives import flow_matching, isc  # noqa: E402
-from smfsr_jax.sampling import samplers, schedules  # noqa: E402
+from smfsr_jax.core import schedules  # noqa: E402
+from smfsr_jax.sampling import samplers  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 DIM, COND_DIM, STD = 4, 2, 0.1

@@ -5,9 +5,9 @@ one train.py runs (state donated, frozen SD3.5 base in bf16, trainable fp32 + Ad
 backend present: on a GPU host the figures are the GPU's; on CPU they are the CPU compiler's buffer
 assignment, a close proxy for the peak (same graph, same remat decisions; fusion differs slightly).
 
-  python benchmarks/memory_sd35m.py --stage isc --batch 16 --remat dots_with_no_batch_dims_saveable
-  python benchmarks/memory_sd35m.py --stage teacher --batch 32
-  python benchmarks/memory_sd35m.py --stage gan --batch 8 --regularizer full
+  python benchmarks/memory_sd35m.py --stage student_isc --batch 16 --remat dots_with_no_batch_dims_saveable
+  python benchmarks/memory_sd35m.py --stage teacher_fm --batch 32
+  python benchmarks/memory_sd35m.py --stage student_gan --batch 8 --regularizer full
 
 The last line is one JSON object: peak GiB (arguments + temporaries + outputs - aliased) against 141 GB.
 """
@@ -26,29 +26,31 @@ import jax  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
-from smfsr_jax.training import partition  # noqa: E402
+from smfsr_jax.training import partition, stages  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 DEVICE_BYTES = 141e9
-CONFIGS = {"teacher": teacher_fm, "isc": student_isc, "gan": student_gan}
+CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=sorted(CONFIGS), default="isc")
+    parser.add_argument("--stage", choices=sorted(CONFIGS), default="student_isc")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--remat", default="full", choices=sorted(mmdit.REMAT_POLICIES))
     parser.add_argument("--regularizer", choices=("full", "lora"), default="full")
     args = parser.parse_args()
     config = CONFIGS[args.stage].get_config("sd35m")
     config.model.remat_policy = args.remat
-    if args.stage == "gan":
+    if args.stage == "student_gan":
         config.regularizer.mode = args.regularizer
-    loss_fn, trainable, frozen, model_state, parts = common.stage_step(args.stage, config)
+    stage = stages.build_stage(config, abstract=True)
+    loss_fn, trainable, frozen, model_state, parts = (stage.loss_fn, stage.trainable, stage.frozen,
+                                                      stage.model_state, stage.parts)
     optimizer = state_lib.make_optimizer(config.optimizer, parts)
     state = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, False, m), trainable, model_state)
     side, b = 512, args.batch
-    batch = common.train_batch(config, b, side)
+    batch = common.train_batch(frozen["null"], b, side)
     step = jax.jit(state_lib.make_train_step(loss_fn, optimizer, seed=0), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
@@ -60,7 +62,7 @@ def main():
           f"outputs {gib(mem.output_size_in_bytes)} GiB, aliased {gib(mem.alias_size_in_bytes)} GiB")
     print(json.dumps({"name": f"memory_{args.stage}_sd35m", "value": gib(peak), "unit": "GiB",
                       "fits_141GB": peak < DEVICE_BYTES, "batch": b, "resolution": side, "remat": args.remat,
-                      "regularizer": args.regularizer if args.stage == "gan" else None,
+                      "regularizer": args.regularizer if args.stage == "student_gan" else None,
                       "trainable_params": partition.count(trainable), "arguments_gib": gib(mem.argument_size_in_bytes),
                       "temporaries_gib": gib(mem.temp_size_in_bytes), "compile_seconds": round(seconds, 1),
                       "backend": jax.default_backend()}))

@@ -42,8 +42,10 @@ from smfsr_jax.convert import common as convert_common  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
+from smfsr_jax.core import schedules  # noqa: E402
 from smfsr_jax.models import mmdit, vae  # noqa: E402
-from smfsr_jax.sampling import pipeline, samplers, schedules, tiling  # noqa: E402
+from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
+from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
 # name -> (LR side, batch); the SR side is 4x, the preprocessed LR has the SR size.
 CASES = {"b1": (128, 1), "b16": (128, 16), "tiled": (512, 1)}
@@ -297,8 +299,8 @@ def main():
     tcfg, ae_cfg, tokens, tile = networks(args)
     dtype = jnp.dtype(args.dtype)
     start = time.perf_counter()
-    tparams = common.random_tree(common.abstract(mmdit.abstract_params(tcfg), dtype), seed=0)
-    ae_params = common.random_tree(common.abstract(vae_abstract_params(ae_cfg), dtype), seed=1)
+    tparams = common.random_tree(shapes(mmdit.abstract_params(tcfg), dtype), seed=0)
+    ae_params = common.random_tree(shapes(vae_abstract_params(ae_cfg), dtype), seed=1)
     jax.block_until_ready((tparams, ae_params))
     print(f"random weights: {sum(x.size for x in jax.tree.leaves(tparams)) / 1e6:.1f}M transformer, "
           f"{sum(x.size for x in jax.tree.leaves(ae_params)) / 1e6:.1f}M VAE, {time.perf_counter() - start:.1f} s")

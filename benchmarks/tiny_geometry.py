@@ -25,12 +25,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import train  # noqa: E402
 from smfsr_jax import demo  # noqa: E402
 from smfsr_jax.data import build  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
+from smfsr_jax.training import loop  # noqa: E402
 
 STEPS = (1, 16)
 
@@ -44,7 +44,7 @@ def main(argv):
         build.build("bundled", data_dir)
     config.data.data_dir = data_dir
     start = time.perf_counter()
-    train.train(config, workdir)
+    loop.train(config, workdir)
     seconds = time.perf_counter() - start
     _, lrs, hrs = demo.holdout_pairs(data_dir)
     tile = config.data.degradation.crop_size // config.autoencoder.downscale

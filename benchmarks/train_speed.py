@@ -1,6 +1,6 @@
-"""Training-step time and MFU of the teacher (stage 0), ISC (stage 1) and GAN (stage 2) steps, random weights.
+"""Training-step time and MFU of the teacher_fm, student_isc and student_gan steps, random weights.
 
-The step is train.py's: `state.make_train_step` over the stage's loss, the state donated, trainable fp32 +
+The step is the training loop's: `state.make_train_step` over the stage's loss, the state donated, trainable fp32 +
 AdamW, the frozen parts in the config's `frozen_dtype`, the VAE encoding inside the step, one device. Each
 batch size in `--batches` is AOT-compiled, then `--steps` steps are timed with no host sync between them
 (the donated state chains them; one block at the end). A batch that does not fit is reported and ends the
@@ -12,9 +12,9 @@ FLOPs come from XLA's cost analysis of a copy of the step lowered with the block
 timed steps drew (their `boundary_fraction` metric). MFU = executed FLOPs / time / peak, with the peak from
 `--peak_tflops` or the table below for known accelerators (dense bf16).
 
-  python benchmarks/train_speed.py --stage isc --batches 8,16,24 --attention cudnn
-  python benchmarks/train_speed.py --stage gan --batches 4,8 --remat full
-  python benchmarks/train_speed.py --stage teacher --tiny        # CPU check of the whole script
+  python benchmarks/train_speed.py --stage student_isc --batches 8,16,24 --attention cudnn
+  python benchmarks/train_speed.py --stage student_gan --batches 4,8 --remat full
+  python benchmarks/train_speed.py --stage teacher_fm --tiny        # CPU check of the whole script
 
 The last line is one JSON object: value = MFU (%) of the largest batch that fits (step time without a peak).
 """
@@ -34,13 +34,13 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
-from smfsr_jax.training import partition  # noqa: E402
+from smfsr_jax.training import partition, stages  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
-CONFIGS = {"teacher": teacher_fm, "isc": student_isc, "gan": student_gan}
+CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan}
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
                "TPU v4": 275.0, "TPU v6 lite": 918.0}  # dense bf16 per device
-TARGET_MFU = {"isc": 40.0, "gan": 30.0}
+TARGET_MFU = {"student_isc": 40.0, "student_gan": 30.0}
 
 
 def peak_flops(override: float | None) -> float | None:
@@ -52,7 +52,7 @@ def peak_flops(override: float | None) -> float | None:
 
 def step_flops(update, state, frozen, batch, stage: str) -> dict:
     """{branch: FLOPs of one step}; ISC has 'boundary' and 'split', the other stages 'step'."""
-    branches = {"boundary": True, "split": False} if stage == "isc" else {"step": None}
+    branches = {"boundary": True, "split": False} if stage == "student_isc" else {"step": None}
     flops = {}
     for name, branch in branches.items():
         with common.flop_counting(branch):
@@ -67,11 +67,13 @@ def random_batch(abstract_batch, seed: int):
 
 
 def measure(args, config, batch_size: int, peak: float | None) -> dict:
-    loss_fn, trainable, frozen, model_state, parts = common.stage_step(args.stage, config)
+    stage = stages.build_stage(config, abstract=True)
+    loss_fn, trainable, frozen, model_state, parts = (stage.loss_fn, stage.trainable, stage.frozen,
+                                                      stage.model_state, stage.parts)
     optimizer = state_lib.make_optimizer(config.optimizer, parts)
     update = state_lib.make_train_step(loss_fn, optimizer, seed=0)
     side = config.data.degradation.crop_size
-    abstract_batch = common.train_batch(config, batch_size, side)
+    abstract_batch = common.train_batch(frozen["null"], batch_size, side)
     create = jax.jit(lambda p, m: state_lib.create_state(p, optimizer, False, m))
     abstract_state = jax.eval_shape(create, trainable, model_state)
     flops = step_flops(update, abstract_state, frozen, abstract_batch, args.stage)
@@ -110,7 +112,7 @@ def measure(args, config, batch_size: int, peak: float | None) -> dict:
         return dict(result, fits=False, reason=str(e).splitlines()[0][:200])
     history = jax.device_get(history)
     losses = np.array([m["loss"] for m in history])
-    if args.stage == "isc":
+    if args.stage == "student_isc":
         fraction = float(np.mean([m["boundary_fraction"] for m in history]))
         executed = fraction * flops["boundary"] + (1 - fraction) * flops["split"]
         result["boundary_fraction"] = round(fraction, 3)
@@ -126,7 +128,7 @@ def measure(args, config, batch_size: int, peak: float | None) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=sorted(CONFIGS), default="isc")
+    parser.add_argument("--stage", choices=sorted(CONFIGS), default="student_isc")
     parser.add_argument("--tiny", action="store_true", help="the stage's tiny config (CPU validation)")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes (default: the config's)")
     parser.add_argument("--remat", choices=sorted(mmdit.REMAT_POLICIES), default=None)
@@ -165,7 +167,7 @@ def main():
         "config": {"stage": args.stage, "variant": "tiny" if args.tiny else "sd35m", "dtype": config.model.dtype,
                    "frozen_dtype": config.frozen_dtype, "remat": config.model.remat_policy,
                    "attention": config.model.attention, "weights": "random", "steps": args.steps,
-                   "regularizer": config.regularizer.mode if args.stage == "gan" else None},
+                   "regularizer": config.regularizer.mode if args.stage == "student_gan" else None},
         **common.environment()}))
 
 

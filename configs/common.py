@@ -85,3 +85,12 @@ def model_config(variant: str, preset: str, loaded: bool = False, **overrides) -
                                        **overrides})
     fields = {k: v for k, v in cfg.to_dict().items() if not (loaded and k in LOADED_FIELDS)}
     return ml_collections.ConfigDict({**fields, "dual_attention_layers": cfg.dual_attention_layers})
+
+
+def student_config(variant: str) -> ml_collections.ConfigDict:
+    """base_config plus what both student stages share: the SMFSR student, loaded from disk, of which only the
+    control branch and the interval embedding train."""
+    c = base_config(variant)
+    c.model = model_config(variant, "smfsr_student", loaded=True)
+    c.trainable = ("control", "^time_text_embed_interval/")
+    return c

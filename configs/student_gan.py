@@ -1,4 +1,4 @@
-r"""Stage 2: GAN refinement of the ISC student (training.md §4; paper §3.3, Eq. 14-20).
+r"""Stage 2: GAN refinement of the ISC student (paper §3.3, Eq. 14-20).
 
 L_stu = 1.0 ISC + 1.0 Rec (MSE + LPIPS-VGG) + 1.0 VSD (teacher CFG 7.5 vs a trainable regularizer)
 + 0.5 hinge adv (DINOv3 ViT-S/16 feature discriminator). Student, regularizer and discriminator heads
@@ -34,13 +34,11 @@ from smfsr_jax.objectives import isc
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     variant = common.check_variant(arg)
-    c = common.base_config(variant)
-    c.stage = "gan"
+    c = common.student_config(variant)
+    c.stage = "student_gan"
     tiny = variant == "tiny"
-    c.model = common.model_config(variant, "smfsr_student", loaded=True)
     c.init = ml_collections.ConfigDict(dict(student=ml_collections.config_dict.placeholder(str),
                                             teacher=ml_collections.config_dict.placeholder(str)))
-    c.trainable = ("control", "^time_text_embed_interval/")
     c.weights = ml_collections.ConfigDict(dict(isc=1.0, rec=1.0, vsd=1.0, adv=0.5))  # Eq. 20
     c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_TIMES))
     c.rec = ml_collections.ConfigDict(dict(

@@ -1,4 +1,4 @@
-r"""Stage 1: the SMFSR student, Interval Splitting Consistency + boundary loss (training.md §3).
+r"""Stage 1: the SMFSR student, Interval Splitting Consistency + boundary loss (paper §3.2, Algorithm 1).
 
 Launch (paper settings; the teacher from stage 0, the released SMFSR `Teacher`, or a DiT4SR checkpoint):
 
@@ -30,14 +30,12 @@ from smfsr_jax.objectives import isc
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     variant = common.check_variant(arg)
-    c = common.base_config(variant)
-    c.stage = "student"
+    c = common.student_config(variant)
+    c.stage = "student_isc"
     tiny = variant == "tiny"
-    c.model = common.model_config(variant, "smfsr_student", loaded=True)
     # interval="fit": the new interval MLP is built so that the student equals the teacher at step 0
-    # (training/student_init.py); "torch_default" is the released module code's random init.
+    # (training/stages/student.py); "torch_default" is the released module code's random init.
     c.init = ml_collections.ConfigDict(dict(teacher=ml_collections.config_dict.placeholder(str), interval="fit"))
-    c.trainable = ("control", "^time_text_embed_interval/")
     # Time sampler: uniform pairs, a quarter of the split draws on (r, t) = (0, 1), an independent boundary t
     # (chosen on the known-answer toy, benchmarks/isc_toy.py; docs/experiments.md).
     c.isc = ml_collections.ConfigDict(dict(

@@ -1,4 +1,4 @@
-r"""Stage 0: the DiT4SR teacher, LR-conditioned flow matching (training.md §2).
+r"""Stage 0: the DiT4SR teacher, LR-conditioned flow matching.
 
 Objective (config.flow_matching): sd35m keeps DiT4SR's setting, the x0-space loss on SD3.5's shift-3 grid,
 because it fine-tunes SD3.5, whose base already knows the low-noise velocity. The tiny variant trains from
@@ -37,7 +37,7 @@ from configs import common
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     variant = common.check_variant(arg)
     c = common.base_config(variant)
-    c.stage = "teacher"
+    c.stage = "teacher_fm"
     tiny = variant == "tiny"
     c.model = common.model_config(variant, "dit4sr_teacher", loaded=not tiny)
     c.init = ml_collections.ConfigDict(dict(

@@ -1,8 +1,9 @@
-"""`make demo`: the embedded default, end to end on CPU with no pretrained weights (training.md §7b).
+"""`make demo`: the embedded default, end to end on CPU with no pretrained weights.
 
 1. builds the `bundled` dataset (photographs shipped in scikit-image) into WORKDIR/tfds;
-2. trains the tiny teacher (stage 0, flow matching), the tiny student from it (stage 1, ISC) and refines
-   the student with the GAN stage (stage 2: ISC + Rec + VSD + adversarial);
+2. trains the tiny teacher (`teacher_fm`, stage 0: flow matching), the tiny student from it (`student_isc`,
+   stage 1: ISC) and refines the student (`student_gan`, stage 2: ISC + Rec + VSD + adversarial), each in
+   WORKDIR/<stage>;
 3. super-resolves the held-back photographs (never trained on; synthetic LR from the same degradation)
    with bicubic x4, the teacher (one and 16 Euler steps), the stage-1 student (one and four steps) and the
    one-step stage-2 student, writes the images and prints, per method, PSNR (Y channel, as the benchmarks
@@ -25,14 +26,16 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import train  # noqa: E402
 from configs import common, student_gan, student_isc, teacher_fm  # noqa: E402
+from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build, degradation, pipeline  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
 from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
+from smfsr_jax.training import loop  # noqa: E402
 
+STAGES = ("teacher_fm", "student_isc", "student_gan")  # the order they train in
 HOLDOUT_CROP = 128  # held-back HR crops; LR 32 x 32
 TEACHER_STEPS = 16
 STUDENT_STEPS = 4
@@ -70,9 +73,10 @@ def token_pixels(sr: SRPipeline) -> int:
     return sr.autoencoder_config.downscale * sr.transformer_config.patch_size
 
 
-def train_stage(module, workdir: str, data_dir: str, steps: int | None, **init) -> str:
-    """Train (or resume) one tiny stage; returns its bundle directory."""
-    return train_config(module.get_config("tiny"), workdir, data_dir, steps, **init)
+def train_stage(module, workdir: str, data_dir: str, steps: dict, **init) -> str:
+    """Train (or resume) one tiny stage in WORKDIR/<stage>; returns its bundle directory."""
+    config = module.get_config("tiny")
+    return train_config(config, os.path.join(workdir, config.stage), data_dir, steps.get(config.stage), **init)
 
 
 def train_config(config, workdir: str, data_dir: str, steps: int | None = None, **init) -> str:
@@ -82,8 +86,8 @@ def train_config(config, workdir: str, data_dir: str, steps: int | None = None, 
     for key, path in init.items():
         config.init[key] = path
     print(f"training {config.stage} ({config.total_steps} steps) in {workdir}", flush=True)
-    train.train(config, workdir)
-    return os.path.join(workdir, "bundle")
+    loop.train(config, workdir)
+    return workdir_lib.bundle_dir(workdir)
 
 
 def run(workdir: str, steps: dict | None = None) -> dict:
@@ -93,22 +97,21 @@ def run(workdir: str, steps: dict | None = None) -> dict:
     data_dir = os.path.join(workdir, "tfds")
     if not os.path.isdir(os.path.join(data_dir, "bundled")):
         build.build("bundled", data_dir)
-    teacher = train_stage(teacher_fm, os.path.join(workdir, "teacher"), data_dir, steps.get("teacher"))
-    student = train_stage(student_isc, os.path.join(workdir, "student"), data_dir, steps.get("student"),
-                          teacher=teacher)
-    gan = train_stage(student_gan, os.path.join(workdir, "gan"), data_dir, steps.get("gan"), teacher=teacher,
-                      student=student)
+    teacher = train_stage(teacher_fm, workdir, data_dir, steps)
+    student = train_stage(student_isc, workdir, data_dir, steps, teacher=teacher)
+    gan = train_stage(student_gan, workdir, data_dir, steps, teacher=teacher, student=student)
 
     names, lrs, hrs = holdout_pairs(data_dir)
     pipelines = {stage: tiny_pipeline(path, lrs[0].shape[0], len(lrs))
-                 for stage, path in (("teacher", teacher), ("isc", student), ("gan", gan))}
-    runs = {"teacher_1step": ("teacher", 1), f"teacher_{TEACHER_STEPS}step": ("teacher", TEACHER_STEPS),
-            "isc_1step": ("isc", 1), f"isc_{STUDENT_STEPS}step": ("isc", STUDENT_STEPS), "gan_1step": ("gan", 1)}
+                 for stage, path in (("teacher_fm", teacher), ("student_isc", student), ("student_gan", gan))}
+    runs = {(stage, n): f"{stage}_{n}step" for stage, n in (("teacher_fm", 1), ("teacher_fm", TEACHER_STEPS),
+                                                            ("student_isc", 1), ("student_isc", STUDENT_STEPS),
+                                                            ("student_gan", 1))}
     outputs = {"bicubic": [bicubic_x4(lr) for lr in lrs]}
-    for method, (stage, steps) in runs.items():
-        call = {"guidance_scale": 1.0} if stage == "teacher" else {}
-        outputs[method] = pipelines[stage](list(lrs), seed=0, steps=steps, **call)
-    token = token_pixels(pipelines["teacher"])
+    for (stage, n), method in runs.items():
+        call = {"guidance_scale": 1.0} if stage == "teacher_fm" else {}
+        outputs[method] = pipelines[stage](list(lrs), seed=0, steps=n, **call)
+    token = token_pixels(pipelines["teacher_fm"])
     out_dir = os.path.join(workdir, "outputs")
     os.makedirs(out_dir, exist_ok=True)
     report = {"token_pixels": token, "hr_block_ratio": round(block_ratio(np.stack(hrs), token), 3), "methods": {}}
@@ -117,7 +120,7 @@ def run(workdir: str, steps: dict | None = None) -> dict:
         report["methods"][method] = {"psnr": {name: round(float(s), 3) for name, s in zip(names, scores)},
                                      "psnr_mean": round(float(scores.mean()), 3),
                                      "block_ratio": round(block_ratio(np.stack(images), token), 3)}
-    shown = ("bicubic", f"teacher_{TEACHER_STEPS}step", "isc_1step", "gan_1step")
+    shown = ("bicubic", f"teacher_fm_{TEACHER_STEPS}step", "student_isc_1step", "student_gan_1step")
     for i, name in enumerate(names):
         row = [outputs[m][i] for m in shown] + [hrs[i]]
         Image.fromarray(np.concatenate(row, axis=1)).save(os.path.join(out_dir, f"{name}_comparison.png"))
@@ -132,12 +135,12 @@ def run(workdir: str, steps: dict | None = None) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/demo")
-    for stage in ("teacher", "student", "gan"):
-        parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"default: the {stage} tiny config")
+    for stage in STAGES:
+        parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"default: configs/{stage}.py:tiny")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "jax_cache"))
-    result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in ("teacher", "student", "gan")})
+    result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in STAGES})
     report = result["report"]
     print(f"\nHeld-back photographs, x4 from synthetic real-world LR. PSNR: dB on Y. Block ratio: gradients across "
           f"the {report['token_pixels']}-pixel token grid over those inside it (HR {report['hr_block_ratio']:.2f}; "
@@ -146,12 +149,12 @@ def main():
         per_image = "  ".join(f"{k} {v:.2f}" for k, v in scores["psnr"].items())
         print(f"  {method:>16}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}")
     methods = report["methods"]
-    teacher_many = methods[f"teacher_{TEACHER_STEPS}step"]["psnr_mean"]
-    print(f"\nOne step vs many: stage-1 student 1 step {methods['isc_1step']['psnr_mean']:.2f} dB, "
-          f"{STUDENT_STEPS} steps {methods[f'isc_{STUDENT_STEPS}step']['psnr_mean']:.2f} dB; teacher 1 step "
-          f"{methods['teacher_1step']['psnr_mean']:.2f} dB, {TEACHER_STEPS} steps {teacher_many:.2f} dB.")
+    teacher_many = methods[f"teacher_fm_{TEACHER_STEPS}step"]["psnr_mean"]
+    print(f"\nOne step vs many: student_isc 1 step {methods['student_isc_1step']['psnr_mean']:.2f} dB, "
+          f"{STUDENT_STEPS} steps {methods[f'student_isc_{STUDENT_STEPS}step']['psnr_mean']:.2f} dB; teacher_fm "
+          f"1 step {methods['teacher_fm_1step']['psnr_mean']:.2f} dB, {TEACHER_STEPS} steps {teacher_many:.2f} dB.")
     print(f"Images in {result['outputs']}: <name>_comparison.png shows bicubic | teacher ({TEACHER_STEPS} steps) | "
-          "stage-1 student | stage-2 student | HR (one step each); every output is also saved alone.")
+          "student_isc | student_gan | HR (one step each); every output is also saved alone.")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ r"""Super-resolve images x4 with a model bundle (smfsr_jax/sampling/bundle.py, p
 
 Inputs: one image file, or every image file directly in a directory (.png .jpg .jpeg .bmp .tif .tiff .webp) in
 Python sorted() order; image k of that order (skipped files keep their place) is sampled with
-fold_in(PRNGKey(seed), k) (evaluation.md §0): the noise does not depend on --batch_size or on other files (the
+fold_in(PRNGKey(seed), k) (docs/design.md#noise-seeding): the noise does not depend on --batch_size or on other files (the
 outputs then agree up to float rounding, a level at a few pixels, as XLA's kernels depend on the batch size).
 Grayscale, palette, RGBA (alpha dropped), 16-bit and CMYK inputs are converted to 8-bit RGB; unreadable, truncated
 or too small (< 16 px a side) files are skipped, counted and named at the end, never fatal.

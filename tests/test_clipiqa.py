@@ -5,17 +5,15 @@ TorchScript archive like OpenAI's RN50.pt), strict converter.
 Tolerances: max abs error <= 1e-5 * max |reference| (CONTRIBUTING); scores 5e-5 relative (SCORE_REL).
 """
 
-import dataclasses
-
 import jax
 import numpy as np
-import pytest
 
 from smfsr_jax.convert import clipiqa as clipiqa_convert
-from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
-from smfsr_jax.evaluation import clipiqa
+from smfsr_jax.evaluation.scoring import load_clipiqa
+from smfsr_jax.models import clipiqa
 from tests.conftest import REPO, import_torch
-from tests.iqa_checks import SCORE_REL, assert_close
+from tests.iqa_checks import (SCORE_REL, assert_close, assert_conversion_fails, assert_converts_file, assert_keys_match,
+                              saved_scorer, unit)
 from tools.make_iqa_goldens import CLIP_RN50, CLIP_TINY, clip_archive_tensors, golden_images, save_torchscript_archive
 
 GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_clipiqa.npz")
@@ -33,9 +31,8 @@ def test_prompt_tokens_match_clip_tokenizer():
 
 
 def test_checkpoint_keys_match_clip():
-    for preset, (config, _) in PRESETS.items():
-        keys = [f"{k}:{shape}" for k, shape in clipiqa_convert.checkpoint_shapes(config).items()]
-        assert sorted(keys) == sorted(GOLDEN[f"{preset}/keys"]), preset
+    assert_keys_match(clipiqa_convert.checkpoint_shapes, ((preset, config) for preset, (config, _) in PRESETS.items()),
+                      GOLDEN)
 
 
 def scores_and_activations(params, config, images):
@@ -54,7 +51,7 @@ def check_preset(preset, image_indices):
     assert_close(params["text_features"][:, :32], GOLDEN[f"{preset}/text_features"])
     forward = jax.jit(scores_and_activations, static_argnums=1)
     for i in image_indices:
-        scores, features, layer1 = forward(params, config, IMAGES[i][None].astype(np.float32) / 255)
+        scores, features, layer1 = forward(params, config, unit(IMAGES[i]))
         assert_close(scores[0], GOLDEN[f"{preset}/scores"][i], SCORE_REL)
         assert_close(features[:, :32], GOLDEN[f"{preset}/image_features/{i}"])
         assert_close(layer1[0, :4, :4, :8].transpose(2, 0, 1), GOLDEN[f"{preset}/layer1/{i}"])
@@ -63,8 +60,7 @@ def check_preset(preset, image_indices):
 def test_tiny_scores_match_pyiqa(tmp_path):
     """Converted, saved and loaded like a real checkpoint (the portrait image is scored below)."""
     params = clipiqa_convert.convert_state_dict(archive_tensors("tiny"), clipiqa.TINY)
-    save_converted(tmp_path, dataclasses.asdict(clipiqa.TINY), params, meta={"converter": "clipiqa"})
-    score = clipiqa.load(tmp_path)
+    score = saved_scorer(tmp_path, "clipiqa", clipiqa.TINY, params, load_clipiqa)
     expected = GOLDEN["tiny/scores"][[0, 0]]
     assert_close(score([IMAGES[0], IMAGES[0].astype(np.float32) / 255]), expected, SCORE_REL)
 
@@ -84,21 +80,15 @@ def test_converter_fails_loudly_on_bad_keys():
     tensors["visual.attnpool.c_proj.weights"] = tensors.pop("visual.attnpool.c_proj.weight")  # renamed
     del tensors["visual.layer2.0.downsample.1.running_var"]  # missing
     tensors["text_projection"] = tensors["text_projection"].T  # mis-shaped
-    with pytest.raises(CheckpointError) as error:
-        clipiqa_convert.convert_state_dict(tensors, clipiqa.TINY, source="RN50.pt")
-    message = str(error.value)
-    assert message.startswith("RN50.pt:")
-    for expected in ("2 missing", "visual.attnpool.c_proj.weight\n", "visual.layer2.0.downsample.1.running_var",
-                     "1 unexpected", "visual.attnpool.c_proj.weights", "1 mis-shaped",
-                     "text_projection: expected (64, 32), found (32, 64)"):
-        assert expected in message
+    assert_conversion_fails(clipiqa_convert.convert_state_dict, tensors, clipiqa.TINY, "RN50.pt",
+                            ("2 missing", "visual.attnpool.c_proj.weight\n", "visual.layer2.0.downsample.1.running_var",
+                             "1 unexpected", "visual.attnpool.c_proj.weights", "1 mis-shaped",
+                             "text_projection: expected (64, 32), found (32, 64)"))
 
 
 def test_convert_reads_the_torchscript_archive(tmp_path):
     import_torch()
     tensors = archive_tensors("tiny")
     save_torchscript_archive(tensors, str(tmp_path / "RN50.pt"))
-    clipiqa_convert.convert(tmp_path / "RN50.pt", tmp_path / "converted", clipiqa.TINY)
-    config, meta, params = load_converted(tmp_path / "converted")
-    assert clipiqa.config_from_dict(config) == clipiqa.TINY and meta["converter"] == "clipiqa"
-    jax.tree.map(np.testing.assert_array_equal, params, clipiqa_convert.convert_state_dict(tensors, clipiqa.TINY))
+    assert_converts_file(clipiqa_convert, "clipiqa", clipiqa.TINY, clipiqa.config_from_dict, tmp_path / "RN50.pt",
+                         tensors, tmp_path / "converted")

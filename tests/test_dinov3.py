@@ -285,8 +285,8 @@ def test_full_size_parameter_counts(preset, hf_kwargs):
     count = _count(abstract_params(config))
     assert count == sum(p.numel() for p in hf_model.parameters())
     if preset == "vits16":
-        # HF named_parameters incl. the mask token. architecture.md §7 lists 21,596,928 (384 more): that
-        # derivation is off; this number is what DINOv3ViTModel instantiates.
+        # HF named_parameters incl. the mask token: what DINOv3ViTModel instantiates (a hand count of
+        # 21,596,928 is 384 too many).
         assert count == 21_596_544
 
 

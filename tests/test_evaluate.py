@@ -10,11 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from evaluate import evaluate_directory, write_results
 from smfsr_jax.evaluation import psnr_ssim
+from smfsr_jax.evaluation.directory import evaluate_directory
 from smfsr_jax.evaluation.io import read_rgb8
 from smfsr_jax.evaluation.metrics import REGISTRY, Metric, MetricSpec, MissingWeightsError, build_metrics
 from smfsr_jax.evaluation.osediff_log import format_log, parse_log, read_log
+from smfsr_jax.evaluation.results import write_results
 from tests.conftest import REPO, shared_path
 
 NAMES = ("b_10.png", "b_2.png", "a.png")  # sorted(): a.png, b_10.png, b_2.png

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from skimage import data as skimage_data
 
-import evaluate
-from smfsr_jax.sr import parse_seeds
 from smfsr_jax.convert.common import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
 from smfsr_jax.data import build
-from smfsr_jax.evaluation import runner, tables
+from smfsr_jax.evaluation import runner, tables, watch
 from smfsr_jax.evaluation.io import read_rgb8
 from smfsr_jax.evaluation.metrics import MissingWeightsError, build_metrics
 from smfsr_jax.models.lpips import LPIPSConfig
+from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import writers
 from tests.conftest import REPO
 from tools.make_metric_goldens import random_state_dict
@@ -48,16 +47,16 @@ def benchmark_dir(tmp_path_factory):
     return str(data_dir)
 
 
-def _run(benchmark_dir, seeds, metrics=("psnr", "ssim"), **options) -> evaluate.BenchmarkRun:
-    return evaluate.BenchmarkRun([runner.BenchmarkSet(DATASET, benchmark_dir)], seeds, build_metrics(metrics),
+def _run(benchmark_dir, seeds, metrics=("psnr", "ssim"), **options) -> runner.BenchmarkRun:
+    return runner.BenchmarkRun([runner.BenchmarkSet(DATASET, benchmark_dir)], seeds, build_metrics(metrics),
                                  **{**SAMPLING, **options})
 
 
 def test_checkpoint_mode_on_bundle_and_workdir(student_run, benchmark_dir, tmp_path):
     run = _run(benchmark_dir, [1, 2])
-    from_bundle = evaluate.evaluate_model(runner.load_model(str(student_run / "bundle")), run, str(tmp_path / "b"),
+    from_bundle = runner.evaluate_model(runner.load_model(str(student_run / "bundle")), run, str(tmp_path / "b"),
                                           show_progress=False)
-    from_workdir = evaluate.evaluate_model(runner.load_model(str(student_run)), run, str(tmp_path / "w"),
+    from_workdir = runner.evaluate_model(runner.load_model(str(student_run)), run, str(tmp_path / "w"),
                                            show_progress=False)
     assert sorted(os.listdir(tmp_path / "b")) == ["paired_sr", "table1.json", "table1.md", "table3.json", "table3.md"]
     dataset_dir = tmp_path / "b" / DATASET
@@ -124,8 +123,8 @@ def test_table4_from_the_command_line(student_run, benchmark_dir, tmp_path):
 
 def test_table4_without_lpips_weights_fails_before_sampling(student_run, benchmark_dir, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"Table 4 .*needs LPIPS weights: .*--lpips_weights.*--notable4"):
-        evaluate.diversity_metric(build_metrics(["psnr"]), [1, 2])
-    assert evaluate.diversity_metric(build_metrics(["psnr"]), [2, 3]) is None  # no seed 1: no Table 4
+        runner.diversity_metric(build_metrics(["psnr"]), [1, 2])
+    assert runner.diversity_metric(build_metrics(["psnr"]), [2, 3]) is None  # no seed 1: no Table 4
 
     command = [sys.executable, str(REPO / "evaluate.py"), f"--checkpoint={student_run / 'bundle'}",
                f"--datasets={DATASET}", f"--data_dir={benchmark_dir}", "--seeds=1,2", "--metrics=psnr",
@@ -144,7 +143,7 @@ def test_watch_evaluates_each_checkpoint_once(teacher_run, benchmark_dir, tmp_pa
     def no_sleep(seconds):
         raise AssertionError("the run has its bundle and every step is evaluated: the watcher must stop")
 
-    assert evaluate.watch(str(workdir), run, once=True, show_progress=False) == [60]
+    assert watch.watch(str(workdir), run, once=True, show_progress=False) == [60]
     assert json.loads((workdir / "eval" / "state.json").read_text()) == {"evaluated": [60]}
     (record,) = writers.read_jsonl(workdir / "eval" / "metrics.jsonl")
     table1 = json.loads((workdir / "eval" / "60" / "table1.json").read_text())
@@ -154,8 +153,8 @@ def test_watch_evaluates_each_checkpoint_once(teacher_run, benchmark_dir, tmp_pa
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "eval"))
 
     # A restarted watcher finds nothing new, and stops at once: the run is finished (bundle/ written).
-    assert evaluate.watch(str(workdir), run, once=True, show_progress=False) == []
-    assert evaluate.watch(str(workdir), run, poll_seconds=0, sleep=no_sleep, show_progress=False) == []
+    assert watch.watch(str(workdir), run, once=True, show_progress=False) == []
+    assert watch.watch(str(workdir), run, poll_seconds=0, sleep=no_sleep, show_progress=False) == []
     assert len(writers.read_jsonl(workdir / "eval" / "metrics.jsonl")) == 1
 
 
@@ -168,7 +167,7 @@ def test_watch_stops_after_its_time_on_an_unfinished_run(teacher_run, benchmark_
         waits.append(seconds)
         time.sleep(seconds)
 
-    assert evaluate.watch(str(workdir), _run(benchmark_dir, [1]), poll_seconds=5, stop_after_seconds=0.5,
+    assert watch.watch(str(workdir), _run(benchmark_dir, [1]), poll_seconds=5, stop_after_seconds=0.5,
                           sleep=sleep) == []
     assert len(waits) == 1 and 0 < waits[0] <= 0.5  # waits out the rest of its time, not a whole poll
 

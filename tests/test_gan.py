@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import train
 from configs import student_gan
 from smfsr_jax.convert import common
 from smfsr_jax.objectives import adversarial, vsd
-from smfsr_jax.training import gan, lora, sharding, stages, writers
+from smfsr_jax.training import inference, lora, loop, sharding, stages, writers
 from smfsr_jax.training import state as state_lib
+from smfsr_jax.training.stages import gan
 from tests import tiny_runs
 
 
@@ -66,7 +66,7 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
     losses = gan.make_losses(config, stage.model_config, stage.teacher_config, stage.autoencoder_config,
                              *_lpips_and_disc_configs(config))
     mesh = sharding.make_mesh(config.mesh)
-    batch = train.device_batch(next(train.data_iterator(config)), mesh)
+    batch = loop.device_batch(next(loop.data_iterator(config)), mesh)
     params = jax.tree.map(jnp.asarray, stage.trainable)
     owner = {"isc": "student", "rec": "student", "vsd": "student", "adv_g": "student",
              "regularizer": "regularizer", "disc": "discriminator"}
@@ -100,10 +100,10 @@ def _lpips_and_disc_configs(config):
     return lpips_config, disc_config
 
 
-def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path):
+def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path, monkeypatch):
     """D leaves 2.0, the G term responds, and the student moves only inside its trainable set."""
     config = gan_config(data_dir, teacher_run, student_run, total_steps=12, **{"optimizer.lr": 1e-3})
-    train.train(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
     records = [r for r in writers.read_jsonl(tmp_path / "metrics.jsonl") if "disc_term" in r]
     assert len(records) == 12 and all(np.isfinite(r["loss"]) for r in records)
     disc = np.array([r["disc_term"] for r in records])
@@ -118,3 +118,14 @@ def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path):
     for path in set(before) - set(trained):
         np.testing.assert_array_equal(after[path], before[path], err_msg=path)
     assert any(not np.array_equal(after[p], before[p]) for p in trained if "to_k_control" not in p)
+
+    # A checkpoint loads for sampling without the teacher, LPIPS or the discriminator, equal to the bundle.
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampling a checkpoint built a training-only network")
+
+    for name in ("load_teacher", "load_lpips", "load_discriminator"):
+        monkeypatch.setattr(gan if hasattr(gan, name) else gan.common, name, refuse)
+    loaded = common.flatten(inference.load_checkpoint(str(tmp_path)).transformer_params)
+    assert loaded.keys() == after.keys()
+    for path, value in after.items():
+        np.testing.assert_array_equal(loaded[path], value, err_msg=path)

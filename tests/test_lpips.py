@@ -54,7 +54,7 @@ def _torch_features(torch, net):
 
 
 def _torch_lpips(torch, features, taps, lins, a, b):
-    """LPIPS v0.1 of NCHW images in [-1, 1], straight from the definition (evaluation.md §5)."""
+    """LPIPS v0.1 of NCHW images in [-1, 1], straight from the definition (Zhang et al. 2018)."""
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 

@@ -6,17 +6,16 @@ geometry is checked on its own and the published architecture is a slow test (mi
 Tolerances: max abs error <= 1e-5 * max |reference| (CONTRIBUTING); scores 5e-5 relative (SCORE_REL).
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
 from smfsr_jax.convert import maniqa as maniqa_convert
-from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
-from smfsr_jax.evaluation import maniqa
-from tests.conftest import REPO, import_torch
-from tests.iqa_checks import SCORE_REL, assert_close, unit
+from smfsr_jax.evaluation.scoring import load_maniqa
+from smfsr_jax.models import maniqa
+from tests.conftest import REPO
+from tests.iqa_checks import (SCORE_REL, assert_close, assert_conversion_fails, assert_converts_file, assert_keys_match,
+                              save_pth, saved_scorer, unit)
 from tools.make_iqa_goldens import golden_images, random_state_dict
 
 GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_maniqa.npz")
@@ -35,9 +34,7 @@ def test_twenty_uniform_crops_match_pyiqa():
 
 
 def test_checkpoint_keys_match_pyiqa():
-    for preset, config in (("tiny", maniqa.TINY), ("full", maniqa.PIPAL)):
-        keys = [f"{k}:{shape}" for k, shape in maniqa_convert.checkpoint_shapes(config).items()]
-        assert sorted(keys) == sorted(GOLDEN[f"{preset}/keys"]), preset
+    assert_keys_match(maniqa_convert.checkpoint_shapes, (("tiny", maniqa.TINY), ("full", maniqa.PIPAL)), GOLDEN)
 
 
 def scores_and_activations(params, config, crops):
@@ -71,8 +68,7 @@ def test_tiny_scores_match_pyiqa(tmp_path):
     """Converted, saved and loaded like a real checkpoint (the portrait image is scored below)."""
     params = maniqa_convert.convert_state_dict(random_state_dict(maniqa_convert.checkpoint_shapes(maniqa.TINY)),
                                                maniqa.TINY)
-    save_converted(tmp_path, dataclasses.asdict(maniqa.TINY), params, meta={"converter": "maniqa"})
-    score = maniqa.load(tmp_path)
+    score = saved_scorer(tmp_path, "maniqa", maniqa.TINY, params, load_maniqa)
     expected = GOLDEN["tiny/scores"][[0, 0]]
     assert_close(score([IMAGES[0], IMAGES[0].astype(np.float32) / 255]), expected, SCORE_REL)
 
@@ -93,21 +89,14 @@ def test_converter_fails_loudly_on_bad_keys():
     tensors["tablock1.0.c_q.weights"] = tensors.pop("tablock1.0.c_q.weight")  # renamed
     del tensors["swintransformer2.downsample.bias"]  # missing, though unused: pyiqa loads strictly
     tensors["vit.pos_embed"] = tensors["vit.pos_embed"][:, 1:]  # mis-shaped
-    with pytest.raises(CheckpointError) as error:
-        maniqa_convert.convert_state_dict(tensors, maniqa.TINY, source="MANIQA_PIPAL.pth")
-    message = str(error.value)
-    assert message.startswith("MANIQA_PIPAL.pth:")
-    for expected in ("2 missing", "tablock1.0.c_q.weight\n", "swintransformer2.downsample.bias",
-                     "1 unexpected", "tablock1.0.c_q.weights", "1 mis-shaped",
-                     "vit.pos_embed: expected (1, 785, 32), found (1, 784, 32)"):
-        assert expected in message
+    assert_conversion_fails(maniqa_convert.convert_state_dict, tensors, maniqa.TINY, "MANIQA_PIPAL.pth",
+                            ("2 missing", "tablock1.0.c_q.weight\n", "swintransformer2.downsample.bias",
+                             "1 unexpected", "tablock1.0.c_q.weights", "1 mis-shaped",
+                             "vit.pos_embed: expected (1, 785, 32), found (1, 784, 32)"))
 
 
 def test_convert_reads_the_pth_file(tmp_path):
-    torch = import_torch()
     tensors = random_state_dict(maniqa_convert.checkpoint_shapes(maniqa.TINY))
-    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "maniqa.pth")
-    maniqa_convert.convert(tmp_path / "maniqa.pth", tmp_path / "converted", maniqa.TINY)
-    config, meta, params = load_converted(tmp_path / "converted")
-    assert maniqa.config_from_dict(config) == maniqa.TINY and meta["converter"] == "maniqa"
-    jax.tree.map(np.testing.assert_array_equal, params, maniqa_convert.convert_state_dict(tensors, maniqa.TINY))
+    save_pth(tensors, tmp_path / "maniqa.pth")
+    assert_converts_file(maniqa_convert, "maniqa", maniqa.TINY, maniqa.config_from_dict, tmp_path / "maniqa.pth",
+                         tensors, tmp_path / "converted")

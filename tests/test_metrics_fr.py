@@ -17,7 +17,7 @@ from tools.make_metric_goldens import random_image_pairs
 
 GOLDENS = pathlib.Path(__file__).parent / "golden" / "lpips_psnr_ssim.json"
 OSEDIFF_LOG = ("data", "drealsr", "results_osediff", "metrics", "test_METRICS_241023-173607.log")
-# evaluation.md §4 acceptance bounds; the log itself is rounded to 6 decimals.
+# The protocol's acceptance bounds (docs/design.md#psnr-and-ssim); the log itself is rounded to 6 decimals.
 MAX_PSNR_ERROR = 5e-5
 MAX_SSIM_ERROR = 5e-6
 

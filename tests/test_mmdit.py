@@ -11,7 +11,8 @@ import pytest
 from smfsr_jax.convert import common
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.models import mmdit
-from smfsr_jax.training import student_init
+from smfsr_jax.training.stages.student import student_from_teacher
+from smfsr_jax.training.stages.teacher import teacher_from_base
 from tests.conftest import import_torch, shared_path
 
 FIXTURES = ("sd35_mmdit_tiny", "dit4sr_teacher_tiny", "dit4sr_r1_tiny", "smfsr_student_tiny")
@@ -104,8 +105,18 @@ SD3_CONFIGS = {
                           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                           pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
                           dual_attention_layers=(), qk_norm=None),
+    # Non-prefix sets: runs dual, plain, dual (+ a plain last block); plain, dual, plain (+ a dual last block).
+    "dual_0_2_of4": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                         pooled_projection_dim=24, out_channels=16, pos_embed_max_size=16,
+                         dual_attention_layers=(0, 2), qk_norm="rms_norm"),
+    "dual_1_3_of4": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                         pooled_projection_dim=24, out_channels=16, pos_embed_max_size=16,
+                         dual_attention_layers=(1, 3), qk_norm="rms_norm"),
 }
-LATENT_SIZES = {"dual2_of3": (8, 8), "wide_rect": (8, 12), "sd3_no_qknorm": (6, 6)}
+LATENT_SIZES = {"dual2_of3": (8, 8), "wide_rect": (8, 12), "sd3_no_qknorm": (6, 6), "dual_0_2_of4": (8, 8),
+                "dual_1_3_of4": (6, 8)}
 
 
 def randomize(keys_shapes, seed):
@@ -163,7 +174,9 @@ def test_random_config_parity_with_diffusers(name, tmp_path):
 
 
 def dit4sr_state_dict(cfg_dict, seed, interval=False, dead_keys=True):
-    """A DiT4SR / SMFSR state dict built from diffusers' SD3 keys plus the control keys of architecture.md §5.4."""
+    """A DiT4SR / SMFSR state dict: diffusers' SD3 keys plus, in every attention (`attn`, `attn2`), the
+    `to_{q,k,v,out}_control` linears and, per block, `ff.control_conv`; `dead_keys` adds the never-read
+    attn2 added-KV weights and SMFSR's top-level `interval_embedder`."""
     import_torch()  # skips without torch
     from diffusers import SD3Transformer2DModel
     base = SD3Transformer2DModel(**cfg_dict)
@@ -194,7 +207,7 @@ def dit4sr_state_dict(cfg_dict, seed, interval=False, dead_keys=True):
 
 
 LR_CASES = [("dual2_of3", True, False), ("dual2_of3", False, False), ("wide_rect", True, True),
-            ("dual2_of3", True, True)]
+            ("dual2_of3", True, True), ("dual_0_2_of4", True, True), ("dual_1_3_of4", False, False)]
 
 
 @pytest.mark.parametrize("name,lr_key_bug,interval", LR_CASES)
@@ -220,7 +233,8 @@ def test_random_config_parity_lr_stream(name, lr_key_bug, interval, tmp_path):
 # The original SD3.5 single-file layout.
 
 def original_layout_state_dict(cfg_dict, seed):
-    """Random `model.diffusion_model.*` tensors named as in Stability's mmditx.py (architecture.md §2.1)."""
+    """Random `model.diffusion_model.*` tensors named as in Stability's mmditx.py (`joint_blocks.i.x_block` /
+    `context_block`, fused `qkv`, `ln_q`/`ln_k`, `adaLN_modulation.1`)."""
     d = cfg_dict["num_attention_heads"] * cfg_dict["attention_head_dim"]
     hd, layers, p = cfg_dict["attention_head_dim"], cfg_dict["num_layers"], cfg_dict["patch_size"]
     c = cfg_dict["in_channels"]
@@ -370,6 +384,58 @@ def test_converted_directory_round_trip_and_cli(teacher_file, tmp_path):
     assert meta["lr_key_bug"] is False and meta["variant"] == "dit4sr_r1"
 
 
+def test_scan_groups_are_the_runs_of_like_blocks():
+    """Blocks 0..L-2 scan per maximal run of one kind; a prefix keeps `dual_blocks`, `blocks`, `last_block`."""
+    def layout(**kw):
+        cfg = mmdit.MMDiTConfig.tiny(**kw)
+        params = mmdit.abstract_params(cfg)
+        groups = {k: v["norm1"]["linear"]["kernel"].shape[0] for k, v in params.items() if "blocks" in k}
+        assert ("attn2" in params["last_block"]) == cfg.last_block_dual
+        mapping = [convert_transformer._block_group(cfg, i) for i in range(cfg.num_layers)]
+        return groups, mapping
+
+    assert layout() == ({"dual_blocks": 2}, [("dual_blocks", 0), ("dual_blocks", 1), ("last_block", -1)])
+    assert layout(num_layers=5, dual_attention_layers=(0, 1, 2)) == (
+        {"dual_blocks": 3, "blocks": 1},
+        [("dual_blocks", 0), ("dual_blocks", 1), ("dual_blocks", 2), ("blocks", 0), ("last_block", -1)])
+    assert layout(num_layers=4, dual_attention_layers=(0, 2)) == (
+        {"dual_blocks": 1, "blocks": 1, "dual_blocks_1": 1},
+        [("dual_blocks", 0), ("blocks", 0), ("dual_blocks_1", 0), ("last_block", -1)])
+    assert layout(num_layers=8, dual_attention_layers=(7, 4, 2, 5)) == (
+        {"blocks": 2, "dual_blocks": 1, "blocks_1": 1, "dual_blocks_1": 2, "blocks_2": 1},
+        [("blocks", 0), ("blocks", 1), ("dual_blocks", 0), ("blocks_1", 0), ("dual_blocks_1", 0),
+         ("dual_blocks_1", 1), ("blocks_2", 0), ("last_block", -1)])
+    sd35 = mmdit.abstract_params(mmdit.MMDiTConfig.sd35_medium())
+    assert sorted(k for k in sd35 if "block" in k) == ["blocks", "dual_blocks", "last_block"]
+    assert sd35["dual_blocks"]["attn2"]["to_q"]["kernel"].shape[0] == 13
+    assert sd35["blocks"]["attn"]["to_q"]["kernel"].shape[0] == 10
+
+
+def test_non_prefix_dual_layers_convert_round_trip(tmp_path):
+    cfg_dict = SD3_CONFIGS["dual_0_2_of4"]
+    sd = dit4sr_state_dict(cfg_dict, seed=9, interval=True)
+    (tmp_path / "src").mkdir()
+    cfg, params = convert_transformer.load_transformer(write_checkpoint(tmp_path / "src", sd, cfg_dict))
+    assert cfg.dual_attention_layers == (0, 2) and set(params) >= {"dual_blocks", "blocks", "dual_blocks_1"}
+    np.testing.assert_array_equal(params["dual_blocks_1"]["attn2"]["to_q_control"]["kernel"][0],
+                                  sd["transformer_blocks.2.attn2.to_q_control.weight"].T.astype(np.float32))
+    convert_transformer.convert(tmp_path / "src", tmp_path / "converted", show_progress=False)
+    cfg2, params2 = convert_transformer.load_transformer(tmp_path / "converted")
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_dual_layers_that_disagree_with_the_weights_fail_naming_the_keys(tmp_path):
+    sd = dit4sr_state_dict(SD3_CONFIGS["dual_0_2_of4"], seed=10, dead_keys=False)
+    claimed = {**SD3_CONFIGS["dual_0_2_of4"], "dual_attention_layers": (0, 1)}
+    with pytest.raises(common.CheckpointError) as err:
+        convert_transformer.load_transformer(write_checkpoint(tmp_path, sd, claimed))
+    msg = str(err.value)
+    assert "missing key(s):\n    transformer_blocks.1.attn2." in msg
+    assert "unexpected key(s):\n    transformer_blocks.2.attn2." in msg
+    assert "mis-shaped key(s):" in msg and "transformer_blocks.1.norm1.linear.weight: expected (144, 16)" in msg
+
+
 # ---------------------------------------------------------------------------------------------
 # Full-size shapes (no memory).
 
@@ -478,8 +544,8 @@ def test_attention_switch_and_errors():
     with pytest.raises(ValueError, match="exceeds"):
         big = np.zeros((1, 40, 40, 16), np.float32)
         mmdit.MMDiT(cfg).apply({"params": params}, big, **tiny_inputs(cfg, batch=1, hw=(40, 40))[1])
-    with pytest.raises(ValueError, match="prefix"):
-        mmdit.MMDiTConfig.tiny(dual_attention_layers=(1,))
+    with pytest.raises(ValueError, match=r"dual_attention_layers \[3\] are not blocks of a 3-block network"):
+        mmdit.MMDiTConfig.tiny(dual_attention_layers=(0, 3))
 
 
 def test_to_k_control_gets_no_gradient_in_double_norm_mode():
@@ -521,7 +587,7 @@ def test_timestep_frequencies_match_torch_within_one_ulp():
 def test_teacher_from_base_and_student_from_teacher():
     base_cfg = mmdit.MMDiTConfig.tiny()
     base = random_params(base_cfg, seed=8)
-    t_cfg, teacher = convert_transformer.teacher_from_base(base_cfg, base)
+    t_cfg, teacher = teacher_from_base(base_cfg, base)
     assert t_cfg.lr_stream
     flat, flat_base = common.flatten(teacher), common.flatten(base)
     for path, value in flat_base.items():  # every base tensor is kept as it is
@@ -532,7 +598,7 @@ def test_teacher_from_base_and_student_from_teacher():
             assert not np.any(value), path
         if "to_out_control" in path:
             np.testing.assert_array_equal(value, flat[path.replace("to_out_control", "to_out")])
-    s_cfg, student = student_init.student_from_teacher(t_cfg, teacher, interval_init="torch_default", seed=0)
+    s_cfg, student = student_from_teacher(t_cfg, teacher, interval_init="torch_default", seed=0)
     assert s_cfg.time_conditioning == "interval" and s_cfg.time_scale == 1.0
     np.testing.assert_array_equal(student["time_text_embed_interval"]["time_text_embed"]["timestep_embedder"]
                                   ["linear_1"]["kernel"], teacher["time_text_embed"]["timestep_embedder"]["linear_1"]["kernel"])

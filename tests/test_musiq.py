@@ -4,17 +4,17 @@ tools/make_iqa_goldens.py from pyiqa's own `musiq` metric with the same random w
 Tolerances: max abs error <= 1e-5 * max |reference| (CONTRIBUTING); scores 5e-5 relative (SCORE_REL).
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
 from smfsr_jax.convert import musiq as musiq_convert
-from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
-from smfsr_jax.evaluation import musiq
-from tests.conftest import REPO, import_torch
-from tests.iqa_checks import SCORE_REL, assert_close, unit
+from smfsr_jax.convert.common import CheckpointError, save_converted
+from smfsr_jax.evaluation.scoring import load_musiq
+from smfsr_jax.models import musiq
+from tests.conftest import REPO
+from tests.iqa_checks import (SCORE_REL, assert_close, assert_conversion_fails, assert_converts_file, assert_keys_match,
+                              save_pth, saved_scorer, unit)
 from tools.make_iqa_goldens import golden_images, random_state_dict, resize_input
 
 GOLDEN = np.load(REPO / "tests" / "golden" / "iqa_musiq.npz")
@@ -62,17 +62,14 @@ def check_activations(preset, config, image_index):
 
 
 def test_checkpoint_keys_match_pyiqa():
-    for preset, config in (("tiny", musiq.TINY), ("full", musiq.KONIQ)):
-        keys = [f"{k}:{shape}" for k, shape in musiq_convert.checkpoint_shapes(config).items()]
-        assert sorted(keys) == sorted(GOLDEN[f"{preset}/keys"]), preset
+    assert_keys_match(musiq_convert.checkpoint_shapes, (("tiny", musiq.TINY), ("full", musiq.KONIQ)), GOLDEN)
 
 
 def test_tiny_scores_match_pyiqa(tmp_path):
     """Converted, saved and loaded like a real checkpoint; images of two sizes (one jit per size)."""
     params = musiq_convert.convert_state_dict(random_state_dict(musiq_convert.checkpoint_shapes(musiq.TINY)),
                                               musiq.TINY)
-    save_converted(tmp_path, dataclasses.asdict(musiq.TINY), params, meta={"converter": "musiq"})
-    score = musiq.load(tmp_path)
+    score = saved_scorer(tmp_path, "musiq", musiq.TINY, params, load_musiq)
     expected = GOLDEN["tiny/scores"]
     assert_close(score(IMAGES), expected, SCORE_REL)
     assert_close(score(np.stack([IMAGES[0], IMAGES[0]]).astype(np.float32) / 255), expected[[0, 0]], SCORE_REL)
@@ -84,10 +81,10 @@ def test_tiny_scores_match_pyiqa(tmp_path):
 
 def test_load_names_a_wrong_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a converted musiq directory"):
-        musiq.load(tmp_path)
+        load_musiq(tmp_path)
     save_converted(tmp_path, {}, {"w": np.zeros(1, np.float32)}, meta={"converter": "maniqa"})
     with pytest.raises(CheckpointError, match="holds 'maniqa' weights, not 'musiq'"):
-        musiq.load(tmp_path)
+        load_musiq(tmp_path)
 
 
 def test_full_size_matches_pyiqa():
@@ -101,21 +98,13 @@ def test_converter_fails_loudly_on_bad_keys():
     tensors["head.weights"] = tensors.pop("head.weight")  # renamed
     del tensors["transformer_encoder.cls"]  # missing
     tensors["embedding.bias"] = tensors["embedding.bias"][:-1]  # mis-shaped
-    with pytest.raises(CheckpointError) as error:
-        musiq_convert.convert_state_dict(tensors, musiq.TINY, source="musiq_koniq_ckpt.pth")
-    message = str(error.value)
-    assert message.startswith("musiq_koniq_ckpt.pth:")
-    for expected in ("2 missing", "head.weight\n", "transformer_encoder.cls", "1 unexpected", "head.weights",
-                     "1 mis-shaped", "embedding.bias: expected (32,), found (31,)"):
-        assert expected in message
+    assert_conversion_fails(musiq_convert.convert_state_dict, tensors, musiq.TINY, "musiq_koniq_ckpt.pth",
+                            ("2 missing", "head.weight\n", "transformer_encoder.cls", "1 unexpected", "head.weights",
+                             "1 mis-shaped", "embedding.bias: expected (32,), found (31,)"))
 
 
 def test_convert_reads_the_pth_file(tmp_path):
-    torch = import_torch()
     tensors = random_state_dict(musiq_convert.checkpoint_shapes(musiq.TINY))
-    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "musiq.pth")
-    musiq_convert.convert(tmp_path / "musiq.pth", tmp_path / "converted", musiq.TINY)
-    config, meta, params = load_converted(tmp_path / "converted")
-    assert musiq.config_from_dict(config) == musiq.TINY and meta["converter"] == "musiq"
-    expected = musiq_convert.convert_state_dict(tensors, musiq.TINY)
-    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    save_pth(tensors, tmp_path / "musiq.pth")
+    assert_converts_file(musiq_convert, "musiq", musiq.TINY, musiq.config_from_dict, tmp_path / "musiq.pth", tensors,
+                         tmp_path / "converted")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfsr_jax.objectives import flow_matching, isc
-from smfsr_jax.sampling import schedules
+from smfsr_jax.core import schedules
 from tests.conftest import import_torch
 
 

@@ -12,7 +12,8 @@ from smfsr_jax.convert import common
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.models import mmdit
 from smfsr_jax.models.vae import VAEConfig
-from smfsr_jax.sampling import bundle, color, pipeline, samplers, schedules, tiling
+from smfsr_jax.core import schedules
+from smfsr_jax.sampling import bundle, color, pipeline, samplers, tiling
 from tests.conftest import import_torch
 
 # The tiny SD3 text stack's widths (tests/text_fixtures.py: T5 d_model 96, CLIP projections 32 + 40), so that
@@ -179,7 +180,7 @@ def test_teacher_cfg_euler_matches_diffusers_scheduler():
 # ------------------------------------------------------------------------------------------------ tiling
 
 def test_tile_origins_and_weights():
-    assert tiling.tile_origins(128, 64, 24) == (0, 40, 64)  # RealLQ250's 128² latents (architecture.md §9)
+    assert tiling.tile_origins(128, 64, 24) == (0, 40, 64)  # RealLQ250's 128² latents
     assert tiling.tile_origins(64, 64, 24) == (0,)
     assert tiling.tile_origins(91, 64, 24) == (0, 27)
     assert tiling.tile_origins(150, 64, 24) == (0, 40, 80, 86)

@@ -9,7 +9,8 @@ import pytest
 from configs import common, student_isc
 from smfsr_jax.convert.transformer import load_transformer
 from smfsr_jax.models import mmdit
-from smfsr_jax.training import partition, stages, student_init
+from smfsr_jax.training import partition, stages
+from smfsr_jax.training.stages.student import student_from_teacher
 from tests import tiny_runs
 
 
@@ -46,7 +47,7 @@ def rel_error(a, b):
 def test_fitted_student_is_the_teacher_at_step_zero():
     teacher_cfg, teacher = random_teacher()
     pooled = np.random.default_rng(3).normal(size=(teacher_cfg.pooled_projection_dim,)).astype(np.float32)
-    student_cfg, student = student_init.student_from_teacher(teacher_cfg, teacher, pooled=pooled)
+    student_cfg, student = student_from_teacher(teacher_cfg, teacher, pooled=pooled)
     assert student_cfg.time_conditioning == "interval" and student_cfg.time_scale == teacher_cfg.time_scale
     z, kw = inputs(teacher_cfg, pooled)
     v, u = velocities(teacher_cfg, teacher, student_cfg, student, z, kw)
@@ -55,7 +56,7 @@ def test_fitted_student_is_the_teacher_at_step_zero():
     _, u_r = velocities(teacher_cfg, teacher, student_cfg, student, z, kw, r=kw["t"] * 0.3)
     assert rel_error(u_r, v) < 1e-3
     # The released module code's random init is far from the teacher (the motivation for the fit).
-    default_cfg, default = student_init.student_from_teacher(teacher_cfg, teacher, interval_init="torch_default")
+    default_cfg, default = student_from_teacher(teacher_cfg, teacher, interval_init="torch_default")
     assert default_cfg.time_scale == 1.0
     assert rel_error(velocities(teacher_cfg, teacher, default_cfg, default, z, kw)[1], v) > 0.1
 
@@ -63,7 +64,7 @@ def test_fitted_student_is_the_teacher_at_step_zero():
 def test_fit_covers_every_pooled_row_and_bf16_compute():
     teacher_cfg, teacher = random_teacher(seed=4)
     pooled = np.random.default_rng(5).normal(size=(32, teacher_cfg.pooled_projection_dim)).astype(np.float32)
-    student_cfg, student = student_init.student_from_teacher(teacher_cfg, teacher, pooled=pooled)
+    student_cfg, student = student_from_teacher(teacher_cfg, teacher, pooled=pooled)
     embed = lambda cfg, params, **kw: mmdit.MMDiT(cfg).apply(  # noqa: E731
         {"params": params}, jnp.zeros((32, 8, 8, cfg.in_channels)), context=jnp.zeros((32, 4, cfg.joint_attention_dim)),
         lr_latents=jnp.zeros((32, 8, 8, cfg.in_channels)), pooled=pooled, t=jnp.linspace(0, 1, 32), **kw)
@@ -76,9 +77,9 @@ def test_fit_covers_every_pooled_row_and_bf16_compute():
 def test_fit_needs_the_pooled_embeddings_and_a_known_mode():
     teacher_cfg, teacher = random_teacher()
     with pytest.raises(ValueError, match="pooled"):
-        student_init.student_from_teacher(teacher_cfg, teacher)
+        student_from_teacher(teacher_cfg, teacher)
     with pytest.raises(ValueError, match="init.interval"):
-        student_init.student_from_teacher(teacher_cfg, teacher, interval_init="zeros", pooled=np.zeros(32))
+        student_from_teacher(teacher_cfg, teacher, interval_init="zeros", pooled=np.zeros(32))
 
 
 def test_student_stage_starts_as_the_trained_teacher(teacher_run, data_dir):

@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train
 from configs import student_isc, teacher_fm
 from smfsr_jax.convert import common
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling.pipeline import SRPipeline
-from smfsr_jax.training import checkpoints, partition, stages, writers
+from smfsr_jax.training import checkpoints, loop, partition, stages, writers
 from tests.conftest import REPO
 from tests.tiny_runs import STEPS, TINY_OVERRIDES, bundle_params, tiny
 
@@ -41,7 +40,7 @@ def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
     assert record["meta"]["tile_size"] == 8
     sr = SRPipeline.from_checkpoint(str(teacher_run / "bundle"))
     assert (sr.tile_size, sr.tile_overlap) == (8, 3)
-    assert json.loads((teacher_run / "config.json").read_text())["stage"] == "teacher"
+    assert json.loads((teacher_run / "config.json").read_text())["stage"] == "teacher_fm"
     assert checkpoints.finished_steps(str(teacher_run / "checkpoints")) == [STEPS]
 
 
@@ -77,7 +76,7 @@ def test_frozen_parts_are_bit_identical_after_a_step(teacher_run, data_dir):
     frozen_shardings = sharding.param_shardings(stage.frozen, mesh)
     frozen = sharding.put(stage.frozen, frozen_shardings)
     before = jax.device_get(frozen)
-    batch = train.device_batch(next(train.data_iterator(config)), mesh)
+    batch = loop.device_batch(next(loop.data_iterator(config)), mesh)
     step = state_lib.jit_train_step(state_lib.make_train_step(stage.loss_fn, optimizer, seed=0), shardings,
                                     frozen_shardings, mesh)
     new_state, _ = step(state, frozen, batch)
@@ -116,7 +115,7 @@ def test_isc_targets_carry_no_gradient():
 
 def test_nan_stops_training_before_any_checkpoint(data_dir, tmp_path, monkeypatch):
     config = tiny(teacher_fm, data_dir, total_steps=6, checkpoint_every=2)
-    original = train.device_batch
+    original = loop.device_batch
     calls = {"n": 0}
 
     def poisoned(batch, mesh):
@@ -128,9 +127,9 @@ def test_nan_stops_training_before_any_checkpoint(data_dir, tmp_path, monkeypatc
         batch["pooled_prompt_embeds"] = np.zeros((batch["hr"].shape[0], 32), np.float32)
         return original(batch, mesh)
 
-    monkeypatch.setattr(train, "device_batch", poisoned)
-    with pytest.raises(train.NonFiniteError, match="at step 3"):
-        train.train(config, str(tmp_path))
+    monkeypatch.setattr(loop, "device_batch", poisoned)
+    with pytest.raises(loop.NonFiniteError, match="at step 3"):
+        loop.train(config, str(tmp_path))
     assert checkpoints.finished_steps(str(tmp_path / "checkpoints")) == [2]
     assert not (tmp_path / "bundle").exists()
 
@@ -159,13 +158,13 @@ class DiesAtBatch:
 
 def test_killed_run_resumes_exactly(teacher_run, data_dir, tmp_path, monkeypatch):
     config = tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=25)
-    original = train.data_iterator
-    monkeypatch.setattr(train, "data_iterator", lambda cfg: DiesAtBatch(original(cfg), 40))
+    original = loop.data_iterator
+    monkeypatch.setattr(loop, "data_iterator", lambda cfg: DiesAtBatch(original(cfg), 40))
     with pytest.raises(KeyboardInterrupt):
-        train.train(config, str(tmp_path))
+        loop.train(config, str(tmp_path))
     assert checkpoints.finished_steps(str(tmp_path / "checkpoints")) == [25]
-    monkeypatch.setattr(train, "data_iterator", original)
-    train.train(config, str(tmp_path))
+    monkeypatch.setattr(loop, "data_iterator", original)
+    loop.train(config, str(tmp_path))
     assert_trees_close(bundle_params(tmp_path), bundle_params(teacher_run), atol=0.0)
 
 
@@ -225,5 +224,5 @@ def test_checkpoints_load_for_inference_and_readers_skip_saves_in_progress(teach
         model = inference.load_checkpoint(str(teacher_run))
     finally:
         in_progress.rmdir()
-    assert model.meta == {"stage": "teacher", "step": STEPS, "variant": "tiny", "tile_size": 8} and model.kind == "teacher"
+    assert model.meta == {"stage": "teacher_fm", "step": STEPS, "variant": "tiny", "tile_size": 8} and model.kind == "teacher"
     assert_trees_close(model.transformer_params, bundle_params(teacher_run), atol=0.0)

@@ -2,8 +2,8 @@
 
 import pathlib
 
-import train
 from smfsr_jax.convert.transformer import load_transformer
+from smfsr_jax.training import loop
 
 # Smaller than the demo's tiny configs: 2 blocks of width 32, 32-pixel crops.
 TINY_OVERRIDES = {"model.num_layers": 2, "model.dual_attention_layers": (0,), "model.num_heads": 2,
@@ -29,5 +29,5 @@ def bundle_params(workdir):
 
 
 def run(module, data_dir, workdir, **overrides):
-    train.train(tiny(module, data_dir, **overrides), str(workdir))
+    loop.train(tiny(module, data_dir, **overrides), str(workdir))
     return pathlib.Path(workdir)

@@ -1,8 +1,8 @@
 """A functional torch reference of the DiT4SR / SMFSR transformer, over a diffusers-named state dict.
 
-Written from architecture.md §1, §5, §6 in torch (NCHW, unfused, diffusers key names) so that random
-configurations beyond the shared fixtures can be checked. The shared fixtures (made by the official
-DiT4SR / SMFSR code) validate this reference itself (tests/test_mmdit.py).
+Written independently of the JAX model in torch (NCHW, unfused, diffusers key names; any set of dual
+attention blocks) so that random configurations beyond the shared fixtures can be checked. The shared
+fixtures (made by the official DiT4SR / SMFSR code) validate this reference itself (tests/test_mmdit.py).
 """
 
 import math

@@ -135,6 +135,16 @@ def _capture(module, store, name, fn=lambda out: out):
     return module.register_forward_hook(lambda m, i, out: store.__setitem__(name, fn(out).detach().numpy().copy()))
 
 
+def _score_hooked(metric, image, handles) -> float:
+    """pyiqa's score of one uint8 image; the forward hooks `handles` (which fill their store) are removed."""
+    import torch
+    with torch.no_grad():
+        score = float(metric(_to_torch(image)))
+    for handle in handles:
+        handle.remove()
+    return score
+
+
 def musiq_goldens() -> dict:
     import torch
     import torch.nn.functional as F
@@ -158,18 +168,14 @@ def musiq_goldens() -> dict:
         out[f"{preset}/keys"] = _key_table(net)
         scores, cls = [], []
         for i, image in enumerate(images):
-            x = _to_torch(image)
             store = {}
             handles = [_capture(net.transformer_encoder, store, "encoded"),
                        _capture(net.embedding, store, "embedding")]
-            with torch.no_grad():
-                scores.append(float(metric(x)))
-            for handle in handles:
-                handle.remove()
+            scores.append(_score_hooked(metric, image, handles))
             cls.append(store["encoded"][0, 0])
             out[f"{preset}/embedding/{i}"] = store["embedding"][0, :4, :64]
             if preset == "full":
-                tokens = get_multiscale_patches((x - 0.5) * 2, **net.data_preprocess_opts)[0].numpy()
+                tokens = get_multiscale_patches((_to_torch(image) - 0.5) * 2, **net.data_preprocess_opts)[0].numpy()
                 out[f"tokens/{i}/spatial"] = tokens[:, -3].astype(np.int32)
                 out[f"tokens/{i}/scale"] = tokens[:, -2].astype(np.int32)
                 out[f"tokens/{i}/mask"] = tokens[:, -1].astype(np.int32)
@@ -186,7 +192,6 @@ def _key_table(net) -> np.ndarray:
 
 def maniqa_goldens() -> dict:
     import timm
-    import torch
     import pyiqa
 
     create_model = timm.create_model
@@ -216,12 +221,8 @@ def maniqa_goldens() -> dict:
                 _capture(net.swintransformer1, store, "swin1", lambda o: o[:3, :5, 0, :8]),
                 _capture(net.swintransformer2, store, "swin2", lambda o: o[:3, :5, 0, :8]),
             ]
-            with torch.no_grad():
-                scores.append(float(metric(_to_torch(image))))
-            for handle in handles:
-                handle.remove()
-            for name, value in store.items():
-                out[f"{preset}/{name}/{i}"] = value
+            scores.append(_score_hooked(metric, image, handles))
+            out.update({f"{preset}/{name}/{i}": value for name, value in store.items()})
         out[f"{preset}/scores"] = np.array(scores)
         print(f"maniqa {preset}: {scores}")
     return out
@@ -253,12 +254,8 @@ def clipiqa_goldens() -> dict:
             store = {}
             handles = [_capture(clip_model.visual, store, "image_features", lambda o: o[:, :32]),
                        _capture(clip_model.visual.layer1, store, "layer1", lambda o: o[0, :8, :4, :4])]
-            with torch.no_grad():
-                scores.append(float(metric(_to_torch(image))))
-            for handle in handles:
-                handle.remove()
-            for name, value in store.items():
-                out[f"{preset}/{name}/{i}"] = value
+            scores.append(_score_hooked(metric, image, handles))
+            out.update({f"{preset}/{name}/{i}": value for name, value in store.items()})
         out[f"{preset}/scores"] = np.array(scores)
         print(f"clipiqa {preset}: {scores}")
     return out

@@ -8,25 +8,19 @@ fixed prompts, and only its features are stored; the attention pool's positional
 pos_embedding=False) and BatchNorm's num_batches_tracked are checked and dropped.
 """
 
-import dataclasses
-import os
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import (check_keys, check_tree, conv_kernel, linear_kernel, map_tensors,
-                                      save_converted, unflatten)
-from smfsr_jax.convert.torch_pickle import load_state_dict
-from smfsr_jax.evaluation.clipiqa import RN50, CLIPIQA, CLIPIQAConfig, TextTransformer, prompt_tokens
+from smfsr_jax.convert import torch_pickle
+from smfsr_jax.convert.common import (check_keys, check_tree, conv_kernel, linear_kernel,
+                                      map_tensors, unflatten)
+from smfsr_jax.models.clipiqa import RN50, CLIPIQA, CLIPIQAConfig, TextTransformer, prompt_tokens
 
 # Integer attributes that only TorchScript archives carry (build_model deletes them).
 ARCHIVE_ATTRIBUTES = ("input_resolution", "context_length", "vocab_size")
-
-
-def _identity(w):
-    return w
 
 
 def _half(fn):
@@ -48,17 +42,17 @@ def _rules(config: CLIPIQAConfig) -> tuple[dict, dict]:
 
     def linear(key, path, cin, cout):
         add(f"{key}.weight", f"{path}/kernel", _half(linear_kernel), (cout, cin))
-        add(f"{key}.bias", f"{path}/bias", _half(_identity), (cout,))
+        add(f"{key}.bias", f"{path}/bias", _half(np.asarray), (cout,))
 
     def batch_norm(key, path, channels):
         for torch_name, flax_name in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
                                       ("running_var", "var")):
-            add(f"{key}.{torch_name}", f"{path}/{flax_name}", _identity, (channels,))
+            add(f"{key}.{torch_name}", f"{path}/{flax_name}", np.asarray, (channels,))
         add(f"{key}.num_batches_tracked", None, None, ())
 
     def layer_norm(key, path, dim):
-        add(f"{key}.weight", f"{path}/scale", _identity, (dim,))
-        add(f"{key}.bias", f"{path}/bias", _identity, (dim,))
+        add(f"{key}.weight", f"{path}/scale", np.asarray, (dim,))
+        add(f"{key}.bias", f"{path}/bias", np.asarray, (dim,))
 
     width = config.vision_width
     for i, (cin, cout, stride) in enumerate(((3, width // 2, 2), (width // 2, width // 2, 1), (width // 2, width, 1)),
@@ -87,20 +81,20 @@ def _rules(config: CLIPIQAConfig) -> tuple[dict, dict]:
     linear("visual.attnpool.c_proj", "visual/attnpool/c_proj", pooled, config.embed_dim)
 
     d = config.text_width
-    add("token_embedding.weight", "text/token_embedding/embedding", _identity, (config.vocab_size, d))
-    add("positional_embedding", "text/positional_embedding", _identity, (config.context_length, d))
+    add("token_embedding.weight", "text/token_embedding/embedding", np.asarray, (config.vocab_size, d))
+    add("positional_embedding", "text/positional_embedding", np.asarray, (config.context_length, d))
     for i in range(config.text_layers):
         key, path = f"transformer.resblocks.{i}", f"text/resblocks_{i}"
         add(f"{key}.attn.in_proj_weight", f"{path}/attn/in_proj/kernel", _half(linear_kernel), (3 * d, d))
-        add(f"{key}.attn.in_proj_bias", f"{path}/attn/in_proj/bias", _half(_identity), (3 * d,))
+        add(f"{key}.attn.in_proj_bias", f"{path}/attn/in_proj/bias", _half(np.asarray), (3 * d,))
         linear(f"{key}.attn.out_proj", f"{path}/attn/out_proj", d, d)
         layer_norm(f"{key}.ln_1", f"{path}/ln_1", d)
         linear(f"{key}.mlp.c_fc", f"{path}/mlp/c_fc", d, 4 * d)
         linear(f"{key}.mlp.c_proj", f"{path}/mlp/c_proj", 4 * d, d)
         layer_norm(f"{key}.ln_2", f"{path}/ln_2", d)
     layer_norm("ln_final", "text/ln_final", d)
-    add("text_projection", "text/text_projection", _half(_identity), (d, config.embed_dim))
-    add("logit_scale", "logit_scale", _identity, ())
+    add("text_projection", "text/text_projection", _half(np.asarray), (d, config.embed_dim))
+    add("logit_scale", "logit_scale", np.asarray, ())
     return rules, shapes
 
 
@@ -137,8 +131,5 @@ def convert_state_dict(tensors: Mapping, config: CLIPIQAConfig = RN50, source: s
 
 
 def convert(src: str, dst: str, config: CLIPIQAConfig = RN50) -> CLIPIQAConfig:
-    """CLIP RN50.pt -> orbax params + JSON config in `dst` (read by smfsr_jax.evaluation.clipiqa.load)."""
-    params = convert_state_dict(load_state_dict(src), config, source=os.fspath(src))
-    save_converted(dst, dataclasses.asdict(config), params,
-                   meta={"converter": "clipiqa", "source": os.path.abspath(src)})
-    return config
+    """CLIP RN50.pt -> orbax params + JSON config in `dst` (read by evaluation.scoring.load_clipiqa)."""
+    return torch_pickle.convert_torch_file(src, dst, "clipiqa", config, convert_state_dict)

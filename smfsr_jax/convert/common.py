@@ -233,6 +233,16 @@ def map_tensors(tensors: Mapping, rules: Mapping[str, tuple[str, Callable]], dty
     return flat
 
 
+def convert_checked(source: str, tensors: Mapping, rules: Mapping[str, tuple[str, Callable]],
+                    shapes: Mapping[str, tuple], abstract_params: Mapping) -> dict:
+    """A torch state dict strictly checked against {key: shape}, mapped by `rules` and checked against the
+    abstract Flax tree: the nested Flax params (numpy fp32)."""
+    check_keys(source, tensors, shapes)
+    params = unflatten(map_tensors(tensors, rules))
+    check_tree(source, params, abstract_params)
+    return params
+
+
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 

@@ -27,23 +27,19 @@ from smfsr_jax.models.dinov3 import DINOv3Config, abstract_params
 HF_MODEL_TYPE = "dinov3_vit"
 
 
-def _identity(x):
-    return x
-
-
 def hf_key_map(config: DINOv3Config, layer_prefix: str = "layer") -> dict:
     """{HF key: (torch shape, Flax path, per-tensor fn)} for every tensor of a DINOv3ViTModel."""
     c = config
     d, i = c.hidden_size, c.intermediate_size
     rules = {
-        "embeddings.cls_token": ((1, 1, d), "embeddings/cls_token", _identity),
-        "embeddings.mask_token": ((1, 1, d), "embeddings/mask_token", _identity),
-        "embeddings.register_tokens": ((1, c.num_register_tokens, d), "embeddings/register_tokens", _identity),
+        "embeddings.cls_token": ((1, 1, d), "embeddings/cls_token", np.asarray),
+        "embeddings.mask_token": ((1, 1, d), "embeddings/mask_token", np.asarray),
+        "embeddings.register_tokens": ((1, c.num_register_tokens, d), "embeddings/register_tokens", np.asarray),
         "embeddings.patch_embeddings.weight": ((d, c.num_channels, c.patch_size, c.patch_size),
                                                "embeddings/patch_embeddings/kernel", conv_kernel),
-        "embeddings.patch_embeddings.bias": ((d,), "embeddings/patch_embeddings/bias", _identity),
-        "norm.weight": ((d,), "norm/scale", _identity),
-        "norm.bias": ((d,), "norm/bias", _identity),
+        "embeddings.patch_embeddings.bias": ((d,), "embeddings/patch_embeddings/bias", np.asarray),
+        "norm.weight": ((d,), "norm/scale", np.asarray),
+        "norm.bias": ((d,), "norm/bias", np.asarray),
     }
     linears = [("attention.q_proj", d, d, c.query_bias), ("attention.k_proj", d, d, c.key_bias),
                ("attention.v_proj", d, d, c.value_bias), ("attention.o_proj", d, d, c.proj_bias),
@@ -53,15 +49,15 @@ def hf_key_map(config: DINOv3Config, layer_prefix: str = "layer") -> dict:
     for n in range(c.num_hidden_layers):
         src, dst = f"{layer_prefix}.{n}", f"layer_{n}"
         for norm in ("norm1", "norm2"):
-            rules[f"{src}.{norm}.weight"] = ((d,), f"{dst}/{norm}/scale", _identity)
-            rules[f"{src}.{norm}.bias"] = ((d,), f"{dst}/{norm}/bias", _identity)
+            rules[f"{src}.{norm}.weight"] = ((d,), f"{dst}/{norm}/scale", np.asarray)
+            rules[f"{src}.{norm}.bias"] = ((d,), f"{dst}/{norm}/bias", np.asarray)
         for scale in ("layer_scale1", "layer_scale2"):
-            rules[f"{src}.{scale}.lambda1"] = ((d,), f"{dst}/{scale}/lambda1", _identity)
+            rules[f"{src}.{scale}.lambda1"] = ((d,), f"{dst}/{scale}/lambda1", np.asarray)
         for name, fan_in, fan_out, bias in linears:
             path = f"{dst}/{name.replace('.', '/')}"
             rules[f"{src}.{name}.weight"] = ((fan_out, fan_in), f"{path}/kernel", linear_kernel)
             if bias:
-                rules[f"{src}.{name}.bias"] = ((fan_out,), f"{path}/bias", _identity)
+                rules[f"{src}.{name}.bias"] = ((fan_out,), f"{path}/bias", np.asarray)
     return rules
 
 

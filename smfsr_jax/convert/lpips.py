@@ -1,6 +1,6 @@
 """LPIPS converter: torchvision trunk + lpips v0.1 lin heads (torch pickles) -> Flax params.
 
-Accepted sources (evaluation.md §12):
+Accepted sources:
   - trunk: torchvision `alexnet-owt-7be5be79.pth` / `vgg16-397923af.pth` (`features.<i>.{weight,bias}`;
     the classifier is ignored);
   - lin heads: lpips `alex.pth` / `vgg.pth` (`lin<i>.model.1.weight`);

@@ -6,21 +6,16 @@ ViT's final norm and ImageNet head, each Swin stage's `downsample` conv, and the
 from the window size (`relative_position_index`, `attn_mask`), which we recompute.
 """
 
-import dataclasses
-import os
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from smfsr_jax.convert.common import (check_keys, check_tree, conv1x1_as_linear, conv_kernel, linear_kernel,
-                                      map_tensors, save_converted, unflatten)
-from smfsr_jax.convert.torch_pickle import load_state_dict
-from smfsr_jax.evaluation.maniqa import MANIQA, PIPAL, MANIQAConfig
-
-
-def _identity(w):
-    return w
+from smfsr_jax.convert import torch_pickle
+from smfsr_jax.convert.common import (conv1x1_as_linear, conv_kernel, convert_checked,
+                                      linear_kernel)
+from smfsr_jax.models.maniqa import MANIQA, PIPAL, MANIQAConfig
 
 
 def _rules(config: MANIQAConfig) -> tuple[dict, dict]:
@@ -34,14 +29,14 @@ def _rules(config: MANIQAConfig) -> tuple[dict, dict]:
 
     def linear(key, path, cin, cout, fn=linear_kernel, kernel_shape=None):
         add(f"{key}.weight", path and f"{path}/kernel", fn, kernel_shape or (cout, cin))
-        add(f"{key}.bias", path and f"{path}/bias", _identity, (cout,))
+        add(f"{key}.bias", path and f"{path}/bias", np.asarray, (cout,))
 
     def conv(key, path, cin, cout, k):
         linear(key, path, cin, cout, conv_kernel, (cout, cin, k, k))
 
     def norm(key, path, dim):
-        add(f"{key}.weight", path and f"{path}/scale", _identity, (dim,))
-        add(f"{key}.bias", path and f"{path}/bias", _identity, (dim,))
+        add(f"{key}.weight", path and f"{path}/scale", np.asarray, (dim,))
+        add(f"{key}.bias", path and f"{path}/bias", np.asarray, (dim,))
 
     dim, grid, used_blocks = config.embed_dim, config.grid, max(config.feature_blocks) + 1
     conv("vit.patch_embed.proj", "vit/patch_embed", 3, dim, config.patch_size)
@@ -75,7 +70,7 @@ def _rules(config: MANIQAConfig) -> tuple[dict, dict]:
                 key, path = f"{layer}.blocks.{j}", f"{layer_path}/blocks_{j}"
                 norm(f"{key}.norm1", f"{path}/norm1", width)
                 add(f"{key}.attn.relative_position_bias_table", f"{path}/attn/relative_position_bias_table",
-                    _identity, ((2 * window - 1) ** 2, heads))
+                    np.asarray, ((2 * window - 1) ** 2, heads))
                 add(f"{key}.attn.relative_position_index", None, None, (tokens, tokens))
                 linear(f"{key}.attn.qkv", f"{path}/attn/qkv", width, 3 * width)
                 linear(f"{key}.attn.proj", f"{path}/attn/proj", width, width)
@@ -103,16 +98,9 @@ def abstract_params(config: MANIQAConfig):
 
 def convert_state_dict(tensors: Mapping, config: MANIQAConfig = PIPAL, source: str = "state dict") -> dict:
     """Strictly checked torch state dict {key: array} -> Flax params (numpy fp32) of the used tensors."""
-    rules, shapes = _rules(config)
-    check_keys(source, tensors, shapes)
-    params = unflatten(map_tensors(tensors, rules))
-    check_tree(source, params, abstract_params(config))
-    return params
+    return convert_checked(source, tensors, *_rules(config), abstract_params(config))
 
 
 def convert(src: str, dst: str, config: MANIQAConfig = PIPAL) -> MANIQAConfig:
-    """pyiqa MANIQA .pth -> orbax params + JSON config in `dst` (read by smfsr_jax.evaluation.maniqa.load)."""
-    params = convert_state_dict(load_state_dict(src), config, source=os.fspath(src))
-    save_converted(dst, dataclasses.asdict(config), params,
-                   meta={"converter": "maniqa", "source": os.path.abspath(src)})
-    return config
+    """pyiqa MANIQA .pth -> orbax params + JSON config in `dst` (read by evaluation.scoring.load_maniqa)."""
+    return torch_pickle.convert_torch_file(src, dst, "maniqa", config, convert_state_dict)

@@ -5,22 +5,15 @@ pyiqa's MUSIQ(num_class=1), which loads it with strict=True. The official TF `ko
 supported (its key layout could not be checked against the file here).
 """
 
-import dataclasses
-import os
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import (check_keys, check_tree, conv_kernel, linear_kernel, map_tensors,
-                                      save_converted, unflatten)
-from smfsr_jax.convert.torch_pickle import load_state_dict
-from smfsr_jax.evaluation.musiq import KONIQ, MUSIQ, STEM_WIDTH, MUSIQConfig
-
-
-def _identity(w):
-    return w
+from smfsr_jax.convert import torch_pickle
+from smfsr_jax.convert.common import conv_kernel, convert_checked, linear_kernel
+from smfsr_jax.models.musiq import KONIQ, MUSIQ, STEM_WIDTH, MUSIQConfig
 
 
 def _rules(config: MUSIQConfig) -> tuple[dict, dict]:
@@ -35,12 +28,12 @@ def _rules(config: MUSIQConfig) -> tuple[dict, dict]:
         add(f"{key}.weight", f"{path}/kernel", conv_kernel, (cout, cin, k, k))
 
     def norm(key, path, channels):
-        add(f"{key}.weight", f"{path}/scale", _identity, (channels,))
-        add(f"{key}.bias", f"{path}/bias", _identity, (channels,))
+        add(f"{key}.weight", f"{path}/scale", np.asarray, (channels,))
+        add(f"{key}.bias", f"{path}/bias", np.asarray, (channels,))
 
     def linear(key, path, cin, cout):
         add(f"{key}.weight", f"{path}/kernel", linear_kernel, (cout, cin))
-        add(f"{key}.bias", f"{path}/bias", _identity, (cout,))
+        add(f"{key}.bias", f"{path}/bias", np.asarray, (cout,))
 
     width, dim = STEM_WIDTH, config.hidden_size
     std_conv("conv_root", "conv_root", 3, width, 7)
@@ -54,7 +47,7 @@ def _rules(config: MUSIQConfig) -> tuple[dict, dict]:
     enc = "transformer_encoder"
     add(f"{enc}.posembed_input.position_emb", f"{enc}/position_emb", lambda w: w[0],
         (1, config.hash_grid_size ** 2, dim))
-    add(f"{enc}.scaleembed_input.scale_emb", f"{enc}/scale_emb", _identity, (config.num_scales, dim))
+    add(f"{enc}.scaleembed_input.scale_emb", f"{enc}/scale_emb", np.asarray, (config.num_scales, dim))
     add(f"{enc}.cls", f"{enc}/cls", lambda w: w.reshape(dim), (1, 1, dim))
     norm(f"{enc}.encoder_norm", f"{enc}/encoder_norm", dim)
     for i in range(config.num_layers):
@@ -82,16 +75,9 @@ def abstract_params(config: MUSIQConfig):
 
 def convert_state_dict(tensors: Mapping, config: MUSIQConfig = KONIQ, source: str = "state dict") -> dict:
     """Strictly checked torch state dict {key: array} -> Flax params (numpy fp32)."""
-    rules, shapes = _rules(config)
-    check_keys(source, tensors, shapes)
-    params = unflatten(map_tensors(tensors, rules))
-    check_tree(source, params, abstract_params(config))
-    return params
+    return convert_checked(source, tensors, *_rules(config), abstract_params(config))
 
 
 def convert(src: str, dst: str, config: MUSIQConfig = KONIQ) -> MUSIQConfig:
-    """pyiqa MUSIQ .pth -> orbax params + JSON config in `dst` (read by smfsr_jax.evaluation.musiq.load)."""
-    params = convert_state_dict(load_state_dict(src), config, source=os.fspath(src))
-    save_converted(dst, dataclasses.asdict(config), params,
-                   meta={"converter": "musiq", "source": os.path.abspath(src)})
-    return config
+    """pyiqa MUSIQ .pth -> orbax params + JSON config in `dst` (read by evaluation.scoring.load_musiq)."""
+    return torch_pickle.convert_torch_file(src, dst, "musiq", config, convert_state_dict)

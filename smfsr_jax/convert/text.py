@@ -1,6 +1,6 @@
 """SD3 text-encoder converters: transformers-layout safetensors -> Flax params (CLIP-L, CLIP-G, T5-XXL).
 
-Accepted sources for `load_clip_text` / `load_t5` (architecture.md §4, §8):
+Accepted sources for `load_clip_text` / `load_t5`:
   - a transformers folder: config.json + model.safetensors, or sharded model-*.safetensors with
     model.safetensors.index.json (the SD3.5 diffusers subfolders text_encoder, text_encoder_2, text_encoder_3);
   - a single .safetensors file with transformers key names and no config: the SD3.5 repo's
@@ -63,10 +63,6 @@ _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
 NULL_EMBEDS_FILE, NULL_POOLED_FILE = "NULL_prompt_embeds.pt", "NULL_pooled_prompt_embeds.pt"
 
 log = logging.getLogger(__name__)
-
-
-def _identity(w):
-    return w
 
 
 class _Prefixed(Mapping):
@@ -207,25 +203,25 @@ def _clip_rules(c: CLIPTextConfig, with_projection: bool):
     h, i = c.hidden_size, c.intermediate_size
     global_rules = {
         "text_model.embeddings.token_embedding.weight":
-            ("text_model/embeddings/token_embedding/embedding", _identity, (c.vocab_size, h)),
+            ("text_model/embeddings/token_embedding/embedding", np.asarray, (c.vocab_size, h)),
         "text_model.embeddings.position_embedding.weight":
-            ("text_model/embeddings/position_embedding/embedding", _identity, (c.max_position_embeddings, h)),
-        "text_model.final_layer_norm.weight": ("text_model/final_layer_norm/scale", _identity, (h,)),
-        "text_model.final_layer_norm.bias": ("text_model/final_layer_norm/bias", _identity, (h,)),
+            ("text_model/embeddings/position_embedding/embedding", np.asarray, (c.max_position_embeddings, h)),
+        "text_model.final_layer_norm.weight": ("text_model/final_layer_norm/scale", np.asarray, (h,)),
+        "text_model.final_layer_norm.bias": ("text_model/final_layer_norm/bias", np.asarray, (h,)),
     }
     if with_projection:
         global_rules["text_projection.weight"] = ("text_projection/kernel", linear_kernel, (c.projection_dim, h))
     layer_rules = {}
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         layer_rules[f"self_attn.{name}.weight"] = (f"self_attn/{name}/kernel", linear_kernel, (h, h))
-        layer_rules[f"self_attn.{name}.bias"] = (f"self_attn/{name}/bias", _identity, (h,))
+        layer_rules[f"self_attn.{name}.bias"] = (f"self_attn/{name}/bias", np.asarray, (h,))
     for name in ("layer_norm1", "layer_norm2"):
-        layer_rules[f"{name}.weight"] = (f"{name}/scale", _identity, (h,))
-        layer_rules[f"{name}.bias"] = (f"{name}/bias", _identity, (h,))
+        layer_rules[f"{name}.weight"] = (f"{name}/scale", np.asarray, (h,))
+        layer_rules[f"{name}.bias"] = (f"{name}/bias", np.asarray, (h,))
     layer_rules["mlp.fc1.weight"] = ("mlp/fc1/kernel", linear_kernel, (i, h))
-    layer_rules["mlp.fc1.bias"] = ("mlp/fc1/bias", _identity, (i,))
+    layer_rules["mlp.fc1.bias"] = ("mlp/fc1/bias", np.asarray, (i,))
     layer_rules["mlp.fc2.weight"] = ("mlp/fc2/kernel", linear_kernel, (h, i))
-    layer_rules["mlp.fc2.bias"] = ("mlp/fc2/bias", _identity, (h,))
+    layer_rules["mlp.fc2.bias"] = ("mlp/fc2/bias", np.asarray, (h,))
     return global_rules, layer_rules
 
 
@@ -275,20 +271,20 @@ def t5_config_from_shapes(shapes: Mapping[str, tuple]) -> T5Config:
 def _t5_rules(c: T5Config, embedding_key: str):
     d, inner, ff = c.d_model, c.num_heads * c.d_kv, c.d_ff
     global_rules = {
-        embedding_key: ("shared/embedding", _identity, (c.vocab_size, d)),
+        embedding_key: ("shared/embedding", np.asarray, (c.vocab_size, d)),
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            ("encoder/relative_attention_bias/embedding", _identity, (c.relative_attention_num_buckets, c.num_heads)),
-        "encoder.final_layer_norm.weight": ("encoder/final_layer_norm/scale", _identity, (d,)),
+            ("encoder/relative_attention_bias/embedding", np.asarray, (c.relative_attention_num_buckets, c.num_heads)),
+        "encoder.final_layer_norm.weight": ("encoder/final_layer_norm/scale", np.asarray, (d,)),
     }
     layer_rules = {f"layer.0.SelfAttention.{n}.weight": (f"layer_0/SelfAttention/{n}/kernel", linear_kernel, (inner, d))
                    for n in ("q", "k", "v")}
     layer_rules["layer.0.SelfAttention.o.weight"] = ("layer_0/SelfAttention/o/kernel", linear_kernel, (d, inner))
-    layer_rules["layer.0.layer_norm.weight"] = ("layer_0/layer_norm/scale", _identity, (d,))
+    layer_rules["layer.0.layer_norm.weight"] = ("layer_0/layer_norm/scale", np.asarray, (d,))
     for n in ("wi_0", "wi_1"):
         layer_rules[f"layer.1.DenseReluDense.{n}.weight"] = (f"layer_1/DenseReluDense/{n}/kernel", linear_kernel,
                                                              (ff, d))
     layer_rules["layer.1.DenseReluDense.wo.weight"] = ("layer_1/DenseReluDense/wo/kernel", linear_kernel, (d, ff))
-    layer_rules["layer.1.layer_norm.weight"] = ("layer_1/layer_norm/scale", _identity, (d,))
+    layer_rules["layer.1.layer_norm.weight"] = ("layer_1/layer_norm/scale", np.asarray, (d,))
     return global_rules, layer_rules
 
 

@@ -17,16 +17,18 @@ CheckpointError naming the file, so no code from the file is ever run.
 import argparse
 import codecs
 import collections
+import dataclasses
 import os
 import pickle
 import re
 import struct
 import zipfile
-from typing import Mapping
+from typing import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from smfsr_jax.convert import common
 from smfsr_jax.convert.common import CheckpointError
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -410,3 +412,14 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     if all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def convert_torch_file(src, dst, converter: str, config, convert_state_dict: Callable):
+    """A torch checkpoint file `src` -> a converted directory `dst`: `convert_state_dict(tensors, config,
+    source=src)` saved with the dataclass `config` and a meta naming the converter and the source.
+    Returns `config`."""
+    src = os.fspath(src)
+    params = convert_state_dict(load_state_dict(src), config, source=src)
+    common.save_converted(dst, dataclasses.asdict(config), params,
+                   meta={"converter": converter, "source": os.path.abspath(src)})
+    return config

@@ -1,6 +1,6 @@
 """MM-DiT checkpoints (SD3.5 / DiT4SR / SMFSR) -> Flax params for `smfsr_jax.models.mmdit.MMDiT`.
 
-Accepted sources (architecture.md §2, §8):
+Accepted sources:
 - a diffusers transformer directory (`config.json` + `diffusion_pytorch_model*.safetensors`), or an SD3.5
   root holding `transformer/`; DiT4SR / Teacher / SMFSR releases use this layout with control keys;
 - a single diffusers-layout `.safetensors` file (config inferred from tensor shapes);
@@ -27,7 +27,7 @@ ORIGINAL_PREFIX = "model.diffusion_model."
 
 def ignored_keys(cfg: mmdit.MMDiTConfig) -> tuple:
     """DiT4SR's never-called added-KV weights of the dual blocks' attn2, SMFSR's unused top-level
-    `interval_embedder`: dropped by exact name, present or absent (architecture.md §8)."""
+    `interval_embedder`: dropped by exact name, present or absent (neither model ever reads them)."""
     dual = "|".join(str(i) for i in cfg.dual_attention_layers) or "-"
     return (rf"transformer_blocks\.({dual})\.attn2\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)\.(weight|bias)",
             rf"transformer_blocks\.({dual})\.attn2\.norm_added_[qk]\.weight",
@@ -82,12 +82,13 @@ def _block_rules(cfg: mmdit.MMDiTConfig, i: int) -> dict:
 
 
 def _block_group(cfg: mmdit.MMDiTConfig, i: int) -> tuple[str, int]:
-    """Scan group and index in the group of block i."""
+    """Scan group (`MMDiTConfig.block_runs`) and index in the group of block i; `last_block` has index -1."""
     if i == cfg.num_layers - 1:
         return "last_block", -1
-    if i < cfg.num_dual_blocks:
-        return "dual_blocks", i
-    return "blocks", i - cfg.num_dual_blocks
+    for name, start, length, _ in cfg.block_runs:
+        if start <= i < start + length:
+            return name, i - start
+    raise ValueError(f"block {i} is not a block of a {cfg.num_layers}-block network")
 
 
 def _top_rules(cfg: mmdit.MMDiTConfig) -> dict:
@@ -186,7 +187,8 @@ def _swap_halves(w):
 
 
 class _OriginalAsDiffusers:
-    """A lazy view of `model.diffusion_model.*` tensors under diffusers names (architecture.md §2.1)."""
+    """A lazy view of `model.diffusion_model.*` tensors under diffusers names (as diffusers'
+    `convert_sd3_transformer_checkpoint_to_diffusers`: fused qkv split, `joint_blocks` -> `transformer_blocks`)."""
 
     def __init__(self, tensors, prefix: str = ORIGINAL_PREFIX):
         self.tensors, self.prefix = tensors, prefix
@@ -352,24 +354,3 @@ def convert(src: str, dst: str, show_progress: bool = True, variant: str = "", *
     meta = {"source": os.path.abspath(src), "variant": variant, "lr_key_bug": cfg.lr_key_bug}
     common.save_converted(dst, cfg.to_dict(), params, meta)
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Initialisers between stages.
-
-def teacher_from_base(base_config: mmdit.MMDiTConfig, base_params: dict):
-    """Stage-0 init: SD3.5 weights + the LR stream (zero control q/k/v and conv; `to_out_control` = `to_out`)."""
-    if base_config.lr_stream:
-        raise ValueError("the base already has an LR stream")
-    cfg = base_config.replace(lr_stream=True)
-    abstract = mmdit.abstract_params(cfg)
-    flat = common.flatten(base_params)
-    out = {}
-    for path, leaf in common.flatten(abstract).items():
-        if path in flat:
-            out[path] = np.asarray(flat[path])
-        elif "/to_out_control/" in path:
-            out[path] = np.array(flat[path.replace("/to_out_control/", "/to_out/")])
-        else:
-            out[path] = np.zeros(leaf.shape, leaf.dtype)
-    return cfg, common.unflatten(out)

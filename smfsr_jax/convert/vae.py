@@ -1,6 +1,6 @@
 """SD3 VAE converter: diffusers or original (`first_stage_model.*`) safetensors -> Flax params.
 
-Accepted sources (design/architecture.md §3):
+Accepted sources:
   - a diffusers VAE directory (config.json + diffusion_pytorch_model.safetensors), or the SD3.5 root
     holding it as `vae/`;
   - a diffusers-layout .safetensors file;
@@ -32,10 +32,6 @@ DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,
                           latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, shift_factor=None)
 
 
-def _identity(w):
-    return w
-
-
 class _Rules:
     """Collects {source key: (flax path, fn)} and {source key: torch shape} for one layout."""
 
@@ -53,12 +49,12 @@ class _Rules:
     def conv(self, diffusers, original, path, cin, cout, k=3):
         key = self._name(diffusers, original)
         self._add(f"{key}.weight", f"{path}/kernel", conv_kernel, (cout, cin, k, k))
-        self._add(f"{key}.bias", f"{path}/bias", _identity, (cout,))
+        self._add(f"{key}.bias", f"{path}/bias", np.asarray, (cout,))
 
     def norm(self, diffusers, original, path, channels):
         key = self._name(diffusers, original)
-        self._add(f"{key}.weight", f"{path}/scale", _identity, (channels,))
-        self._add(f"{key}.bias", f"{path}/bias", _identity, (channels,))
+        self._add(f"{key}.weight", f"{path}/scale", np.asarray, (channels,))
+        self._add(f"{key}.bias", f"{path}/bias", np.asarray, (channels,))
 
     def linear(self, diffusers, original, path, channels):
         # The original attention projections are 1x1 convs.
@@ -66,7 +62,7 @@ class _Rules:
             self._add(f"{diffusers}.weight", f"{path}/kernel", linear_kernel, (channels, channels))
         else:
             self._add(f"{original}.weight", f"{path}/kernel", conv1x1_as_linear, (channels, channels, 1, 1))
-        self._add(f"{self._name(diffusers, original)}.bias", f"{path}/bias", _identity, (channels,))
+        self._add(f"{self._name(diffusers, original)}.bias", f"{path}/bias", np.asarray, (channels,))
 
     def resnet(self, diffusers, original, path, cin, cout):
         self.norm(f"{diffusers}.norm1", f"{original}.norm1", f"{path}/norm1", cin)
@@ -87,6 +83,18 @@ class _Rules:
                         channels)
         self.resnet(f"{d}.resnets.1", f"{o}.block_2", f"{p}/resnets_1", channels, channels)
 
+    def level_block(self, part, direction, index, level, cin, cout, layers, resample):
+        """A `direction` ("down" or "up") block of `part`: `layers` resnets, then a resampling conv if
+        `resample`. diffusers numbers the blocks by order of use (`index`), the original by resolution `level`."""
+        d, o = f"{part}.{direction}_blocks.{index}", f"{part}.{direction}.{level}"
+        p = f"{part}/{direction}_blocks_{index}"
+        for j in range(layers):
+            self.resnet(f"{d}.resnets.{j}", f"{o}.block.{j}", f"{p}/resnets_{j}", cin, cout)
+            cin = cout
+        if resample:
+            self.conv(f"{d}.{direction}samplers.0.conv", f"{o}.{direction}sample.conv",
+                      f"{p}/{direction}samplers_0/conv", cout, cout)
+
 
 def _build_rules(config: VAEConfig, layout: str) -> _Rules:
     """Every VAE tensor of `layout` (unprefixed keys) with its Flax path, mapping function and shape."""
@@ -98,13 +106,8 @@ def _build_rules(config: VAEConfig, layout: str) -> _Rules:
     r.conv("encoder.conv_in", "encoder.conv_in", "encoder/conv_in", config.in_channels, channels[0])
     cin = channels[0]
     for level, cout in enumerate(channels):
-        for j in range(config.layers_per_block):
-            r.resnet(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}",
-                     f"encoder/down_blocks_{level}/resnets_{j}", cin, cout)
-            cin = cout
-        if level < levels - 1:
-            r.conv(f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv",
-                   f"encoder/down_blocks_{level}/downsamplers_0/conv", cout, cout)
+        r.level_block("encoder", "down", level, level, cin, cout, config.layers_per_block, level < levels - 1)
+        cin = cout
     r.mid_block("encoder", channels[-1])
     r.norm("encoder.conv_norm_out", "encoder.norm_out", "encoder/conv_norm_out", channels[-1])
     r.conv("encoder.conv_out", "encoder.conv_out", "encoder/conv_out", channels[-1], 2 * config.latent_channels)
@@ -113,14 +116,8 @@ def _build_rules(config: VAEConfig, layout: str) -> _Rules:
     r.mid_block("decoder", channels[-1])
     cin = channels[-1]
     for i, cout in enumerate(reversed(channels)):
-        level = levels - 1 - i  # the original decoder indexes `up` by resolution level, diffusers by order of use
-        for j in range(config.layers_per_block + 1):
-            r.resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}",
-                     f"decoder/up_blocks_{i}/resnets_{j}", cin, cout)
-            cin = cout
-        if i < levels - 1:
-            r.conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv",
-                   f"decoder/up_blocks_{i}/upsamplers_0/conv", cout, cout)
+        r.level_block("decoder", "up", i, levels - 1 - i, cin, cout, config.layers_per_block + 1, i < levels - 1)
+        cin = cout
     r.norm("decoder.conv_norm_out", "decoder.norm_out", "decoder/conv_norm_out", channels[0])
     r.conv("decoder.conv_out", "decoder.conv_out", "decoder/conv_out", channels[0], config.out_channels)
     return r

@@ -1,6 +1,6 @@
 """Prepare one of the project's TFDS datasets as ArrayRecord files.
 
-    python -m smfsr_jax.data.build --dataset paired_sr/drealsr --manual_dir ../shared/data/drealsr --data_dir DIR
+    python -m smfsr_jax.data.build --dataset paired_sr/drealsr --manual_dir path/to/drealsr --data_dir DIR
     python -m smfsr_jax.data.build --dataset bundled --data_dir DIR
 
 `--dataset` is a builder name, with `/config` for `paired_sr` and `lq_only`. The result is read

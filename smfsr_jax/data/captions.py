@@ -4,7 +4,7 @@
         --text_encoders /path/to/stable-diffusion-3.5-medium --t5_max_length 77
 
 `--text_encoders` is an SD3.5 diffusers root or a folder written by `smfsr_jax.convert.text.convert`.
-Training then never runs CLIP or T5 (`training.md` §5.3): the pipeline reads these arrays.
+Training then never runs CLIP or T5: the pipeline reads these arrays, and the jitted step holds no text encoder.
 
 Layout, inside the prepared dataset's folder (e.g. DIR/lsdir/1.0.0/):
     caption_embeddings/t5_<n>/<split>/
@@ -12,7 +12,7 @@ Layout, inside the prepared dataset's folder (e.g. DIR/lsdir/1.0.0/):
         pooled_prompt_embeds.npy  (U, P)
         caption_index.npy         (N,) int32      record i -> row; a record without caption -> row 0
         info.json                 dataset, split, records, captions, t5_max_length, dtype, null source
-The NULL prompt is encode("") (`architecture.md` §4); `--null_embeddings DIR` stores DiT4SR's published
+The NULL prompt is encode("") (the same SD3 assembly as a caption); `--null_embeddings DIR` stores DiT4SR's published
 NULL tensors in row 0 instead. `--postprocess_captions` applies SMFSR's test-time caption rule first
 (for benchmark sets). Rows are float16 by default (checked to be finite), float32 on request.
 """

@@ -1,9 +1,9 @@
 """Real-ESRGAN second-order degradation (OSEDiff 512 variant) in numpy/OpenCV, one image at a time.
 
-Follows `training.md` §5.2: the standard parameters of xinntao/Real-ESRGAN
-`train_realesrgan_x4plus.yml` (OSEDiff `params_realesrgan.yml`), the kernels of BasicSR
-`degradations.py`, and the procedure of OSEDiff `dataloaders/realesrgan.py` with every random choice
-made per sample. Deviations from those references are none by intent; the choices that need a word:
+Follows the standard parameters of xinntao/Real-ESRGAN `train_realesrgan_x4plus.yml` (OSEDiff
+`params_realesrgan.yml`), the kernels of BasicSR `degradations.py`, and the procedure of OSEDiff
+`dataloaders/realesrgan.py` with every random choice made per sample. Deviations from those references
+are none by intent; the choices that need a word:
 
 - Resizes follow `torch.nn.functional.interpolate` exactly (align_corners False, no antialias):
   bicubic with a = -0.75 and clamped borders, bilinear with the source index clamped at 0, and "area"
@@ -40,19 +40,13 @@ _DIRECT_FILTER_MAX = 11  # cv2.filter2D switches to a slow DFT above this kernel
 
 def default_config() -> ml_collections.ConfigDict:
     """Every degradation parameter; the defaults are the standard Real-ESRGAN x4plus / OSEDiff ones."""
-    kernel_prob = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    first = dict(
-        kernel_prob=kernel_prob, sinc_prob=0.1, blur_sigma=(0.2, 3.0), betag_range=(0.5, 4.0),
-        betap_range=(1.0, 2.0), blur_prob=1.0,
-        resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
-        gaussian_noise_prob=0.5, noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0),
-        gray_noise_prob=0.4, jpeg_range=(30.0, 95.0))
-    second = dict(
-        kernel_prob=kernel_prob, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 4.0),
-        betap_range=(1.0, 2.0), blur_prob=0.8,
-        resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
-        gaussian_noise_prob=0.5, noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
-        gray_noise_prob=0.4, jpeg_range=(30.0, 95.0))
+    # What the two degradation orders share; each adds its own blur, resize and noise settings.
+    both = dict(kernel_prob=(0.45, 0.25, 0.12, 0.03, 0.12, 0.03), sinc_prob=0.1, betag_range=(0.5, 4.0),
+                betap_range=(1.0, 2.0), gaussian_noise_prob=0.5, gray_noise_prob=0.4, jpeg_range=(30.0, 95.0))
+    first = dict(both, blur_sigma=(0.2, 3.0), blur_prob=1.0, resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
+                 noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0))
+    second = dict(both, blur_sigma=(0.2, 1.5), blur_prob=0.8, resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+                  noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5))
     return ml_collections.ConfigDict(dict(
         crop_size=512,  # HR crop side; the LR side is crop_size // scale
         scale=4,

@@ -1,1 +1,2 @@
-"""Metrics and their networks."""
+"""Scoring SR images: the metric registry, directory scoring, checkpoint/benchmark runs, watch mode and the
+paper tables (the metric networks are in models/)."""

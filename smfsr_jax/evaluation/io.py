@@ -1,11 +1,11 @@
-"""Image files for evaluation: listing in protocol order, 8-bit RGB reading, [0, 1] floats (evaluation.md §2)."""
+"""Image files for evaluation: listing in protocol order, 8-bit RGB reading, [0, 1] floats."""
 
 import os
 
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from smfsr_jax.core.images import is_image_name
 
 
 class UnreadableImageError(ValueError):
@@ -18,7 +18,7 @@ def list_images(directory) -> list[str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such directory")
     return sorted(name for name in os.listdir(directory)
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, name)))
+                  if is_image_name(name) and os.path.isfile(os.path.join(directory, name)))
 
 
 def read_rgb8(path) -> np.ndarray:

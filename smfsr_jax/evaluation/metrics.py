@@ -3,7 +3,8 @@
 Every metric is built by a loader `function(weights_path or None) -> scorer`, named as 'module:function'
 so that a metric's module (and its network) is imported only when asked for. Scorers take NHWC batches of
 one size, uint8 or float in [0, 1]: full-reference ones `(sr, hr)`, no-reference ones `(sr)`, and return
-(N,) scores. MUSIQ, MANIQA and CLIPIQA plug in through their modules' `load(converted_dir)`.
+(N,) scores. MUSIQ, MANIQA and CLIPIQA plug in through smfsr_jax.evaluation.scoring's
+`load_<name>(converted_dir)`.
 
 Weights: `--<name>_weights PATH`, or `--weights_dir DIR` holding one entry per metric under its name
 (DIR/lpips, DIR/musiq, ...).
@@ -56,11 +57,11 @@ REGISTRY = {spec.name: spec for spec in (
                weights_help="a converted LPIPS-Alex directory, a directory holding alexnet-owt-7be5be79.pth and "
                             "alex.pth (or pyiqa's LPIPS_v0.1_alex-*.pth), or a pyiqa LPIPS file with the trunk"),
     MetricSpec("clipiqa", "CLIPIQA", full_reference=False, lower_better=False,
-               loader="smfsr_jax.evaluation.clipiqa:load", weights_help=_CONVERTED.format("clipiqa")),
+               loader="smfsr_jax.evaluation.scoring:load_clipiqa", weights_help=_CONVERTED.format("clipiqa")),
     MetricSpec("musiq", "MUSIQ", full_reference=False, lower_better=False,
-               loader="smfsr_jax.evaluation.musiq:load", weights_help=_CONVERTED.format("musiq")),
+               loader="smfsr_jax.evaluation.scoring:load_musiq", weights_help=_CONVERTED.format("musiq")),
     MetricSpec("maniqa", "MANIQA", full_reference=False, lower_better=False,
-               loader="smfsr_jax.evaluation.maniqa:load", weights_help=_CONVERTED.format("maniqa")),
+               loader="smfsr_jax.evaluation.scoring:load_maniqa", weights_help=_CONVERTED.format("maniqa")),
 )}
 
 

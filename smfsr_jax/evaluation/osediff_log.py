@@ -1,4 +1,4 @@
-"""OSEDiff per-image metric logs (evaluation.md §10): parse them, and write ours in the same format.
+"""OSEDiff per-image metric logs (docs/design.md#osediff-log): parse them, and write ours in the same format.
 
 A per-image line:
   24-10-23 17:36:18.451 - INFO: results_osediff/Canon_10_x1.png | PSNR: 29.260979; SSIM: 0.892310 | Runtime: 1.13 sec

@@ -1,6 +1,6 @@
 """PSNR and SSIM on BT.601 luma, as pyiqa `psnr` / `ssim` with test_y_channel=True, color_space='ycbcr'.
 
-evaluation.md §3-4. Images are NHWC batches of one size, uint8 or float in [0, 1]. Luma is computed in
+docs/design.md#psnr-and-ssim. Images are NHWC batches of one size, uint8 or float in [0, 1]. Luma is computed in
 float32 as pyiqa does; the rest runs in float64 (enabled locally), which reproduces OSEDiff's DRealSR log
 to ~1e-5 dB and ~1e-6 SSIM.
 """

@@ -1,7 +1,8 @@
-"""Super-resolve the LR images of a TFDS benchmark set with an SRPipeline, one seed at a time.
+"""Checkpoint mode: super-resolve the LR images of TFDS benchmark sets with a model, one seed at a time, score
+them and build the paper's tables (`evaluate.py --checkpoint`, and each step of watch mode).
 
 The sets are the project's `paired_sr/*` (LR + HR) and `lq_only/*` (LR only) builders, split `test`,
-read in record order (the builders write file-name order; evaluation.md §0, §1). Image k (its record
+read in record order (the builders write file-name order). Image k (its record
 index) is sampled with fold_in(PRNGKey(seed), k), so an image's output does not depend on --max_images,
 on batching or on the other images. SR images are written as 8-bit PNGs named like the LR file
 (`<stem>.png`); a second LR file with the same stem is skipped and named, as `python -m smfsr_jax.sr` does.
@@ -11,16 +12,24 @@ The model is a bundle directory or a training workdir (its latest finished check
 
 import dataclasses
 import os
+import sys
+import time
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import images as image_io
 from smfsr_jax.data.pipeline import open_source, record_text
+from smfsr_jax.evaluation import tables
+from smfsr_jax.evaluation.directory import Scores, evaluate_directory
+from smfsr_jax.evaluation.metrics import Metric, MissingWeightsError, build_metrics
+from smfsr_jax.evaluation.results import write_results
 from smfsr_jax.sampling import bundle as bundle_lib
-from smfsr_jax.sampling.pipeline import SRPipeline
-from smfsr_jax.training import inference, stages
+from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
+from smfsr_jax.training import inference
 
 SPLIT = "test"
 BENCHMARK_BUILDERS = ("paired_sr", "lq_only")  # the sets with LR images
@@ -103,13 +112,104 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
         yield run(chunk)
 
 
-def load_model(path: str, step: Optional[int] = None, stage: Optional[stages.Stage] = None) -> bundle_lib.Bundle:
+def load_model(path: str, step: Optional[int] = None) -> bundle_lib.Bundle:
     """A model bundle, or a training workdir at `step` (default: its latest finished checkpoint)."""
     if os.path.isfile(os.path.join(path, bundle_lib.BUNDLE_FILE)):
         if step is not None:
             raise ValueError(f"{path} is a model bundle; a step applies to training workdirs only")
         return bundle_lib.load_bundle(path)
-    if os.path.isfile(stages.workdir_paths(path)["config"]):
-        return inference.load_checkpoint(path, step, stage)
+    if workdir_lib.is_workdir(path):
+        return inference.load_checkpoint(path, step)
     raise FileNotFoundError(f"{path}: neither a model bundle ({bundle_lib.BUNDLE_FILE}) nor a training workdir "
-                            "(config.json)")
+                            f"({workdir_lib.CONFIG})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint mode: SR of the benchmark sets with one model, scores and tables.
+
+def diversity_metric(metrics: dict[str, Metric], seeds, weights_paths=None, weights_dir=None) -> Metric | None:
+    """The LPIPS metric of Table 4 when `seeds` allow one, else None; missing weights raise here, before any SR."""
+    if not tables.diversity_seeds(seeds):
+        return None
+    if "lpips" in metrics:
+        return metrics["lpips"]
+    try:
+        return build_metrics(["lpips"], weights_paths, weights_dir)["lpips"]
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"Table 4 (LPIPS between the outputs of seeds 2..7 and seed 1) needs LPIPS weights: "
+                                  f"{e}; or pass --notable4") from None
+
+
+@dataclasses.dataclass
+class BenchmarkRun:
+    """What checkpoint and watch mode evaluate: benchmark sets x seeds, the metrics and the sampler settings."""
+    benchmarks: list[BenchmarkSet]
+    seeds: list[int]
+    metrics: dict[str, Metric]
+    diversity_metric: Metric | None = None  # LPIPS for Table 4 (`diversity_metric()`); None: no Table 4
+    batch_size: int = 8
+    steps: int | None = None
+    color_fix: str = "adain"
+    captions: bool = True
+    process_size: int = PROCESS_SIZE
+
+
+def _super_resolve_and_score(pipeline, benchmark: BenchmarkSet, seed: int, run: BenchmarkRun, sr_dir: str,
+                             show_progress: bool) -> dict:
+    metrics = {name: m for name, m in run.metrics.items() if benchmark.has_reference or not m.full_reference}
+    scores, skipped = Scores(metrics), {}
+    progress = tqdm(total=benchmark.count, desc=f"{benchmark.dataset} seed {seed}", unit="image", file=sys.stderr,
+                    disable=not show_progress)
+    began = time.perf_counter()
+    for chunk, outputs in super_resolve(pipeline, benchmark.images(skipped, run.captions), seed, sr_dir,
+                                               batch_size=run.batch_size, steps=run.steps, color_fix=run.color_fix):
+        scores.add([image.name for image in chunk], outputs, [image.hr for image in chunk])
+        progress.update(len(chunk))
+    for name, reason in skipped.items():
+        scores.skip(name, reason)
+    progress.update(len(skipped))
+    progress.close()
+    reference = f"{benchmark.dataset} HR images ({SPLIT} split)" if benchmark.has_reference else None
+    return scores.results(sr_dir, reference, dataset=benchmark.dataset, seed=seed,
+                          wall_s=time.perf_counter() - began)
+
+
+def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, show_progress: bool = True) -> dict:
+    """Checkpoint mode on a loaded model: SR images, per-seed scores and tables in out_dir (module docstring).
+
+    Returns {"table1": ..., ["table3": ..., "table4": ...]} as written (smfsr_jax/evaluation/tables.py).
+    """
+    pipeline = SRPipeline.from_bundle(bundle, batch_size=run.batch_size, process_size=run.process_size)
+    times, guidance_scale = pipeline.sampler_settings(run.steps)
+    setup = {"checkpoint": bundle.path, "kind": bundle.kind, "stage": bundle.meta.get("stage"),
+             "step": bundle.meta.get("step"), "sampling_steps": len(times) - 1, "guidance_scale": guidance_scale,
+             "color_fix": run.color_fix, "captions": run.captions, "process_size": run.process_size}
+    results, diversity = {}, {}
+    for benchmark in run.benchmarks:
+        dataset_dir = os.path.join(out_dir, benchmark.dataset)
+        by_seed = results[benchmark.dataset] = {}
+        for seed in run.seeds:
+            sr_dir = os.path.join(dataset_dir, f"seed{seed}")
+            by_seed[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir, show_progress)
+            write_results(by_seed[seed], f"{sr_dir}.json")
+        if run.diversity_metric is not None:
+            reference_seed = tables.DIVERSITY_REFERENCE_SEED
+            reference_dir = os.path.join(dataset_dir, f"seed{reference_seed}")
+            diversity[benchmark.dataset] = {}
+            for k in tables.diversity_seeds(run.seeds):
+                names = sorted(set(by_seed[k]["per_image"]) & set(by_seed[reference_seed]["per_image"]))
+                distances = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir,
+                                               {"lpips": run.diversity_metric}, run.batch_size, show_progress=False,
+                                               names=names)
+                write_results(distances, os.path.join(dataset_dir, f"seed{k}_vs_seed{reference_seed}.json"))
+                diversity[benchmark.dataset][k] = distances["mean"].get("lpips", float("nan"))
+    first = run.seeds[0]
+    built = {"table1": tables.table1({d: by_seed[first] for d, by_seed in results.items()}, first, run.metrics,
+                                     setup)}
+    if len(run.seeds) > 1:
+        built["table3"] = tables.table3(results, run.seeds, run.metrics, setup)
+    if run.diversity_metric is not None:
+        built["table4"] = tables.table4(diversity, tables.diversity_seeds(run.seeds), setup)
+    for table in built.values():
+        tables.write_table(table, out_dir)
+    return built

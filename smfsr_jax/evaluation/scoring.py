@@ -1,4 +1,9 @@
-"""Shared entry-point plumbing of the no-reference metric networks (MUSIQ, MANIQA, CLIPIQA)."""
+"""The no-reference metrics MUSIQ, MANIQA and CLIPIQA as scorers: converted weights -> images -> scores.
+
+The networks live in smfsr_jax.models.{musiq,maniqa,clipiqa}; this module loads their converted weights
+and feeds them images of any size. Scorers take an NHWC batch or a list of HWC images of any sizes,
+uint8 or float in [0, 1], and return per-image scores (np.ndarray).
+"""
 
 import os
 from typing import Callable, Sequence
@@ -8,6 +13,7 @@ import numpy as np
 
 from smfsr_jax.convert.common import CheckpointError, is_converted, load_converted
 from smfsr_jax.evaluation.io import to_unit_float
+from smfsr_jax.models import clipiqa, maniqa, musiq
 
 
 def score_by_size(score_batch: Callable, images, batch_size: int = 1) -> np.ndarray:
@@ -42,3 +48,27 @@ def load_metric(path, converter: str) -> tuple[dict, dict]:
     if meta.get("converter") != converter:
         raise CheckpointError(f"{path}: holds {meta.get('converter')!r} weights, not {converter!r}")
     return config, params
+
+
+def load_scorer(path, converter: str, config_from_dict: Callable, scores: Callable, batch_size: int = 1) -> Callable:
+    """Scorer of a converted directory: `scores(params, config, images)` jitted once per image size, with
+    the params as an argument (not a constant) so that compiles stay fast."""
+    config_dict, params = load_metric(path, converter)
+    config = config_from_dict(config_dict)
+    score_batch = jax.jit(scores, static_argnums=1)
+    return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)
+
+
+def load_musiq(path, batch_size: int = 1) -> Callable:
+    """MUSIQ scorer of a directory written by smfsr_jax.convert.musiq."""
+    return load_scorer(path, "musiq", musiq.config_from_dict, musiq.musiq_scores, batch_size)
+
+
+def load_maniqa(path, batch_size: int = 1) -> Callable:
+    """MANIQA scorer of a directory written by smfsr_jax.convert.maniqa."""
+    return load_scorer(path, "maniqa", maniqa.config_from_dict, maniqa.maniqa_scores, batch_size)
+
+
+def load_clipiqa(path, batch_size: int = 1) -> Callable:
+    """CLIPIQA scorer of a directory written by smfsr_jax.convert.clipiqa."""
+    return load_scorer(path, "clipiqa", clipiqa.config_from_dict, clipiqa.clipiqa_scores, batch_size)

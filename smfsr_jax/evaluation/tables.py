@@ -1,9 +1,9 @@
-"""The paper's result tables from per-seed dataset means (evaluation.md §11), as JSON and Markdown.
+"""The paper's result tables from per-seed dataset means (docs/design.md#paper-tables), as JSON and Markdown.
 
 Table 1: each dataset's mean per metric for one seed (no-reference metrics only on LR-only sets).
 Table 3: mean ± population std (ddof 0) over seeds of the per-seed dataset means.
 Table 4: diversity, the mean over images of LPIPS(seed-k output, seed-1 output) for k = 2…7.
-Markdown shows 4 decimals (evaluation.md §0); JSON keeps full floats. `setup` (checkpoint, sampler
+Markdown shows 4 decimals, as the papers do; JSON keeps full floats. `setup` (checkpoint, sampler
 settings, ...) is stored in each table as given.
 """
 

@@ -111,10 +111,14 @@ def _dense(features: int, use_bias: bool, dtype, name: str):
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class DINOv3Embeddings(nn.Module):
+class _DINOv3Module(nn.Module):
+    """The fields of every DINOv3 module; `attention_implementation` as in `dot_product_attention`."""
     config: DINOv3Config
     dtype: Any = jnp.float32
+    attention_implementation: str | None = None
 
+
+class DINOv3Embeddings(_DINOv3Module):
     @nn.compact
     def __call__(self, pixel_values, bool_masked_pos=None):
         c = self.config
@@ -133,11 +137,7 @@ class DINOv3Embeddings(nn.Module):
         return jnp.concatenate([jnp.broadcast_to(prefix, (batch,) + prefix.shape[1:]), patches], axis=1)
 
 
-class DINOv3Attention(nn.Module):
-    config: DINOv3Config
-    dtype: Any = jnp.float32
-    attention_implementation: str | None = None
-
+class DINOv3Attention(_DINOv3Module):
     @nn.compact
     def __call__(self, x, cos, sin):
         c = self.config
@@ -152,10 +152,7 @@ class DINOv3Attention(nn.Module):
         return _dense(c.hidden_size, c.proj_bias, self.dtype, "o_proj")(out.reshape(batch, tokens, -1))
 
 
-class DINOv3MLP(nn.Module):
-    config: DINOv3Config
-    dtype: Any = jnp.float32
-
+class DINOv3MLP(_DINOv3Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -175,11 +172,7 @@ class LayerScale(nn.Module):
         return x * lambda1.astype(x.dtype)
 
 
-class DINOv3Layer(nn.Module):
-    config: DINOv3Config
-    dtype: Any = jnp.float32
-    attention_implementation: str | None = None
-
+class DINOv3Layer(_DINOv3Module):
     @nn.compact
     def __call__(self, x, cos, sin):
         c = self.config
@@ -191,16 +184,13 @@ class DINOv3Layer(nn.Module):
         return x + LayerScale(name="layer_scale2")(h)
 
 
-class DINOv3ViT(nn.Module):
+class DINOv3ViT(_DINOv3Module):
     """`apply({'params': p}, pixel_values)` with ImageNet-normalised NHWC pixels -> (B, 1 + R + h·w, D), the
     final-normed sequence (HF `last_hidden_state`).
 
     `return_taps` (HF `hidden_states` numbering: 0 = embedding output, i = output of layer i - 1) also returns
     those un-normed hidden states: `(last_hidden_state, taps)`. `bool_masked_pos` (B, h·w) swaps in the mask token.
     """
-    config: DINOv3Config
-    dtype: Any = jnp.float32
-    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, pixel_values, bool_masked_pos=None, return_taps: Sequence[int] = ()):

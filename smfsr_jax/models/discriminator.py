@@ -1,4 +1,4 @@
-"""DINOv3-feature discriminator D_ψ for stage-2 GAN training (training.md §4, StyleGAN-T heads).
+"""DINOv3-feature discriminator D_ψ for stage-2 GAN training (SMFSR Eq. 17-18, StyleGAN-T heads).
 
 The frozen DINOv3 backbone is not part of any trainable tree: `backbone_features(backbone_params, images,
 config)` runs it (under stop_gradient on its params, gradients still reach the pixels) and returns one

@@ -1,8 +1,9 @@
 """LPIPS v0.1 with torchvision AlexNet (evaluation) or VGG16 (training loss) trunks.
 
-evaluation.md §5, training.md §4 Eq. 19. Inputs are NHWC in [-1, 1] (map [0, 1] images with 2x - 1).
-Parameter paths mirror the torch names: trunk convs `features_<torchvision index>/{kernel,bias}`, lin heads
-`lin<i>/kernel` (lpips' `lin<i>.model.1`). Differentiable and jit-able, fp32.
+AlexNet is pyiqa's `lpips` metric, VGG16 the LPIPS of SMFSR's reconstruction loss (Eq. 19). Inputs are NHWC
+in [-1, 1] (map [0, 1] images with 2x - 1). Parameter paths mirror the torch names: trunk convs
+`features_<torchvision index>/{kernel,bias}`, lin heads `lin<i>/kernel` (lpips' `lin<i>.model.1`).
+Differentiable and jit-able, fp32.
 """
 
 import dataclasses

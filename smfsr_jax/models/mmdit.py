@@ -1,6 +1,6 @@
 """SD3.5 MM-DiT with DiT4SR's LR-latent stream and SMFSR's interval (r, t) time embedding.
 
-One class covers the three networks of the project (architecture.md §1, §5, §6):
+One class covers the three networks of the project:
 - `sd35_medium`: the plain SD3.5-Medium transformer (diffusers `SD3Transformer2DModel`);
 - `dit4sr_teacher`: + the LR stream (control projections, `to_out_control`, depthwise `control_conv`);
 - `smfsr_student`: + the interval embedding e_{r,t} = MLP([E(r, p) ; E(t, p)]).
@@ -9,9 +9,11 @@ Latents are NHWC. Times are flow times in [0, 1] (t = 1 is noise); `time_scale` 
 checkpoint's timestep embedder expects (1000 for SD3.5/DiT4SR/teacher weights, 1 for SMFSR students).
 
 Parameter paths mirror the diffusers names (`to_out.0` -> `to_out`, `ff.net.0.proj`/`ff.net.2` ->
-`ff/fc1`/`ff/fc2`, Sequential indices -> `linear_1`/`linear_2`). Blocks are stacked for `nn.scan` in
-three groups: `dual_blocks` (MMDiT-X blocks with `attn2`), `blocks` (plain) and `last_block`
-(context-pre-only, unrolled).
+`ff/fc1`/`ff/fc2`, Sequential indices -> `linear_1`/`linear_2`). Blocks 0..L-2 are stacked for `nn.scan`
+per maximal run of consecutive blocks of one kind (MMDiT-X blocks with `attn2`, or plain): the n-th run of
+a kind is `dual_blocks` / `blocks` for n = 0 and `dual_blocks_n` / `blocks_n` after (`MMDiTConfig.block_runs`);
+the context-pre-only last block is `last_block`, unrolled. A prefix `dual_attention_layers` (SD3.5) thus
+gives `dual_blocks`, `blocks`, `last_block`.
 """
 
 import dataclasses
@@ -61,17 +63,16 @@ class MMDiTConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+        object.__setattr__(self, "dual_attention_layers", tuple(sorted({int(i) for i in self.dual_attention_layers})))
         if self.time_conditioning not in ("single", "interval"):
             raise ValueError(f"time_conditioning must be 'single' or 'interval', got {self.time_conditioning!r}")
         if self.qk_norm not in ("rms_norm", None):
             raise ValueError(f"qk_norm must be 'rms_norm' or None, got {self.qk_norm!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
-        inner = [i for i in self.dual_attention_layers if i < self.num_layers - 1]
-        if inner != list(range(len(inner))):
-            raise ValueError("dual_attention_layers must be a prefix 0..k-1 of the blocks (scan groups), "
-                             f"got {self.dual_attention_layers}")
+        outside = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise ValueError(f"dual_attention_layers {outside} are not blocks of a {self.num_layers}-block network")
 
     @property
     def hidden_size(self) -> int:
@@ -82,8 +83,19 @@ class MMDiTConfig:
         return jnp.dtype(self.dtype)
 
     @property
-    def num_dual_blocks(self) -> int:
-        return len([i for i in self.dual_attention_layers if i < self.num_layers - 1])
+    def block_runs(self) -> tuple:
+        """(scan group name, first block, length, dual) per maximal run of like blocks among 0..L-2."""
+        runs, seen = [], {True: 0, False: 0}
+        for i in range(self.num_layers - 1):
+            dual = i in self.dual_attention_layers
+            if runs and runs[-1][3] == dual:
+                name, start, length, _ = runs[-1]
+                runs[-1] = (name, start, length + 1, dual)
+                continue
+            base = "dual_blocks" if dual else "blocks"
+            runs.append((f"{base}_{seen[dual]}" if seen[dual] else base, i, 1, dual))
+            seen[dual] += 1
+        return tuple(runs)
 
     @property
     def last_block_dual(self) -> bool:
@@ -101,7 +113,7 @@ class MMDiTConfig:
     def from_dict(cls, d: dict) -> "MMDiTConfig":
         return cls(**d)
 
-    # Presets (architecture.md §1.1, §5, §6).
+    # Presets: SD3.5-Medium (24 blocks, 0..12 dual), + the DiT4SR LR stream, + the SMFSR interval embedding.
     @classmethod
     def sd35_medium(cls, **kw) -> "MMDiTConfig":
         return cls(**kw)
@@ -274,7 +286,7 @@ class JointAttention(nn.Module):
     """Attention over [image | LR | context] tokens (`attn`), or [image | LR] (`attn2`, no context).
 
     The LR half gets the frozen projections followed by the control projections, shares
-    the image q/k RMSNorm and is output through `to_out_control(o_lr + h_lr)` (architecture.md §5.2).
+    the image q/k RMSNorm and is output through `to_out_control(o_lr + h_lr)`, as in the DiT4SR release.
     """
     config: MMDiTConfig
     with_context: bool
@@ -452,10 +464,8 @@ class MMDiT(nn.Module):
         ctx = nn.Dense(cfg.hidden_size, dtype=dtype, name="context_embedder")(context.astype(dtype))
 
         carry = (x, ctx)
-        n_dual, n_plain = cfg.num_dual_blocks, cfg.num_layers - 1 - cfg.num_dual_blocks
-        for name, count, dual in (("dual_blocks", n_dual, True), ("blocks", n_plain, False)):
-            if count:
-                carry, _ = self.block_stack(count)(cfg, grid, dual, name=name)(carry, temb)
+        for name, _, length, dual in cfg.block_runs:
+            carry, _ = self.block_stack(length)(cfg, grid, dual, name=name)(carry, temb)
         (x, _), _ = self.block_class(scanned=False)(cfg, grid, cfg.last_block_dual, context_pre_only=True,
                                        name="last_block")(carry, temb)
 
@@ -482,8 +492,8 @@ class MMDiT(nn.Module):
 def init_params(config: MMDiTConfig, rng, latent_size: tuple = (8, 8), context_len: int = 4, batch: int = 1):
     """Params for training from scratch: flax default inits, adaLN modulations and proj_out at zero.
 
-    The LR stream starts random here, not at zero: zero control weights (DiT4SR's init, made by
-    `convert.transformer.teacher_from_base`) only make sense on top of a pretrained base."""
+    The LR stream starts random here, not at zero: zero control weights (DiT4SR's init, made by the
+    `teacher_fm` stage's `teacher_from_base`) only make sense on top of a pretrained base."""
     args, kwargs = dummy_inputs(config, latent_size, context_len, batch)
     return MMDiT(config).init(rng, *args, **kwargs)["params"]
 

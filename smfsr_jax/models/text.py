@@ -1,4 +1,4 @@
-"""SD3 text encoders (CLIP-L, CLIP-G, T5-XXL v1.1 encoder) and SD3 prompt assembly (architecture.md §4).
+"""SD3 text encoders (CLIP-L, CLIP-G, T5-XXL v1.1 encoder) and SD3 prompt assembly.
 
 `CLIPTextEncoder` matches transformers' `CLIPTextModelWithProjection` and `T5Encoder` its `T5EncoderModel`.
 `encode_prompts` reproduces diffusers' `StableDiffusion3Pipeline.encode_prompt` (clip_skip None, one image
@@ -110,11 +110,14 @@ def _split_heads(x, heads: int):
 # ---------------------------------------------------------------------------------------------- CLIP
 
 
-class CLIPAttention(nn.Module):
+class _CLIPModule(nn.Module):
+    """The fields of every CLIP module; `attention` picks the `dot_product_attention` implementation."""
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     attention: str | None = None
 
+
+class CLIPAttention(_CLIPModule):
     @nn.compact
     def __call__(self, x, mask):
         c = self.config
@@ -124,10 +127,7 @@ class CLIPAttention(nn.Module):
         return dense(name="out_proj")(out.reshape(x.shape))
 
 
-class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-
+class CLIPMLP(_CLIPModule):
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -141,12 +141,9 @@ def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-class CLIPEncoderLayer(nn.Module):
+class CLIPEncoderLayer(_CLIPModule):
     """Pre-LN block. Scan carry = (this layer's output, its input) so that the input of the last layer,
     transformers' `hidden_states[-2]`, falls out of the scan without keeping every layer's states."""
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-    attention: str | None = None
 
     @nn.compact
     def __call__(self, carry, mask):
@@ -158,11 +155,7 @@ class CLIPEncoderLayer(nn.Module):
         return (h, x), None
 
 
-class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-    attention: str | None = None
-
+class CLIPEncoder(_CLIPModule):
     @nn.compact
     def __call__(self, x, mask):
         layers = nn.scan(CLIPEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -171,10 +164,7 @@ class CLIPEncoder(nn.Module):
         return last, penultimate
 
 
-class CLIPTextEmbeddings(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-
+class CLIPTextEmbeddings(_CLIPModule):
     @nn.compact
     def __call__(self, input_ids):
         c = self.config
@@ -184,11 +174,7 @@ class CLIPTextEmbeddings(nn.Module):
         return tokens + positions
 
 
-class CLIPTextTransformer(nn.Module):
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-    attention: str | None = None
-
+class CLIPTextTransformer(_CLIPModule):
     @nn.compact
     def __call__(self, input_ids):
         c = self.config
@@ -207,15 +193,12 @@ class CLIPTextTransformer(nn.Module):
         return penultimate, pooled
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(_CLIPModule):
     """transformers `CLIPTextModelWithProjection`.
 
     input_ids (B, T) int -> (hidden_states[-2] (B, T, hidden): the penultimate layer output without the final
     LN, pooled (B, projection_dim): the final-LN state at the EOS position times `text_projection` (no bias)).
     """
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-    attention: str | None = None
 
     @nn.compact
     def __call__(self, input_ids):
@@ -259,11 +242,14 @@ class T5LayerNorm(nn.Module):
         return scale.astype(self.dtype) * (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(self.dtype)
 
 
-class T5Attention(nn.Module):
+class _T5Module(nn.Module):
+    """The fields of every T5 module but the norm; `attention` as in `_CLIPModule`."""
     config: T5Config
     dtype: Any = jnp.float32
     attention: str | None = None
 
+
+class T5Attention(_T5Module):
     @nn.compact
     def __call__(self, x, position_bias, mask):
         c = self.config
@@ -276,11 +262,7 @@ class T5Attention(nn.Module):
         return nn.Dense(c.d_model, use_bias=False, dtype=self.dtype, name="o")(out)
 
 
-class T5LayerSelfAttention(nn.Module):
-    config: T5Config
-    dtype: Any = jnp.float32
-    attention: str | None = None
-
+class T5LayerSelfAttention(_T5Module):
     @nn.compact
     def __call__(self, x, position_bias, mask):
         normed = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
@@ -288,10 +270,7 @@ class T5LayerSelfAttention(nn.Module):
                                                                                               mask)
 
 
-class T5DenseGatedActDense(nn.Module):
-    config: T5Config
-    dtype: Any = jnp.float32
-
+class T5DenseGatedActDense(_T5Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -300,21 +279,15 @@ class T5DenseGatedActDense(nn.Module):
         return dense(c.d_model, name="wo")(gate * dense(c.d_ff, name="wi_1")(x))
 
 
-class T5LayerFF(nn.Module):
-    config: T5Config
-    dtype: Any = jnp.float32
-
+class T5LayerFF(_T5Module):
     @nn.compact
     def __call__(self, x):
         normed = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         return x + T5DenseGatedActDense(self.config, self.dtype, name="DenseReluDense")(normed)
 
 
-class T5Block(nn.Module):
+class T5Block(_T5Module):
     """torch `block.{i}.layer.0` -> `layer_0` (self-attention), `layer.1` -> `layer_1` (feed-forward)."""
-    config: T5Config
-    dtype: Any = jnp.float32
-    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, position_bias, mask):
@@ -322,11 +295,7 @@ class T5Block(nn.Module):
         return T5LayerFF(self.config, self.dtype, name="layer_1")(x), None
 
 
-class T5Stack(nn.Module):
-    config: T5Config
-    dtype: Any = jnp.float32
-    attention: str | None = None
-
+class T5Stack(_T5Module):
     @nn.compact
     def __call__(self, x, mask):
         c = self.config
@@ -341,14 +310,11 @@ class T5Stack(nn.Module):
         return T5LayerNorm(c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(x)
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(_T5Module):
     """transformers `T5EncoderModel`: input_ids (B, T) -> last_hidden_state (B, T, d_model).
 
     `attention_mask` (B, T), 1 = keep, is optional: SD3 passes none, so padding tokens are attended to.
     """
-    config: T5Config
-    dtype: Any = jnp.float32
-    attention: str | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None):

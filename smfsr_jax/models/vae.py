@@ -3,7 +3,7 @@
 Images are NHWC in [-1, 1]; latents are raw NHWC (normalise with `normalize_latents` before the
 MM-DiT). Parameter paths mirror the diffusers names with list indices as `_i` and `to_out.0` as
 `to_out`: `encoder/down_blocks_0/resnets_1/conv1/kernel`, `decoder/mid_block/attentions_0/to_q/kernel`.
-See design/architecture.md §3 and training.md §7b.
+The pixel latents serve the tiny configs, which have no pretrained weights: an untrained VAE would decode noise.
 """
 
 import dataclasses

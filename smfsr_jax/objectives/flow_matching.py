@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from smfsr_jax.sampling import schedules
+from smfsr_jax.core import schedules
 
 # Velocity of the network: (z, t) -> v, with t the flow time in [0, 1]; conditioning is closed over.
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -49,9 +49,14 @@ def sample_sigmas(rng, batch: int, sigma_sampler: str = "sd3", *, num_train_time
     return jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
 
 
+def batch_broadcast(x, like):
+    """(B,) values shaped to broadcast against a (B, ...) batch."""
+    return x.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def interpolate(x0, noise, t):
     """z_t = (1 - t) x0 + t noise with per-sample t."""
-    t = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    t = batch_broadcast(t, x0)
     return (1 - t) * x0 + t * noise
 
 
@@ -66,7 +71,7 @@ def teacher_fm_loss(velocity_fn: VelocityFn, x0, rng, *, loss: str = "x0", sigma
     z = interpolate(x0, noise, sigma)
     v = velocity_fn(z, sigma)
     if loss == "x0":
-        x0_hat = z - sigma.reshape(-1, *([1] * (x0.ndim - 1))) * v
+        x0_hat = z - batch_broadcast(sigma, x0) * v
         value = jnp.mean(jnp.square(x0_hat - x0))
     else:
         value = jnp.mean(jnp.square(v - (noise - x0)))

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from smfsr_jax.objectives.flow_matching import interpolate
+from smfsr_jax.core import flow
+from smfsr_jax.objectives.flow_matching import batch_broadcast, interpolate
 
 # u(z, r, t) of the student (differentiable), and v(z, t) of the teacher; conditioning closed over.
 AverageVelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -71,16 +72,12 @@ def sample_boundary_times(rng, batch: int, *, time_sampler: str = DEFAULT_TIMES[
     return draw_times(rng, (batch,), time_sampler)
 
 
-def _bcast(x, like):
-    return x.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def split_target(u_fn: AverageVelocityFn, z_t, r, s, t, lam):
     """sg[(1 - lam) u(z_s, r, s) + lam u(z_t, s, t)] with z_s from one backward Euler step (Eq. 10)."""
     u_st = u_fn(z_t, s, t)
-    z_s = z_t - _bcast(t - s, z_t) * u_st
+    z_s = z_t - batch_broadcast(t - s, z_t) * u_st
     u_rs = u_fn(z_s, r, s)
-    return jax.lax.stop_gradient(_bcast(1 - lam, z_t) * u_rs + _bcast(lam, z_t) * u_st)
+    return jax.lax.stop_gradient(batch_broadcast(1 - lam, z_t) * u_rs + batch_broadcast(lam, z_t) * u_st)
 
 
 def boundary_target(teacher_fn: VelocityFn, z_t, t, *, uncond_fn: Optional[VelocityFn] = None,
@@ -88,8 +85,7 @@ def boundary_target(teacher_fn: VelocityFn, z_t, t, *, uncond_fn: Optional[Veloc
     """sg[v_teacher(z_t, t)], optionally with CFG v_u + w (v_c - v_u) against `uncond_fn` (Eq. 13)."""
     v = teacher_fn(z_t, t)
     if cfg_scale is not None:
-        v_u = uncond_fn(z_t, t)
-        v = v_u + cfg_scale * (v - v_u)
+        v = flow.cfg_mix(uncond_fn(z_t, t), v, cfg_scale)
     return jax.lax.stop_gradient(v)
 
 
@@ -124,7 +120,7 @@ def isc_loss(u_fn: AverageVelocityFn, teacher_fn: VelocityFn, x0, rng, *, p_boun
         use_boundary = jax.random.uniform(rng_branch, (batch,)) < p_boundary
         u_b, target_b = boundary()
         u_s, target_s = split()
-        pick = lambda a, b: jnp.where(_bcast(use_boundary, a), a, b)  # noqa: E731
+        pick = lambda a, b: jnp.where(batch_broadcast(use_boundary, a), a, b)  # noqa: E731
         u, target = pick(u_b, u_s), pick(target_b, target_s)
         boundary_fraction = use_boundary.mean()
     else:

@@ -1,6 +1,6 @@
 """Variational score distillation (SMFSR Eq. 15) and the regularizer's flow-matching loss (Eq. 16).
 
-VSD (training.md §4): t ~ U(0.02, 0.98), z_t = (1 - t) sg(z_hat) + t eps;
+VSD: t ~ U(0.02, 0.98), z_t = (1 - t) sg(z_hat) + t eps;
     x0_tea = z_t - t v_teacher^CFG(z_t, t),   x0_reg = z_t - t v_reg(z_t, t)   (both under stop-gradient);
     w = max(mean_{C,H,W} |z_hat - x0_tea|, 1e-6) per sample;  g = (x0_reg - x0_tea) / w;
     L = 1/2 mean((z_hat - sg(z_hat - g))^2),  so that dL/dz_hat = g / numel.
@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from smfsr_jax.objectives.flow_matching import interpolate
+from smfsr_jax.objectives.flow_matching import batch_broadcast, interpolate
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -22,18 +22,14 @@ def sample_times(rng, batch: int, t_min: float = 0.02, t_max: float = 0.98):
     return jax.random.uniform(rng, (batch,), minval=t_min, maxval=t_max)
 
 
-def _bcast(x, like):
-    return x.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def vsd_gradient(z_hat, teacher_fn: VelocityFn, regularizer_fn: VelocityFn, rng, *, t_min=0.02, t_max=0.98):
     """g = (x0_reg - x0_tea) / w, the normalised VSD direction (stop-gradient throughout)."""
     rng_t, rng_noise = jax.random.split(rng)
     z_hat = jax.lax.stop_gradient(z_hat)
     t = sample_times(rng_t, z_hat.shape[0], t_min, t_max)
     z_t = interpolate(z_hat, jax.random.normal(rng_noise, z_hat.shape, z_hat.dtype), t)
-    x0_teacher = z_t - _bcast(t, z_t) * teacher_fn(z_t, t)
-    x0_regularizer = z_t - _bcast(t, z_t) * regularizer_fn(z_t, t)
+    x0_teacher = z_t - batch_broadcast(t, z_t) * teacher_fn(z_t, t)
+    x0_regularizer = z_t - batch_broadcast(t, z_t) * regularizer_fn(z_t, t)
     weight = jnp.maximum(jnp.abs(z_hat - x0_teacher).mean(axis=tuple(range(1, z_hat.ndim)), keepdims=True), 1e-6)
     return jax.lax.stop_gradient((x0_regularizer - x0_teacher) / weight)
 

@@ -1,4 +1,4 @@
-"""One-step and multi-step sampling, latent tiling and colour correction (architecture.md §9, evaluation.md §0, §9).
+"""One-step and multi-step sampling, latent tiling and colour correction (docs/design.md#sampling).
 
 - `schedules`: the student's cosine grid and the teacher's SD3 shift-3 sigmas (diffusers `set_timesteps`).
 - `samplers`: pure, jittable samplers over a velocity function: `one_step`, `euler_sample` (cosine-grid student

@@ -1,4 +1,4 @@
-"""Colour correction of the 8-bit SR output against the bicubic-upsampled LR (evaluation.md §9).
+"""Colour correction of the 8-bit SR output against the bicubic-upsampled LR.
 
 StableSR's `adain_color_fix` / `wavelet_color_fix` as used by the SMFSR, DiT4SR and OSEDiff test scripts: both
 images are 8-bit, read as /255 float32 (torchvision ToTensor); the result is clamped to [0, 1] and converted back
@@ -8,6 +8,8 @@ runs). 'none' returns the SR image untouched.
 
 import jax.numpy as jnp
 import numpy as np
+
+from smfsr_jax.core.images import to_unit
 
 METHODS = ("adain", "wavelet", "none")
 ROUNDINGS = ("truncate", "round")
@@ -62,15 +64,14 @@ def wavelet(images, source, levels: int = WAVELET_LEVELS):
 
 
 def color_fix(sr_uint8, source_uint8, method: str = "adain", rounding: str = "truncate"):
-    """(B, H, W, 3) uint8 SR and source -> colour-corrected uint8 (evaluation.md §9)."""
+    """(B, H, W, 3) uint8 SR and source -> colour-corrected uint8."""
     if method not in METHODS:
         raise ValueError(f"color fix must be one of {METHODS}, got {method!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if method == "none":
         return sr_uint8
-    images = sr_uint8.astype(jnp.float32) / 255.0
-    source = source_uint8.astype(jnp.float32) / 255.0
-    fixed = adain(images, source) if method == "adain" else wavelet(images, source)
+    sr, source = to_unit(sr_uint8), to_unit(source_uint8)
+    fixed = adain(sr, source) if method == "adain" else wavelet(sr, source)
     fixed = jnp.clip(fixed, 0.0, 1.0) * 255.0
     return (jnp.round(fixed) if rounding == "round" else fixed).astype(jnp.uint8)

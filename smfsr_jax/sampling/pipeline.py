@@ -1,4 +1,4 @@
-"""SRPipeline: LR images -> x4 SR images (8-bit RGB), the SMFSR test script in JAX (architecture.md §9).
+"""SRPipeline: LR images -> x4 SR images (8-bit RGB), the SMFSR test script in JAX (docs/design.md#sampling).
 
 Per image:
 1. LR preprocessing with PIL bicubic (SMFSR/DiT4SR test_wollava.py): if a side is below process_size/4 = 128,
@@ -14,7 +14,7 @@ Per image:
    preprocessed LR (color.py: AdaIN default, truncating to 8 bits), then a PIL bicubic resize to 4x the original
    LR size (a no-op when the size already matches, e.g. 128² -> 512²).
 
-Seeds (evaluation.md §0): image k (its index in sorted file order; `indices=`) uses key_k = fold_in(PRNGKey(seed), k):
+Seeds (docs/design.md#noise-seeding): image k (its index in sorted file order; `indices=`) uses key_k = fold_in(PRNGKey(seed), k):
 ε = normal(key_k, latent shape) and the posterior sample uses fold_in(key_k, 1), so the random draws do not depend
 on batching. The outputs then agree up to float rounding: XLA's kernels depend on the batch size, so an 8-bit value
 can move by one level at a few pixels. Images are grouped by preprocessed size; each group runs in batches of
@@ -35,7 +35,8 @@ from PIL import Image
 
 from smfsr_jax.models import mmdit, text, vae
 from smfsr_jax.sampling import bundle as bundle_lib
-from smfsr_jax.sampling import color, samplers, schedules, tiling
+from smfsr_jax.core import images, schedules
+from smfsr_jax.sampling import color, samplers, tiling
 
 UPSCALE = 4
 PROCESS_SIZE = 512  # upstream --process_size: LR sides below PROCESS_SIZE // UPSCALE are upscaled first
@@ -77,7 +78,7 @@ def image_keys(seed: int, indices) -> jax.Array:
 
 
 def initial_noise(keys, latent_shape) -> jax.Array:
-    """ε of each image: normal(key_k, latent_shape), whatever the batch it is in (evaluation.md §0)."""
+    """ε of each image: normal(key_k, latent_shape), whatever the batch it is in."""
     return jax.vmap(lambda key: jax.random.normal(key, latent_shape, jnp.float32))(keys)
 
 
@@ -99,8 +100,7 @@ def make_sr_function(transformer_config: mmdit.MMDiTConfig, autoencoder_config: 
 
     def sr(transformer_params, autoencoder_params, lr_images, keys, cond):
         autoencoder_vars = {"params": autoencoder_params}
-        mean, logvar = autoencoder.apply(autoencoder_vars, lr_images.astype(jnp.float32) / 255.0 * 2.0 - 1.0,
-                                         method="encode")
+        mean, logvar = autoencoder.apply(autoencoder_vars, images.to_signed(lr_images), method="encode")
         posterior_keys = jax.vmap(lambda key: jax.random.fold_in(key, POSTERIOR_STREAM))(keys)
         lr_latents = vae.normalize_latents(jax.vmap(vae.sample_latent)(posterior_keys, mean, logvar),
                                            autoencoder_config)
@@ -112,8 +112,7 @@ def make_sr_function(transformer_config: mmdit.MMDiTConfig, autoencoder_config: 
         latents = samplers.euler_sample(velocity, noise, lr_latents, cond, times)
         decoded = autoencoder.apply(autoencoder_vars, vae.denormalize_latents(latents, autoencoder_config),
                                     method="decode")
-        sr_uint8 = jnp.round(jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-        return color.color_fix(sr_uint8, lr_images, color_method, rounding)
+        return color.color_fix(images.from_signed(decoded), lr_images, color_method, rounding)
 
     return jax.jit(sr)
 

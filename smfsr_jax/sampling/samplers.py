@@ -1,4 +1,4 @@
-"""Pure samplers over a velocity function (architecture.md §1.7, §9). Jittable; no host sync inside.
+"""Pure samplers over a velocity function (docs/design.md#sampling). Jittable; no host sync inside.
 
 A velocity function is `velocity_fn(z, lr_latents, cond, t, r) -> u`, with z and lr_latents (B, h, w, C)
 normalised latents, `cond` a dict of per-image conditioning arrays with leading axis B, and t, r scalar flow
@@ -13,6 +13,8 @@ flow-match Euler step x ← x + (σ_next − σ)·v.
 
 import jax
 import jax.numpy as jnp
+
+from smfsr_jax.core import flow
 
 # cond keys: the conditional text, and for CFG the unconditional (negative prompt or NULL) text.
 CONTEXT, POOLED = "context", "pooled"
@@ -49,8 +51,7 @@ def teacher_velocity(apply_fn, guidance_scale: float = 1.0):
                      context=jnp.concatenate([cond[NEGATIVE_CONTEXT], cond[CONTEXT]]),
                      pooled=jnp.concatenate([cond[NEGATIVE_POOLED], cond[POOLED]]),
                      t=_batch_times(t, 2 * b), lr_latents=jnp.concatenate([lr_latents, lr_latents]))
-        v_uncond, v_cond = v[:b], v[b:]
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return flow.cfg_mix(v[:b], v[b:], guidance_scale)
     return velocity
 
 
@@ -67,4 +68,4 @@ def euler_sample(velocity_fn, noise, lr_latents, cond, times):
 
 def one_step(velocity_fn, noise, lr_latents, cond):
     """SMFSR's default sampler: x̂ = ε − u(ε, r = 0, t = 1)."""
-    return noise - velocity_fn(noise, lr_latents, cond, jnp.float32(1.0), jnp.float32(0.0))
+    return flow.one_step(lambda z, r, t: velocity_fn(z, lr_latents, cond, t, r), noise)

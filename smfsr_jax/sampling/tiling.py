@@ -1,4 +1,4 @@
-"""Latent tiling with Gaussian blending (architecture.md §9; SMFSR/DiT4SR pipelines' tiled branch).
+"""Latent tiling with Gaussian blending (docs/design.md#latent-tiling; SMFSR/DiT4SR pipelines' tiled branch).
 
 - A latent is tiled when h·w > T² (T = 64, overlap 24 upstream), and also when h or w is not a multiple
   of the MM-DiT patch size: the network needs whole patches, and upstream's VAE-only multiple of 8 can

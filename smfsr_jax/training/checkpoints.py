@@ -48,6 +48,22 @@ def finished_steps(directory: str) -> list[int]:
     return steps
 
 
+def restore_subtree(directory: str, step: int, target: dict) -> dict:
+    """Part of a step's train state, e.g. {"ema_params": shapes}: the rest (optimizer moments, other parts) is
+    not read."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), target)
+    manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data"))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)))
+    finally:
+        manager.close()
+    return restored["state"]
+
+
 def abstract_of(tree):
     """ShapeDtypeStructs (with shardings) of a live tree, the target for `restore`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -1,9 +1,10 @@
 """The network of a training run at any finished checkpoint, ready for sampling.
 
-A checkpoint holds only the trainable weights (and optimizer state); the frozen parts come from the stage's
-initial weights named in WORKDIR/config.json. `load_checkpoint` rebuilds the stage from that config, restores
-the step and merges the two, returning the same fields as a model bundle (sampling/bundle.py), so
-`SRPipeline(...)` and the evaluator treat checkpoints and bundles alike.
+A checkpoint holds the trainable weights (and optimizer state); the frozen parts come from the stage's
+initial weights named in WORKDIR/config.json. `load_checkpoint` builds only the stage's network (no teacher,
+LPIPS or discriminator), restores just the network's trainable weights of the step and merges the two,
+returning the same fields as a model bundle (sampling/bundle.py), so `SRPipeline(...)` and the evaluator treat
+checkpoints and bundles alike.
 """
 
 import json
@@ -13,48 +14,44 @@ from typing import Optional
 import jax
 import ml_collections
 
+from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.training import checkpoints, stages
-from smfsr_jax.training import state as state_lib
+from smfsr_jax.training.stages import common
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = stages.workdir_paths(workdir)["config"]
+    path = workdir_lib.config_path(workdir)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
+        raise FileNotFoundError(f"{workdir}: not a training workdir (no {workdir_lib.CONFIG})")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_checkpoint(workdir: str, step: Optional[int] = None, stage: Optional[stages.Stage] = None,
+def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[common.Network] = None,
                     use_ema: bool = True) -> bundle_lib.Bundle:
     """The trained network of `workdir` at `step` (default: the latest finished checkpoint).
 
-    Pass `stage` (`stages.build_stage(read_config(workdir))`) to reuse its frozen weights across checkpoints.
+    Pass `network` (`stages.build_network(read_config(workdir))`) to reuse its frozen weights across checkpoints.
     """
     config = read_config(workdir)
-    stage = stage or stages.build_stage(config)
-    directory = stages.workdir_paths(workdir)["checkpoints"]
+    network = network or stages.build_network(config)
+    directory = workdir_lib.checkpoints_dir(workdir)
     finished = checkpoints.finished_steps(directory)
     if not finished:
         raise FileNotFoundError(f"{directory}: no finished checkpoint")
     step = finished[-1] if step is None else step
     if step not in finished:
         raise FileNotFoundError(f"{directory}: step {step} is not a finished checkpoint (have {finished})")
-    optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
-    with_ema = config.get("ema_decay") is not None
-    abstract = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, with_ema, m), stage.trainable,
-                              stage.model_state)
-    checkpointer = checkpoints.Checkpointer(directory, async_save=False)
-    try:
-        state, _ = checkpointer.restore(step, abstract)
-    finally:
-        checkpointer.close()
-    trainable = jax.device_get(state.ema_params if (with_ema and use_ema) else state.params)
-    null = stage.frozen["null"]
+    field = "ema_params" if (config.get("ema_decay") is not None and use_ema) else "params"
+    part, target = network.part, common.shapes(network.trainable)
+    trainable = checkpoints.restore_subtree(directory, step, {field: {part: target} if part else target})[field]
+    trainable = jax.device_get(trainable[part] if part else trainable)
+    null = network.frozen["null"]
     return bundle_lib.Bundle(
-        path=os.path.abspath(workdir), transformer_config=stage.model_config,
-        transformer_params=stage.model_params(trainable), autoencoder_config=stage.autoencoder_config,
-        autoencoder_params=stage.frozen["autoencoder"],
+        path=os.path.abspath(workdir), transformer_config=network.model_config,
+        transformer_params=network.params(trainable), autoencoder_config=network.autoencoder_config,
+        autoencoder_params=network.frozen["autoencoder"],
         null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]), negative_embeddings=None,
-        text_encoders_dir=config.text.get("encoders"), meta=stages.bundle_meta(stage, config, step))
+        text_encoders_dir=config.text.get("encoders"),
+        meta=common.bundle_meta(config.stage, network.autoencoder_config, config, step))

@@ -67,13 +67,16 @@ def count(tree) -> int:
 
 
 def cast(tree, dtype, keep: Iterable[str] = ()):
-    """Cast floating leaves (frozen parts may be held in bf16), except those whose path matches `keep`."""
+    """Cast floating leaves (frozen parts may be held in bf16), except those whose path matches `keep`;
+    ShapeDtypeStruct leaves get the new dtype alike."""
     keep = tuple(keep)
 
     def leaf(path, x):
         name = "/".join(_key_name(k) for k in path)
         if not np.issubdtype(x.dtype, np.floating) or any(re.search(p, name) for p in keep):
             return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
         return x.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, tree)

@@ -31,7 +31,7 @@ class TrainState:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, parts: tuple[str, ...] = ()) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a constant learning rate (training.md §0).
+    """AdamW with global-norm clipping and a constant learning rate, as the paper's recipe.
 
     With `parts` (the top-level keys of the trainable tree, e.g. stage 2's student, regularizer and
     discriminator) each part gets its own AdamW and its own clipping norm, as separate optimizers would.

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from smfsr_jax.core import workdir as workdir_lib
+
 
 class JsonlWriter(metric_writers.MetricWriter):
     """One JSON object per write_scalars call: {"step": n, name: value, ...}."""
@@ -54,7 +56,7 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     tensorboard = metric_writers.create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
     if just_logging:
         return tensorboard
-    return metric_writers.MultiWriter([tensorboard, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    return metric_writers.MultiWriter([tensorboard, JsonlWriter(workdir_lib.metrics_path(workdir))])
 
 
 def read_jsonl(path: str) -> list[dict]:

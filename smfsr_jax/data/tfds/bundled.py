@@ -1,7 +1,7 @@
 """`bundled`: the colour photographs shipped inside the scikit-image wheel; the embedded default.
 
 No download and no manual_dir: the files are read from the installed `skimage/data/` folder (never
-through pooch). They are what `make demo` and the tests train and evaluate on (`training.md` §7b).
+through pooch). They are what `make demo` and the tests train and evaluate on (docs/design.md#embedded-default).
 
 Splits (fixed, by file name):
     train    astronaut, hubble_deep_field, ihc, motorcycle_left, motorcycle_right, retina, rocket

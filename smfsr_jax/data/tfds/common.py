@@ -25,9 +25,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from smfsr_jax.core.images import is_image_name
 from smfsr_jax.data import images
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def image_bytes() -> tfds.features.Tensor:
@@ -39,7 +38,7 @@ def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
     """Image files under `folder` (recursive), sorted by relative path."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def require_manual_dir(dl_manager, builder_name: str) -> pathlib.Path:
@@ -130,8 +129,9 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             intake["records"], expected)
 
     def _generate_examples(self, split: str, root: pathlib.Path, files: list[pathlib.Path], captions: Captions,
-                           expected: int | None = None):
-        """Examples of an HR-only set (`hr_features`), keyed by position in `files`."""
+                           expected: int | None = None, image_key: str = "hr"):
+        """Examples of a one-image set (`hr_features`, the image under `image_key`), keyed by position in
+        `files`; file names are relative to `root`."""
         for key, path in enumerate(files):
             name = path.relative_to(root).as_posix()
             read = self._read(split, path, name)
@@ -139,11 +139,12 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             pixels, stored = read
             self._accepted(split)
-            yield key, {"hr": stored, "file_name": name, "caption": captions(path),
+            yield key, {image_key: stored, "file_name": name, "caption": captions(path),
                         "height": pixels.shape[0], "width": pixels.shape[1]}
         self._summarise(split, expected)
 
 
-def hr_features() -> dict:
-    return {"hr": image_bytes(), "file_name": tfds.features.Text(), "caption": tfds.features.Text(),
+def hr_features(image_key: str = "hr") -> dict:
+    """A one-image set's features: the image under `image_key`, its file name, caption and size."""
+    return {image_key: image_bytes(), "file_name": tfds.features.Text(), "caption": tfds.features.Text(),
             "height": tfds.features.Scalar(dtype=np.int32), "width": tfds.features.Scalar(dtype=np.int32)}

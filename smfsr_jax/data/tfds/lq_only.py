@@ -11,9 +11,7 @@ Build (then read with `tfds.data_source("lq_only/reallq250", split="test", data_
 """
 
 import dataclasses
-import pathlib
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from smfsr_jax.data.tfds import common
@@ -39,25 +37,11 @@ class LqOnly(common.ImageBuilder):
     """
 
     def _info(self):
-        features = {"lr": common.image_bytes(), "file_name": tfds.features.Text(),
-                    "caption": tfds.features.Text(), "height": tfds.features.Scalar(dtype=np.int32),
-                    "width": tfds.features.Scalar(dtype=np.int32)}
-        return self._info_from_features(features, "Real-world LR images without ground truth.")
+        return self._info_from_features(common.hr_features(image_key="lr"),
+                                        "Real-world LR images without ground truth.")
 
     def _split_generators(self, dl_manager):
         root = common.require_manual_dir(dl_manager, self.name)
-        return {"test": self._generate_examples("test", root)}
-
-    def _generate_examples(self, split: str, root: pathlib.Path):
         folder = root / "test_LR" if (root / "test_LR").is_dir() else root
-        captions = common.Captions(root)
-        for key, path in enumerate(common.list_images(folder)):
-            name = path.relative_to(folder).as_posix()
-            read = self._read(split, path, name)
-            if read is None:
-                continue
-            pixels, stored = read
-            self._accepted(split)
-            yield key, {"lr": stored, "file_name": name, "caption": captions(path),
-                        "height": pixels.shape[0], "width": pixels.shape[1]}
-        self._summarise(split, self.builder_config.expected_images)
+        return {"test": self._generate_examples("test", folder, common.list_images(folder), common.Captions(root),
+                                                self.builder_config.expected_images, image_key="lr")}

@@ -1,4 +1,4 @@
-"""`lsdir`: the LSDIR HR training images (Li et al. 2023), the main training set (`training.md` §5.1).
+"""`lsdir`: the LSDIR HR training images (Li et al. 2023), the main training set (docs/design.md#data).
 
 manual_dir layout: the HR training images anywhere below manual_dir, as unpacked from the LSDIR
 shards, e.g. `manual_dir/0001000/0000001.png`, `manual_dir/0002000/0001001.png`, ... Optional

@@ -12,7 +12,7 @@ name order.
 Configs: `drealsr` (93 pairs), `realsr` (100), `div2k_val` (3000), `custom` (any count).
 
 Build (then read with `tfds.data_source("paired_sr/drealsr", split="test", data_dir=DIR)`):
-    python -m smfsr_jax.data.build --dataset paired_sr/drealsr --manual_dir ../shared/data/drealsr --data_dir DIR
+    python -m smfsr_jax.data.build --dataset paired_sr/drealsr --manual_dir path/to/drealsr --data_dir DIR
 """
 
 import dataclasses

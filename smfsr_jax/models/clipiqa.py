@@ -1,6 +1,6 @@
 """CLIPIQA no-reference quality (0-1), exactly as pyiqa `clipiqa` computes it with OpenAI CLIP RN50.
 
-Port of pyiqa archs/clipiqa_arch.py and archs/clip_model.py (evaluation.md §8):
+Port of pyiqa archs/clipiqa_arch.py and archs/clip_model.py:
   * CLIP mean/std normalisation at native resolution (no resize, no crop);
   * ModifiedResNet: 3-conv stem + avg-pool, bottleneck stages with avg-pool before strided 1x1 convs,
     BatchNorm in eval mode; attention pool whose query is the mean token, without positional embedding
@@ -8,19 +8,19 @@ Port of pyiqa archs/clipiqa_arch.py and archs/clip_model.py (evaluation.md §8):
   * logits = exp(logit_scale) cos(image, text) against five antonym prompt pairs, softmax within each
     pair, P(positive) averaged over the five.
 The text features are constants of the weights: the converter computes them once with `TextTransformer`
-and stores them instead of the text tower. Images are NHWC, uint8 or float in [0, 1].
+and stores them instead of the text tower. `clipiqa_scores` maps float NHWC images in [0, 1] to scores;
+smfsr_jax.evaluation.scoring.load_clipiqa jits it once per image size.
 """
 
 import dataclasses
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.evaluation.scoring import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
+from smfsr_jax.models.maniqa import packed_self_attention
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -171,11 +171,9 @@ class MultiheadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, n, d = x.shape
-        qkv = nn.Dense(3 * d, name="in_proj")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        n = x.shape[1]
         causal = jnp.tril(jnp.ones((n, n), bool))[None, None]
-        y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=causal)
-        return nn.Dense(d, name="out_proj")(y.reshape(b, n, d))
+        return packed_self_attention(x, self.num_heads, mask=causal, names=("in_proj", "out_proj"))
 
 
 class QuickGELUMlp(nn.Module):
@@ -239,10 +237,3 @@ def clipiqa_scores(params, config: CLIPIQAConfig, images: jnp.ndarray) -> jnp.nd
     x = (images - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
     return CLIPIQA(config).apply({"params": params}, x)
 
-
-def load(path, batch_size: int = 1) -> Callable:
-    """Converted CLIPIQA directory (smfsr_jax.convert.clipiqa) -> images -> per-image scores (np.ndarray)."""
-    config_dict, params = load_metric(path, "clipiqa")
-    config = config_from_dict(config_dict)
-    score_batch = jax.jit(clipiqa_scores, static_argnums=1)
-    return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

@@ -1,6 +1,6 @@
 """MANIQA no-reference quality (PIPAL checkpoint, ~0-1), exactly as pyiqa `maniqa-pipal` computes it.
 
-Port of pyiqa archs/maniqa_arch.py and archs/maniqa_swin.py (evaluation.md §7):
+Port of pyiqa archs/maniqa_arch.py and archs/maniqa_swin.py:
   * (x - 0.5) / 0.5, then, if min(H, W) <= 224, torch bilinear upscaling by 225 / min(H, W);
   * 20 uniform 224 crops (pyiqa >= 0.1.12): origins (i * step_h, j * step_w), step = (size - 224) // 4,
     i, j in 0..4 row-major, the first 20 kept;
@@ -9,20 +9,18 @@ Port of pyiqa archs/maniqa_arch.py and archs/maniqa_swin.py (evaluation.md §7):
     1x1 conv, Swin stage (window 4, shift 2, relative position bias, 0.13 * layer(x) + x)];
   * score/weight heads on every token of every crop; the score is their weighted mean over all crops.
 
-Images are NHWC, uint8 or float in [0, 1]; `load` jits one function per image size.
+`maniqa_scores` maps float NHWC images in [0, 1] to scores; smfsr_jax.evaluation.scoring.load_maniqa
+jits it once per image size.
 """
 
 import dataclasses
-from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.evaluation.musiq import Mlp
-from smfsr_jax.evaluation.scoring import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
+from smfsr_jax.models.musiq import Mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +109,22 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
 
 
+def packed_self_attention(x, num_heads: int, *, bias=None, mask=None, names=("qkv", "proj")):
+    """Multi-head self-attention on tokens (B, N, C) with one packed q/k/v projection, for use inside a
+    compact module (the projections become its children `names`: timm's qkv/proj, torch
+    nn.MultiheadAttention's in_proj/out_proj)."""
+    b, n, dim = x.shape
+    qkv = nn.Dense(3 * dim, name=names[0])(x).reshape(b, n, 3, num_heads, dim // num_heads)
+    y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias, mask=mask)
+    return nn.Dense(dim, name=names[1])(y.reshape(b, n, dim))
+
+
 class ViTAttention(nn.Module):
     num_heads: int
 
     @nn.compact
     def __call__(self, x):
-        b, n, dim = x.shape
-        qkv = nn.Dense(3 * dim, name="qkv")(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
-        y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return nn.Dense(dim, name="proj")(y.reshape(b, n, dim))
+        return packed_self_attention(x, self.num_heads)
 
 
 class ViTBlock(nn.Module):
@@ -202,16 +207,14 @@ class WindowAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        b, n, dim = x.shape
+        b, n = x.shape[:2]
         table = self.param("relative_position_bias_table", nn.initializers.normal(0.02),
                            ((2 * self.window - 1) ** 2, self.num_heads))
         bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, self.num_heads)
         bias = bias.transpose(2, 0, 1)[None]  # (1, heads, N, N)
         if mask is not None:  # windows are batch-major: tile the per-window mask over the images
             bias = jnp.tile(bias + mask[:, None], (b // mask.shape[0], 1, 1, 1))
-        qkv = nn.Dense(3 * dim, name="qkv")(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
-        y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias)
-        return nn.Dense(dim, name="proj")(y.reshape(b, n, dim))
+        return packed_self_attention(x, self.num_heads, bias=bias)
 
 
 class SwinBlock(nn.Module):
@@ -303,10 +306,3 @@ def maniqa_scores(params, config: MANIQAConfig, images: jnp.ndarray) -> jnp.ndar
     crops = uniform_crops(x, config.crop_size, config.num_crops)
     return MANIQA(config).apply({"params": params}, crops)
 
-
-def load(path, batch_size: int = 1) -> Callable:
-    """Converted MANIQA directory (smfsr_jax.convert.maniqa) -> images -> per-image scores (np.ndarray)."""
-    config_dict, params = load_metric(path, "maniqa")
-    config = config_from_dict(config_dict)
-    score_batch = jax.jit(maniqa_scores, static_argnums=1)
-    return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

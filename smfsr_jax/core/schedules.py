@@ -1,4 +1,5 @@
-"""Sampling time grids (architecture.md §1.7, §9): flow times in [0, 1] (1 = noise), descending, ending at 0.
+"""SD3 / SMFSR time grids, used by training (the teacher's σ grid) and sampling: flow times in [0, 1]
+(1 = noise), descending, ending at 0.
 
 - `cosine_grid(N)`: the SMFSR student's t_k = ½(1 − cos(πk/N)), k = N…0 (SMFSR `create_cosine_schedule`, flipped).
 - `sd3_sampling_sigmas(N)`: the teacher's grid, diffusers `FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(N)`

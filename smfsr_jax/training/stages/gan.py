@@ -1,4 +1,4 @@
-"""Stage 2: GAN refinement of the ISC student (SMFSR §3.3, Eq. 14-20; training.md §4).
+"""Stage `student_gan` (stage 2): GAN refinement of the ISC student (SMFSR §3.3, Eq. 14-20).
 
 One jitted step holds three trainable parts, each with its own AdamW (state.make_optimizer(parts=...)):
     student        control + interval embedding, on L_stu = ISC + Rec + VSD + 0.5 adv_G (Eq. 20);
@@ -16,33 +16,46 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from smfsr_jax.convert.transformer import load_transformer
+from smfsr_jax.core import flow, images
+from smfsr_jax.models import dinov3
 from smfsr_jax.models import discriminator as disc_lib
 from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import adversarial, isc, reconstruction, vsd
-from smfsr_jax.training import lora, partition, stages
+from smfsr_jax.training import lora, partition
+from smfsr_jax.training.stages import common
 
+NAME = "student_gan"
 PARTS = ("student", "regularizer", "discriminator")
 
 
-def load_student(path: str, config: ml_collections.ConfigDict):
-    cfg, params = load_transformer(path)
-    if cfg.time_conditioning != "interval":
-        raise ValueError(f"{path}: not an SMFSR student (interval time conditioning)")
-    return stages._runtime_config(cfg, config.model), params
+def is_student(cfg: mmdit.MMDiTConfig):
+    return None if cfg.time_conditioning == "interval" else "not an SMFSR student (interval time conditioning)"
 
 
-def load_lpips(config: ml_collections.ConfigDict):
+def load_student(config: ml_collections.ConfigDict, abstract: bool = False):
+    """The stage-1 student (config.init.student); as shapes, the config's architecture."""
+    if abstract:
+        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="interval",
+                                                                          time_scale=1000.0)
+        return cfg, mmdit.abstract_params(cfg)
+    cfg, params = common.load_transformer(config.init.student, config, is_student)
+    return common.runtime_config(cfg, config.model), params
+
+
+def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
     """LPIPS for Rec: converted / published weights, or (tiny runs only) fixed random weights."""
     lpips_config = lpips_lib.LPIPSConfig(net=config.net)
+    dummy = jnp.zeros((1, 64, 64, 3))
+    if abstract:
+        return lpips_config, jax.eval_shape(
+            lambda: lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(0), dummy, dummy)["params"])
     if config.get("weights"):
         from smfsr_jax.convert.lpips import load_lpips_from
         return load_lpips_from(config.weights, config.net)
     if not config.get("random_init"):
         raise ValueError("rec.lpips.weights is required (python -m smfsr_jax.convert lpips --net vgg ...); "
                          "rec.lpips.random_init=True is for tiny runs without pretrained weights")
-    dummy = jnp.zeros((1, 64, 64, 3))
     params = jax.device_get(lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(1), dummy, dummy)["params"])
     # Random trunk; uniform positive lin weights (1/C), so the result stays a distance.
     for name in [k for k in params if k.startswith("lin")]:
@@ -51,10 +64,12 @@ def load_lpips(config: ml_collections.ConfigDict):
     return lpips_config, params
 
 
-def load_discriminator(config: ml_collections.ConfigDict, seed: int):
+def load_discriminator(config: ml_collections.ConfigDict, seed: int, abstract: bool = False):
     """(DiscriminatorConfig, frozen DINOv3 params, head params, spectral state)."""
-    from smfsr_jax.models import dinov3
-    if config.get("backbone"):
+    if abstract:
+        backbone_config = dinov3.DINOv3Config.tiny() if config.get("random_init") else dinov3.DINOv3Config.vits16()
+        backbone_params = dinov3.abstract_params(backbone_config)
+    elif config.get("backbone"):
         from smfsr_jax.convert.dinov3 import load_dinov3
         backbone_config, backbone_params = load_dinov3(config.backbone)
     elif config.get("random_init"):
@@ -69,18 +84,21 @@ def load_discriminator(config: ml_collections.ConfigDict, seed: int):
                                                resolution=resolution, group_size=config.group_size,
                                                diffaugment=tuple(config.diffaugment))
     size = 64 if resolution == "native" else resolution
-    features = disc_lib.backbone_features(backbone_params, jnp.zeros((2, size, size, 3)), disc_config,
-                                          rng=jax.random.PRNGKey(0))
-    variables = disc_lib.Discriminator(disc_config).init(jax.random.PRNGKey(seed + 3), features)
-    return disc_config, backbone_params, jax.device_get(variables["params"]), jax.device_get(
-        {"spectral": variables["spectral"]})
+
+    def init(backbone):
+        features = disc_lib.backbone_features(backbone, jnp.zeros((2, size, size, 3)), disc_config,
+                                              rng=jax.random.PRNGKey(0))
+        return disc_lib.Discriminator(disc_config).init(jax.random.PRNGKey(seed + 3), features)
+
+    variables = jax.eval_shape(init, backbone_params) if abstract else jax.device_get(init(backbone_params))
+    return disc_config, backbone_params, variables["params"], {"spectral": variables["spectral"]}
 
 
 def regularizer_parts(teacher_params: dict, teacher_config: mmdit.MMDiTConfig, config: ml_collections.ConfigDict):
     """(trainable, frozen-own) of the regularizer: the teacher's control weights as a trainable copy, or
-    LoRA adapters on the control linears with the depthwise control conv trainable (training.md §0)."""
+    LoRA adapters on the control linears with the depthwise control conv trainable."""
     control, _ = partition.partition(teacher_params, ("control",))
-    exclude = ("to_k_control",) if teacher_config.lr_key_bug and teacher_config.qk_norm else ()
+    exclude = common.unused_keys(teacher_config)
     if config.mode == "full":
         return partition.partition(control, ("control",), exclude)
     if config.mode != "lora":
@@ -99,34 +117,53 @@ def regularizer_control(trainable: dict, frozen_own: dict, config: ml_collection
     return partition.merge(linears, trainable["conv"])
 
 
-def gan_stage(config: ml_collections.ConfigDict) -> stages.Stage:
-    ae_config, ae_params = stages.load_autoencoder(config.autoencoder)
-    teacher_config, teacher_params = stages.load_teacher(config.init.teacher, config)
-    student_config, student_params = load_student(config.init.student, config)
-    null = stages.null_embeddings(config.text, student_config, config.data)
-    stages.check_null_embeddings(config, config.init.teacher, null)
+def _student_parts(config, abstract: bool):
+    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    student_config, student_params = load_student(config, abstract)
+    trainable, student_frozen = common.split(student_params, config, student_config)
+    return ae_config, ae_params, student_config, trainable, student_frozen
+
+
+def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+    """The student alone (no teacher, LPIPS or discriminator)."""
+    ae_config, ae_params, student_config, trainable, student_frozen = _student_parts(config, abstract)
+    own, base = partition.partition(student_frozen, tuple(config.trainable))
+    null = common.null_embeddings(config.text, student_config, config.data, abstract)
+    return common.Network(student_config, ae_config, trainable, {
+        "base": common.frozen_cast(base, config), "own": common.frozen_cast(own, config),
+        "autoencoder": ae_params, "null": null}, part="student")
+
+
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
+    ae_config, ae_params, student_config, student_trainable, student_frozen = _student_parts(config, abstract)
+    teacher_config, teacher_params = common.load_teacher(config, abstract)
+    null = common.null_embeddings(config.text, student_config, config.data, abstract)
+    if not abstract:
+        common.check_null_embeddings(config, config.init.teacher, null)
     if student_config.lr_key_bug != teacher_config.lr_key_bug:
-        raise ValueError("teacher and student must share lr_key_bug (architecture.md §5.2)")
-    teacher_own, base = partition.partition(teacher_params, stages.TEACHER_OWN)
-    student_trainable, student_frozen = stages._split(student_params, config, student_config)
+        raise ValueError("teacher and student must share lr_key_bug (whether the LR stream's key is normalised "
+                         "by the image stream's norm, docs/design.md#lr_key_bug)")
+    teacher_own, base = partition.partition(teacher_params, common.TEACHER_OWN)
     student_own, student_base = partition.partition(student_frozen, tuple(config.trainable))
-    if not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student_base), jax.tree.leaves(base))):
+    if not abstract and not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student_base),
+                                                                        jax.tree.leaves(base))):
         # Not one shared base (e.g. a student converted from other weights): keep the student's own copy.
         logging.warning("the student's frozen weights differ from the teacher's base; keeping a separate copy")
         student_own = student_frozen
     reg_trainable, reg_frozen = regularizer_parts(teacher_params, teacher_config, config.regularizer)
-    lpips_config, lpips_params = load_lpips(config.rec.lpips)
-    disc_config, dino_params, heads, spectral = load_discriminator(config.disc, config.seed)
-    cast = lambda tree: stages._frozen_cast(tree, config)  # noqa: E731
+    if abstract:
+        reg_trainable = common.shapes(reg_trainable)
+    lpips_config, lpips_params = load_lpips(config.rec.lpips, abstract)
+    disc_config, dino_params, heads, spectral = load_discriminator(config.disc, config.seed, abstract)
+    cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
     frozen = {"base": cast(base), "own": cast(student_own), "teacher": cast(teacher_own),
               "regularizer": cast(reg_frozen), "autoencoder": ae_params, "lpips": lpips_params,
               "dinov3": dino_params, "null": null}
     trainable = {"student": student_trainable, "regularizer": reg_trainable, "discriminator": heads}
     losses = make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config)
-    stage = stages.Stage("gan", student_config, trainable, frozen, combine_losses(losses, config.weights),
-                         ae_config, teacher_config,
-                         model_state=spectral, parts=PARTS, student_part="student")
-    logging.info("stage 2: %s", stages.describe(stage))
+    stage = common.Stage(NAME, student_config, trainable, frozen, combine_losses(losses, config.weights),
+                         ae_config, teacher_config, model_state=spectral, parts=PARTS, student_part="student")
+    logging.info("%s: %s", NAME, common.describe(stage))
     return stage
 
 
@@ -146,7 +183,7 @@ def combine_losses(losses, weights: ml_collections.ConfigDict):
 
 def make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config):
     """(params, model_state, frozen, batch, rng) -> (terms, metrics, new model_state), each term a scalar."""
-    isc.check_times(**stages.isc_times(config.isc))
+    isc.check_times(**common.isc_times(config.isc))
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     autoencoder = vae.make_autoencoder(ae_config)
     lpips_model = lpips_lib.LPIPS(lpips_config)
@@ -155,9 +192,9 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
 
     def losses(params, model_state, frozen, batch, rng):
         keys = dict(zip(("latents", "noise", "isc", "vsd", "reg", "aug_fake", "aug_real"), jax.random.split(rng, 7)))
-        hr, lr = stages.batch_latents(ae_config, frozen, batch, keys["latents"])
-        context, pooled = stages.text_condition(frozen, batch, hr.shape[0])
-        null_context, null_pooled = stages.text_condition(frozen, {}, hr.shape[0])
+        hr, lr = common.batch_latents(ae_config, frozen, batch, keys["latents"])
+        context, pooled = common.text_condition(frozen, batch, hr.shape[0])
+        null_context, null_pooled = common.text_condition(frozen, {}, hr.shape[0])
         student_params = partition.merge(params["student"], frozen["base"], frozen["own"])
         teacher_params = sg(partition.merge(frozen["base"], frozen["teacher"]))
         reg_control = regularizer_control(params["regularizer"], frozen["regularizer"], config.regularizer)
@@ -175,19 +212,17 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
             twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
             v = velocity(teacher_params, twice(z, z), twice(t, t), twice(null_context, context),
                          twice(null_pooled, pooled), twice(lr, lr))
-            v_u, v_c = jnp.split(v, 2)
-            return v_u + config.vsd.cfg_scale * (v_c - v_u)
+            return flow.cfg_mix(*jnp.split(v, 2), config.vsd.cfg_scale)
 
         # Eq. 14: one-step generation from noise, decoded through the frozen decoder (unclamped).
-        noise = jax.random.normal(keys["noise"], hr.shape, hr.dtype)
-        z_hat = noise - u_fn(noise, jnp.zeros(hr.shape[0]), jnp.ones(hr.shape[0]))
+        z_hat = flow.one_step(u_fn, jax.random.normal(keys["noise"], hr.shape, hr.dtype))
         x_hat = autoencoder.apply({"params": sg(frozen["autoencoder"])}, vae.denormalize_latents(z_hat, ae_config),
                                   method="decode")
-        x = batch["hr"].astype(jnp.float32) / 127.5 - 1.0
+        x = images.to_signed(batch["hr"])
 
         isc_loss, isc_metrics = isc.isc_loss(u_fn, lambda z, t: velocity(teacher_params, z, t), hr, keys["isc"],
                                              p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
-                                             **stages.isc_times(config.isc))
+                                             **common.isc_times(config.isc))
         lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
         rec_loss, rec_metrics = reconstruction.reconstruction_loss(x_hat, x, lpips_fn, config.rec.lpips_weight)
         times = dict(t_min=config.vsd.t_min, t_max=config.vsd.t_max)

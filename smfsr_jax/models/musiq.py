@@ -1,6 +1,6 @@
 """MUSIQ no-reference quality (KonIQ-10k checkpoint, 0-100 scale), exactly as pyiqa `musiq` computes it.
 
-Port of pyiqa archs/musiq_arch.py and data/multiscale_trans_util.py (evaluation.md §6):
+Port of pyiqa archs/musiq_arch.py and data/multiscale_trans_util.py:
   * x in [0, 1] -> 2x - 1; scales "longer side 224", "longer side 384" (torch bicubic, a = -0.75,
     align_corners False, no antialias) and the native image;
   * per scale, 32x32 patches (TF-SAME padding split as pad//2 before, the rest after), each with a hashed
@@ -8,20 +8,18 @@ Port of pyiqa archs/musiq_arch.py and data/multiscale_trans_util.py (evaluation.
   * per patch a weight-standardised ResNet stem (conv 7x7/2, GN, ReLU, max-pool 3/2, one bottleneck)
     flattened HWC -> Linear(16384, 384); then CLS + 14 pre-LN transformer blocks, final LN, Linear on CLS.
 
-Images are NHWC, uint8 or float in [0, 1]. Token counts depend on the image size, so `load` jits one
-function per size and scores differently sized images one size at a time.
+`musiq_scores` maps float NHWC images in [0, 1] to scores. Token counts depend on the image size, so it
+is jitted once per size (smfsr_jax.evaluation.scoring.load_musiq groups the images by size).
 """
 
 import dataclasses
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.evaluation.scoring import load_metric, score_by_size
 from smfsr_jax.models.attention import dot_product_attention
 
 STEM_WIDTH = 64  # pyiqa's resnet_token_dim: fixed, not a checkpoint option
@@ -277,13 +275,3 @@ def musiq_scores(params, config: MUSIQConfig, images: jnp.ndarray) -> jnp.ndarra
     patches, spatial, scales, mask = multiscale_tokens((images - 0.5) * 2, config)
     return MUSIQ(config).apply({"params": params}, patches, spatial, scales, mask)
 
-
-def load(path, batch_size: int = 1) -> Callable:
-    """Converted MUSIQ directory (smfsr_jax.convert.musiq) -> images -> per-image scores (np.ndarray).
-
-    Images: an NHWC batch or a list of HWC images of any sizes, uint8 or float in [0, 1].
-    """
-    config_dict, params = load_metric(path, "musiq")
-    config = config_from_dict(config_dict)
-    score_batch = jax.jit(musiq_scores, static_argnums=1)  # params as an argument: fast compiles
-    return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

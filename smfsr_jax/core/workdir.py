@@ -1,0 +1,40 @@
+"""The layout of a training workdir, read by the training loop, checkpoint loading and the evaluator.
+
+    WORKDIR/config.json      the run's config (the stage is rebuilt from it)
+    WORKDIR/checkpoints/     orbax steps: train state + data-iterator state
+    WORKDIR/metrics.jsonl    one JSON object per logged step (TensorBoard events beside it)
+    WORKDIR/bundle/          the exported model, written at the end of the run
+    WORKDIR/eval/            the evaluator's watch mode: per-step results and its TensorBoard events
+"""
+
+import os
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+BUNDLE = "bundle"
+EVAL = "eval"
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG)
+
+
+def checkpoints_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINTS)
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, METRICS)
+
+
+def bundle_dir(workdir: str) -> str:
+    return os.path.join(workdir, BUNDLE)
+
+
+def eval_dir(workdir: str) -> str:
+    return os.path.join(workdir, EVAL)
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isfile(config_path(path))

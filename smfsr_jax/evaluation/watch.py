@@ -1,0 +1,97 @@
+"""Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears
+(`evaluate.py --watch`). Results go to WORKDIR/eval/<step>/, the first seed's dataset means to TensorBoard
+(the "eval" run) and WORKDIR/eval/metrics.jsonl; WORKDIR/eval/state.json remembers the evaluated steps."""
+
+import json
+import os
+import time
+
+from absl import logging
+
+from smfsr_jax.core import workdir as workdir_lib
+from smfsr_jax.evaluation import runner
+from smfsr_jax.sampling import bundle as bundle_lib
+from smfsr_jax.training import checkpoints, inference, stages
+
+
+def _read_state(path: str) -> list[int]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        try:
+            return [int(step) for step in json.load(f)["evaluated"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: expected {{\"evaluated\": [steps]}} ({type(e).__name__}: {e}); delete it to "
+                             "evaluate every checkpoint again") from None
+
+
+def _write_state(path: str, evaluated: list[int]):
+    partial = f"{path}.partial"  # replaced in one step: a killed watcher never leaves half a file
+    with open(partial, "w") as f:
+        json.dump({"evaluated": sorted(evaluated)}, f)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def _eval_writer(workdir: str):
+    """TensorBoard events in WORKDIR/eval (the "eval" run beside training's) and WORKDIR/eval/metrics.jsonl."""
+    from clu import metric_writers  # imports TensorFlow (3 s): only watch mode pays for it
+
+    from smfsr_jax.training import writers
+    tensorboard = metric_writers.create_default_writer(workdir, collection=workdir_lib.EVAL, asynchronous=False)
+    return metric_writers.MultiWriter(
+        [tensorboard, writers.JsonlWriter(workdir_lib.metrics_path(workdir_lib.eval_dir(workdir)))])
+
+
+def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, stop_after_seconds: float | None = None,
+          once: bool = False, show_progress: bool = True, sleep=time.sleep) -> list[int]:
+    """Watch mode (module docstring): evaluate the finished checkpoints of `workdir` not evaluated yet, until a
+    stop condition; returns the steps evaluated by this call."""
+    config = inference.read_config(workdir)  # also checks that workdir is a training workdir
+    eval_dir = workdir_lib.eval_dir(workdir)
+    checkpoint_dir = workdir_lib.checkpoints_dir(workdir)
+    os.makedirs(eval_dir, exist_ok=True)
+    state_path = os.path.join(eval_dir, "state.json")
+    evaluated = _read_state(state_path)
+    deadline = None if stop_after_seconds is None else time.monotonic() + stop_after_seconds
+    network = writer = None
+    evaluated_now = []
+    try:
+        while True:
+            # Looked at before listing: once the bundle exists, every checkpoint listed after it is final.
+            run_finished = os.path.isfile(os.path.join(workdir_lib.bundle_dir(workdir), bundle_lib.BUNDLE_FILE))
+            pending = [s for s in checkpoints.finished_steps(checkpoint_dir) if s not in evaluated]
+            for step in pending:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if network is None:  # frozen weights, loaded once
+                    network = stages.build_network(config)
+                try:
+                    bundle = inference.load_checkpoint(workdir, step, network)
+                except Exception:  # keep_checkpoints may delete an old step while it is read: skip only that
+                    if step in checkpoints.finished_steps(checkpoint_dir):
+                        raise
+                    logging.warning("step %d was deleted (keep_checkpoints) before it could be evaluated", step)
+                    continue
+                logging.info("evaluating step %d of %s", step, workdir)
+                built = runner.evaluate_model(bundle, run, os.path.join(eval_dir, str(step)), show_progress)
+                scalars = {f"{dataset}/{metric}": value for dataset, row in built["table1"]["datasets"].items()
+                           for metric, value in row["mean"].items()}
+                if writer is None:
+                    writer = _eval_writer(workdir)
+                writer.write_scalars(step, scalars)
+                writer.flush()
+                evaluated.append(step)
+                _write_state(state_path, evaluated)
+                evaluated_now.append(step)
+            all_done = not set(checkpoints.finished_steps(checkpoint_dir)) - set(evaluated)
+            if once or (run_finished and all_done):
+                return evaluated_now
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                logging.info("watch: stopping after %s s", stop_after_seconds)
+                return evaluated_now
+            sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
+    finally:
+        if writer is not None:
+            writer.close()

@@ -1,0 +1,152 @@
+"""The training loop shared by every stage: build the stage, shard it over the mesh, resume from the newest
+checkpoint, run the jitted step, log, checkpoint and export the bundle (layout: core/workdir.py)."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
+
+from smfsr_jax.core import workdir as workdir_lib
+from smfsr_jax.data import captions, pipeline
+from smfsr_jax.sampling import bundle
+from smfsr_jax.training import checkpoints, sharding, stages, writers
+from smfsr_jax.training import state as state_lib
+from smfsr_jax.training.stages import common
+
+# Batch fields the jitted step reads; the rest (indices, names) stay on the host.
+MODEL_INPUTS = ("hr", "lr_up", "prompt_embeds", "pooled_prompt_embeds")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient was NaN/Inf: the run stops before any checkpoint holds the bad state."""
+
+
+def raise_if_nonfinite(first_bad: int):
+    """`first_bad`: the state's first non-finite step (0-based), -1 while every step was finite."""
+    if first_bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient at step {first_bad + 1}; no checkpoint was written "
+                             "after it")
+
+
+def write_config(config: ml_collections.ConfigDict, path: str):
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def data_iterator(config: ml_collections.ConfigDict):
+    source = pipeline.open_source(config.data.dataset, config.data.split, config.data.data_dir)
+    embeddings = (captions.CaptionEmbeddings.for_dataset(config.data.dataset, config.data.split, config.data.data_dir,
+                                                         config.text.t5_max_length) if config.data.captions else None)
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+    batches = pipeline.train_pipeline(
+        source, batch_size=config.batch_size // jax.process_count(), seed=common.data_seed(config),
+        degradation_config=config.data.degradation, text_dropout=config.data.text_dropout, embeddings=embeddings,
+        worker_count=config.data.worker_count, worker_buffer_size=config.data.worker_buffer_size)
+    return iter(batches)
+
+
+def device_batch(batch: dict, mesh) -> dict:
+    """The step's inputs as global arrays; images stay uint8 (4x less to copy), the rest float32."""
+    return sharding.to_global_batch(
+        {k: v if v.dtype == np.uint8 else np.asarray(v, np.float32) for k, v in batch.items() if k in MODEL_INPUTS},
+        mesh)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) the stage in `config` until config.total_steps; returns the last metrics."""
+    jax.config.update("jax_threefry_partitionable", True)
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir_lib.config_path(workdir))
+    mesh = sharding.make_mesh(config.mesh)
+    rules = [tuple(rule) for rule in config.sharding_rules]
+
+    stage = stages.build_stage(config)
+    logging.info("stage %s", json.dumps(common.describe(stage)))
+    optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
+    state, state_shardings = state_lib.init_state(stage.trainable, optimizer, config.ema_decay is not None, mesh,
+                                                  rules, stage.model_state)
+    frozen_shardings = sharding.param_shardings(stage.frozen, mesh, rules)
+    frozen = sharding.put(stage.frozen, frozen_shardings)
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state.params, msg="trainable parameters")
+
+    batches = data_iterator(config)
+    checkpointer = checkpoints.Checkpointer(workdir_lib.checkpoints_dir(workdir), keep=config.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state = checkpointer.restore(start, checkpoints.abstract_of(state))
+        batches.set_state(data_state)
+        logging.info("resumed from step %d", start)
+
+    update = state_lib.jit_train_step(
+        state_lib.make_train_step(stage.loss_fn, optimizer, seed=config.seed, ema_decay=config.ema_decay),
+        state_shardings, frozen_shardings, mesh)
+    writer = writers.make_writer(workdir)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every)]
+    if config.profile and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start + 10))
+
+    preview = common.make_preview_fn(stage)
+    compiled, pending, last = None, None, {}
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            batch = device_batch(next(batches), mesh)
+            if compiled is None:  # ahead-of-time: surfaces OOM and compile time before the loop runs
+                compiled = update.lower(state, frozen, batch).compile()
+                logging.info("step compiled; memory: %s", compiled.memory_analysis())
+            state, metrics = compiled(state, frozen, batch)
+            # Metrics are read one step late: the host never waits for the step it just dispatched.
+            if pending is not None and pending[0] % config.log_every == 0:
+                last = write_metrics(writer, *pending)
+            pending = (step, metrics)
+            for hook in hooks:
+                hook(step)
+            if step % config.image_every == 0:
+                rows = preview(state.params, frozen, batch, jax.random.PRNGKey(step))
+                writer.write_images(step, {"lr_sr_hr": multihost_utils.process_allgather(rows, tiled=True)})
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                raise_if_nonfinite(int(jax.device_get(state.nonfinite_step)))
+                checkpointer.save(step, state, batches.get_state())
+        if pending is not None:
+            last = write_metrics(writer, *pending)
+            raise_if_nonfinite(int(jax.device_get(state.nonfinite_step)))
+    finally:  # an interrupted run still completes the saves already started
+        checkpointer.wait()
+        checkpointer.close()
+        batches.close()
+    export_bundle(stage, state, config, workdir_lib.bundle_dir(workdir))
+    writer.flush()
+    return last
+
+
+def export_bundle(stage: common.Stage, state: state_lib.TrainState, config: ml_collections.ConfigDict, dst: str):
+    """Write the trained network (EMA weights when kept) as a model bundle for SR and the next stage."""
+    trainable = state.ema_params if config.ema_decay is not None else state.params
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)  # every process takes part
+    if jax.process_index() != 0:
+        return
+    null = stage.frozen["null"]
+    bundle.save_bundle(dst, student_config=stage.model_config, student_params=stage.model_params(trainable),
+                       autoencoder_config=stage.autoencoder_config, autoencoder_params=stage.frozen["autoencoder"],
+                       null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]),
+                       text_encoders_dir=config.text.get("encoders"),
+                       meta=common.bundle_meta(stage.name, stage.autoencoder_config, config,
+                                              int(jax.device_get(state.step))))
+    logging.info("wrote %s", dst)
+
+
+def write_metrics(writer, step: int, metrics: dict) -> dict:
+    """Write one step's metrics; stops the run (before any further checkpoint) once a step was non-finite."""
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    first_bad = int(scalars.pop("first_nonfinite_step"))
+    writer.write_scalars(step, scalars)
+    raise_if_nonfinite(first_bad)
+    return scalars

@@ -1,0 +1,314 @@
+"""What every stage builder shares: the Network / Stage records, loaders with an abstract (shapes-only) mode,
+the trainable/frozen split, the batch's latents and text, and the per-run conventions (data seed, NULL check,
+bundle metadata, image previews).
+
+Frozen parts are one dict with fixed keys, passed to every step without donation:
+    base         the shared frozen MM-DiT weights (SD3.5-M for real runs), used by teacher and student;
+    own          the trained network's frozen extras (e.g. `to_k_control` in double-norm mode);
+    teacher      the teacher's own weights on top of `base` (control + time embedding; student stages);
+    autoencoder  the VAE (or pixel autoencoder) params;
+    null         NULL text embeddings {'prompt_embeds': (L, D), 'pooled_prompt_embeds': (P,)};
+and, in `student_gan`, regularizer / lpips / dinov3.
+
+`abstract=True` builds every tree as jax.ShapeDtypeStructs from the config alone (no file is read): what
+benchmarks and memory estimates lower the step with.
+"""
+
+import dataclasses
+import os
+import zlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from smfsr_jax.convert import transformer as convert_transformer
+from smfsr_jax.core import images, schedules
+from smfsr_jax.models import mmdit, vae
+from smfsr_jax.objectives import isc
+from smfsr_jax.sampling import bundle, samplers
+from smfsr_jax.training import partition
+
+# Fields of `config.model` that change how a loaded network runs, not its weights.
+RUNTIME_FIELDS = ("dtype", "attention", "remat_policy", "lr_key_bug")
+TEACHER_OWN = ("control", r"^time_text_embed/")
+# Frozen leaves kept in fp32 when the rest is held in bf16: the positional table is added to every token.
+FROZEN_FP32 = (r"(^|/)pos_embed/pos_embed$",)
+# Rows of pooled caption embeddings the student's interval-embedding fit covers (besides NULL).
+FIT_POOLED_ROWS = 1024
+CLIP_TOKENS = 77  # SD3's context: 77 CLIP tokens followed by the T5 tokens
+
+
+@dataclasses.dataclass
+class Network:
+    """What sampling needs of a stage's trained network: its config, initial trainable weights and the frozen
+    `base`, `own`, `autoencoder` and `null` parts (module docstring)."""
+    model_config: mmdit.MMDiTConfig
+    autoencoder_config: vae.VAEConfig
+    trainable: dict
+    frozen: dict
+    part: Optional[str] = None  # the key of these weights in the stage's trainable tree, if it has parts
+
+    def params(self, trainable) -> dict:
+        return partition.merge(trainable, self.frozen["base"], self.frozen["own"])
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    model_config: mmdit.MMDiTConfig
+    trainable: dict  # host arrays (or shapes): initial trainable params
+    frozen: dict  # host arrays (or shapes), keys as in the module docstring
+    loss_fn: Callable
+    autoencoder_config: vae.VAEConfig
+    teacher_config: Optional[mmdit.MMDiTConfig] = None
+    model_state: dict = dataclasses.field(default_factory=dict)  # non-trained variables the step updates
+    parts: tuple = ()  # top-level trainable parts with their own optimizers (student_gan)
+    student_part: Optional[str] = None  # the part holding the exported network's trainable weights
+
+    def model_params(self, trainable, frozen=None) -> dict:
+        """Full parameters of the trained network."""
+        frozen = self.frozen if frozen is None else frozen
+        trainable = trainable[self.student_part] if self.student_part else trainable
+        return partition.merge(trainable, frozen["base"], frozen["own"])
+
+
+def shapes(tree, dtype=None):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders.
+
+def load_autoencoder(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[vae.VAEConfig, dict]:
+    if config.kind == "pixel" and not config.get("path"):
+        return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels,
+                                   pixel_basis=config.pixel_basis), {}
+    dtype = {"dtype": config.dtype} if config.get("dtype") else {}
+    if abstract:
+        from smfsr_jax.convert.vae import abstract_params
+        ae_config = vae.VAEConfig.sd3(remat=True, **dtype)
+        return ae_config, shapes(abstract_params(ae_config), jnp.dtype(ae_config.dtype))
+    if not config.get("path"):
+        raise ValueError("autoencoder.path is required unless autoencoder.kind == 'pixel'")
+    from smfsr_jax.convert.vae import load_vae
+    return load_vae(config.path, **dtype)
+
+
+def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiTConfig, data_config,
+                    abstract: bool = False) -> dict:
+    """NULL prompt embeddings: from the dataset's caption cache, an .npz file, or a fixed placeholder.
+
+    The placeholder (seeded normal) is for tiny runs that have no text encoders: it is the one
+    condition every example sees, so it only has to be fixed.
+    """
+    source = config.null
+    if abstract:
+        tokens = config.context_length if source == "placeholder" else CLIP_TOKENS + config.t5_max_length
+        return {"prompt_embeds": jax.ShapeDtypeStruct((tokens, model_config.joint_attention_dim), jnp.float32),
+                "pooled_prompt_embeds": jax.ShapeDtypeStruct((model_config.pooled_projection_dim,), jnp.float32)}
+    if source == "placeholder":
+        rng = np.random.default_rng(0)
+        return {"prompt_embeds": rng.normal(size=(config.context_length, model_config.joint_attention_dim)).astype(np.float32),
+                "pooled_prompt_embeds": rng.normal(size=(model_config.pooled_projection_dim,)).astype(np.float32)}
+    if source == "dataset":
+        from smfsr_jax.data.captions import CaptionEmbeddings
+        prompt, pooled = CaptionEmbeddings.for_dataset(data_config.dataset, data_config.split, data_config.data_dir,
+                                                       config.t5_max_length).null
+        return {"prompt_embeds": np.asarray(prompt, np.float32), "pooled_prompt_embeds": np.asarray(pooled, np.float32)}
+    with np.load(source) as f:
+        return {"prompt_embeds": f["prompt_embeds"].astype(np.float32),
+                "pooled_prompt_embeds": f["pooled_prompt_embeds"].astype(np.float32)}
+
+
+def load_transformer(path: str, config: ml_collections.ConfigDict, check):
+    """A converted / diffusers / bundle MM-DiT, run with this config's runtime fields; `check(cfg)` returns an
+    error message when the weights are not the kind the stage needs."""
+    cfg, params = convert_transformer.load_transformer(path)
+    problem = check(cfg)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    overrides = {f: config.model[f] for f in RUNTIME_FIELDS if f in config.model}
+    return cfg.replace(**overrides), params
+
+
+def is_teacher(cfg: mmdit.MMDiTConfig) -> Optional[str]:
+    if cfg.time_conditioning != "single" or not cfg.lr_stream:
+        return "not a DiT4SR-style teacher (lr_stream with single time conditioning)"
+    return None
+
+
+def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):
+    """The stage's frozen teacher (config.init.teacher); as shapes, the config's architecture at x1000 times."""
+    if abstract:
+        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="single",
+                                                                          time_scale=1000.0)
+        return cfg, mmdit.abstract_params(cfg)
+    return load_transformer(config.init.teacher, config, is_teacher)
+
+
+def random_params(model_config: mmdit.MMDiTConfig, seed: int, abstract: bool = False) -> dict:
+    if abstract:
+        return mmdit.abstract_params(model_config)
+    return jax.device_get(jax.jit(mmdit.init_params, static_argnums=0)(model_config, jax.random.PRNGKey(seed)))
+
+
+def runtime_config(loaded: mmdit.MMDiTConfig, config_model: ml_collections.ConfigDict) -> mmdit.MMDiTConfig:
+    """The loaded architecture with the config's runtime fields; any other disagreement is an error."""
+    wanted = mmdit.MMDiTConfig.from_dict(config_model.to_dict())
+    arch = {f: getattr(wanted, f) for f in loaded.to_dict() if f not in RUNTIME_FIELDS + ("time_scale", "sample_size")}
+    mismatched = {f: (v, getattr(loaded, f)) for f, v in arch.items() if getattr(loaded, f) != v}
+    if mismatched:
+        raise ValueError(f"config.model disagrees with the loaded weights (config, weights): {mismatched}")
+    return loaded.replace(**{f: getattr(wanted, f) for f in RUNTIME_FIELDS})
+
+
+def unused_keys(model_config: mmdit.MMDiTConfig) -> tuple:
+    """Trainable-pattern leaves that get no gradient: in double-norm mode `to_k_control` is computed but unused,
+    so it is frozen (and escapes weight decay)."""
+    return ("to_k_control",) if model_config.lr_key_bug and model_config.qk_norm else ()
+
+
+def split(params, config, model_config):
+    """(trainable, frozen) by the config's `trainable` regexes."""
+    return partition.partition(params, tuple(config.trainable), unused_keys(model_config))
+
+
+def frozen_cast(tree, config):
+    """Frozen weights in `config.frozen_dtype` (fp32 kept for FROZEN_FP32)."""
+    if not config.get("frozen_dtype"):
+        return tree
+    return partition.cast(tree, np.dtype(config.frozen_dtype), keep=FROZEN_FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the loss: a batch's latents and text.
+
+def encode_images(ae_config: vae.VAEConfig, ae_params, images_u8, rng):
+    """uint8 NHWC images -> normalised latents from a posterior sample (the frozen encoder)."""
+    mean, logvar = vae.make_autoencoder(ae_config).apply({"params": ae_params}, images.to_signed(images_u8),
+                                                         method="encode")
+    return vae.normalize_latents(vae.sample_latent(rng, mean, logvar), ae_config)
+
+
+def batch_latents(ae_config, frozen, batch, rng):
+    """(HR latents, LR latents) of a batch, encoded by the frozen autoencoder."""
+    rng_hr, rng_lr = jax.random.split(rng)
+    ae = jax.lax.stop_gradient(frozen["autoencoder"])
+    return encode_images(ae_config, ae, batch["hr"], rng_hr), encode_images(ae_config, ae, batch["lr_up"], rng_lr)
+
+
+def text_condition(frozen, batch, batch_size: int):
+    """(context, pooled) per sample: cached caption embeddings (NULL already swapped in for dropped
+    captions by the pipeline), or the NULL embeddings when the dataset has no captions."""
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    null = frozen["null"]
+    return (jnp.broadcast_to(null["prompt_embeds"], (batch_size, *null["prompt_embeds"].shape)),
+            jnp.broadcast_to(null["pooled_prompt_embeds"], (batch_size, *null["pooled_prompt_embeds"].shape)))
+
+
+def isc_times(isc_config: ml_collections.ConfigDict) -> dict:
+    """The time-sampler keywords of `isc.isc_loss` from a stage's `isc` config."""
+    return {name: isc_config[name] for name in isc.DEFAULT_TIMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-run conventions.
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The data pipeline's seed: the run seed with the stage name folded in, so that the stages of one recipe
+    see different crops and degradations for the same (epoch, record)."""
+    state = np.random.SeedSequence([config.seed, zlib.crc32(config.stage.encode())]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+def check_null_embeddings(config: ml_collections.ConfigDict, teacher_path: str, null: dict):
+    """The NULL embeddings in use must be those the teacher was trained with: text dropout taught it that
+    condition, and the CFG of the boundary and VSD terms contrasts against it.
+
+    A teacher bundle of this project stores its NULL; a released teacher (DiT4SR, SMFSR's Teacher) was trained
+    with DiT4SR's published NULL_*.pt, compared when `text.published_null` names their folder (or when the
+    caption cache stored them); otherwise this says it cannot check.
+    """
+    in_use = (np.asarray(null["prompt_embeds"], np.float32), np.asarray(null["pooled_prompt_embeds"], np.float32))
+    if os.path.isfile(os.path.join(teacher_path, bundle.BUNDLE_FILE)):
+        expected, source = bundle.read_null_embeddings(teacher_path), f"the teacher bundle {teacher_path}"
+    elif config.text.get("published_null"):
+        from smfsr_jax.convert.text import load_null_embeddings
+        expected, source = load_null_embeddings(config.text.published_null), config.text.published_null
+    else:
+        cached_null = config.text.null == "dataset" and config.data.captions and _caption_cache(config).info.get("null")
+        if cached_null != "published":
+            logging.warning("cannot check the NULL embeddings (text.null=%r) against the ones the released teacher "
+                            "%s was trained with (DiT4SR's NULL_*.pt): pass --config.text.published_null=DIR",
+                            config.text.null, teacher_path)
+        return
+    for name, ours, theirs in zip(("prompt_embeds", "pooled"), in_use, expected):
+        theirs = np.asarray(theirs, np.float32)
+        # The caption cache stores fp16: agreement to its rounding is agreement.
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=2e-3, atol=2e-3 * np.abs(theirs).max()):
+            diff = "shape " + str(ours.shape) if ours.shape != theirs.shape else f"max |diff| {np.abs(ours - theirs).max():.3g}"
+            raise ValueError(f"NULL {name} in use (text.null={config.text.null!r}) differ from those of {source} "
+                             f"({diff}); point --config.text.null at the teacher's NULL embeddings")
+
+
+def _caption_cache(config):
+    from smfsr_jax.data.captions import CaptionEmbeddings
+    return CaptionEmbeddings.for_dataset(config.data.dataset, config.data.split, config.data.data_dir,
+                                         config.text.t5_max_length)
+
+
+def fit_pooled(config: ml_collections.ConfigDict, null: dict) -> np.ndarray:
+    """The pooled text embeddings a student will see: NULL, plus cached caption rows when captions are on."""
+    rows = [np.asarray(null["pooled_prompt_embeds"], np.float32)[None]]
+    if config.data.captions:
+        rows.append(_caption_cache(config).pooled_rows(FIT_POOLED_ROWS))
+    return np.concatenate(rows)
+
+
+def bundle_meta(name: str, autoencoder_config: vae.VAEConfig, config: ml_collections.ConfigDict, step: int) -> dict:
+    """What a model bundle records of its run; `tile_size` is the latent side of the training crops, the tile
+    SR uses by default."""
+    return {"stage": name, "step": step, "variant": config.variant,
+            "tile_size": config.data.degradation.crop_size // autoencoder_config.downscale}
+
+
+def describe(stage: Stage) -> dict:
+    return {"stage": stage.name, "trainable": partition.count(stage.trainable),
+            **{f"frozen_{k}": partition.count(v) for k, v in stage.frozen.items() if k != "null"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image summaries.
+
+def make_preview_fn(stage: Stage, teacher_steps: int = 8, count: int = 4):
+    """jitted (trainable, frozen, batch, rng) -> (count, S, 3S, 3) uint8 rows of [LR x4 | SR | HR].
+
+    The student samples in one step (x = eps - u(eps, 0, 1)); a teacher with `teacher_steps` Euler steps on
+    the SD3 grid, without CFG.
+    """
+    model = mmdit.MMDiT(stage.model_config)
+    autoencoder = vae.make_autoencoder(stage.autoencoder_config)
+
+    def preview(trainable, frozen, batch, rng):
+        batch = {k: v[:count] for k, v in batch.items()}
+        rng_latents, rng_noise = jax.random.split(rng)
+        lr = encode_images(stage.autoencoder_config, frozen["autoencoder"], batch["lr_up"], rng_latents)
+        context, pooled = text_condition(frozen, batch, lr.shape[0])
+        apply = lambda z, **kw: model.apply({"params": stage.model_params(trainable, frozen)}, z, **kw)  # noqa: E731
+        noise = jax.random.normal(rng_noise, lr.shape)
+        cond = {samplers.CONTEXT: context, samplers.POOLED: pooled}
+        if stage.model_config.time_conditioning == "interval":
+            z = samplers.one_step(samplers.student_velocity(apply), noise, lr, cond)
+        else:
+            z = samplers.euler_sample(samplers.teacher_velocity(apply), noise, lr, cond,
+                                      schedules.sd3_sampling_sigmas(teacher_steps))
+        x = autoencoder.apply({"params": frozen["autoencoder"]}, vae.denormalize_latents(z, stage.autoencoder_config),
+                              method="decode")
+        return jnp.concatenate([batch["lr_up"], images.from_signed(x), batch["hr"]], axis=2)
+
+    return jax.jit(preview)
