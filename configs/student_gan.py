@@ -1,4 +1,4 @@
-r"""Stage 2: GAN refinement of the ISC student (paper §3.3, Eq. 14-20).
+r"""Stage `student_gan` (stage 2): GAN refinement of the ISC student (paper §3.3, Eq. 14-20).
 
 L_stu = 1.0 ISC + 1.0 Rec (MSE + LPIPS-VGG) + 1.0 VSD (teacher CFG 7.5 vs a trainable regularizer)
 + 0.5 hinge adv (DINOv3 ViT-S/16 feature discriminator). Student, regularizer and discriminator heads
@@ -7,8 +7,8 @@ each have their own AdamW (lr 5e-5) and are updated in one step from the same ba
 Launch (paper settings; the stage-1 student, its teacher, and the LPIPS-VGG / DINOv3 weights converted
 with python -m smfsr_jax.convert lpips --net vgg / dinov3):
 
-  python train.py --config configs/student_gan.py:sd35m --workdir runs/gan \
-    --config.init.student=runs/student/bundle --config.init.teacher=runs/teacher/bundle \
+  python train.py --config configs/student_gan.py:sd35m --workdir runs/student_gan \
+    --config.init.student=runs/student_isc/bundle --config.init.teacher=runs/teacher_fm/bundle \
     --config.autoencoder.path=ckpt/vae --config.rec.lpips.weights=ckpt/lpips_vgg \
     --config.disc.backbone=ckpt/dinov3_vits16 --config.data.data_dir=/data/tfds
 
@@ -18,8 +18,8 @@ with python -m smfsr_jax.convert lpips --net vgg / dinov3):
 Tiny (CPU, after the tiny student; `make demo` runs it): LPIPS-Alex and a 2-layer DINOv3 with fixed random
 weights stand in for the pretrained networks (none exist at this size).
 
-  python train.py --config configs/student_gan.py:tiny --workdir runs/tiny_gan \
-    --config.init.student=runs/tiny_student/bundle --config.init.teacher=runs/tiny_teacher/bundle \
+  python train.py --config configs/student_gan.py:tiny --workdir runs/tiny/student_gan \
+    --config.init.student=runs/tiny/student_isc/bundle --config.init.teacher=runs/tiny/teacher_fm/bundle \
     --config.data.data_dir=runs/tfds
 
   Expected: 100 steps in ~2 min; disc_term falls below 2.0 (~1.92) and adv_g_term moves with it; the

@@ -1,9 +1,9 @@
-r"""Stage 1: the SMFSR student, Interval Splitting Consistency + boundary loss (paper §3.2, Algorithm 1).
+r"""Stage `student_isc` (stage 1): the SMFSR student, Interval Splitting Consistency + boundary loss (paper §3.2, Algorithm 1).
 
-Launch (paper settings; the teacher from stage 0, the released SMFSR `Teacher`, or a DiT4SR checkpoint):
+Launch (paper settings; the teacher from `teacher_fm`, the released SMFSR `Teacher`, or a DiT4SR checkpoint):
 
-  python train.py --config configs/student_isc.py:sd35m --workdir runs/student \
-    --config.init.teacher=runs/teacher/bundle --config.autoencoder.path=/ckpt/stable-diffusion-3.5-medium \
+  python train.py --config configs/student_isc.py:sd35m --workdir runs/student_isc \
+    --config.init.teacher=runs/teacher_fm/bundle --config.autoencoder.path=/ckpt/stable-diffusion-3.5-medium \
     --config.data.data_dir=/data/tfds
 
   Expected: 40K steps at batch 16. The student starts as the teacher (init.interval="fit": the new interval
@@ -13,8 +13,8 @@ Launch (paper settings; the teacher from stage 0, the released SMFSR `Teacher`, 
 
 Tiny (CPU, after the tiny teacher; `make demo` runs both):
 
-  python train.py --config configs/student_isc.py:tiny --workdir runs/tiny_student \
-    --config.init.teacher=runs/tiny_teacher/bundle --config.data.data_dir=runs/tfds
+  python train.py --config configs/student_isc.py:tiny --workdir runs/tiny/student_isc \
+    --config.init.teacher=runs/tiny/teacher_fm/bundle --config.data.data_dir=runs/tfds
 
   Expected: 200 steps in ~1.5 min; the ISC loss starts near 1e-3 (the student is the teacher at step 0) and
   stays there. On the held-back photographs the one-step student scores ~18.9 dB and four steps ~19.0 dB,

@@ -1,4 +1,4 @@
-r"""Stage 0: the DiT4SR teacher, LR-conditioned flow matching.
+r"""Stage `teacher_fm` (stage 0): the DiT4SR teacher, LR-conditioned flow matching.
 
 Objective (config.flow_matching): sd35m keeps DiT4SR's setting, the x0-space loss on SD3.5's shift-3 grid,
 because it fine-tunes SD3.5, whose base already knows the low-noise velocity. The tiny variant trains from
@@ -7,7 +7,7 @@ teacher ends 10x farther from the truth at 50 steps (docs/experiments.md, teache
 
 Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared beforehand):
 
-  python train.py --config configs/teacher_fm.py:sd35m --workdir runs/teacher \
+  python train.py --config configs/teacher_fm.py:sd35m --workdir runs/teacher_fm \
     --config.init.base=/ckpt/stable-diffusion-3.5-medium --config.autoencoder.path=/ckpt/stable-diffusion-3.5-medium \
     --config.data.data_dir=/data/tfds
 
@@ -21,7 +21,7 @@ Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared befo
 
 Tiny (CPU, the embedded default; `make demo` runs it):
 
-  python train.py --config configs/teacher_fm.py:tiny --workdir runs/tiny_teacher \
+  python train.py --config configs/teacher_fm.py:tiny --workdir runs/tiny/teacher_fm \
     --config.data.data_dir=runs/tfds
 
   Expected: 800 steps in ~3.5 min on 2 cores; the velocity loss falls from ~1.1 to ~0.12 (its floor is set

@@ -21,7 +21,7 @@ def run_benchmark(*args) -> dict:
 
 @pytest.mark.slow
 def test_train_speed_counts_both_isc_branches():
-    line = run_benchmark("benchmarks/train_speed.py", "--stage", "isc", "--tiny", "--batches", "2", "--steps", "4")
+    line = run_benchmark("benchmarks/train_speed.py", "--stage", "student_isc", "--tiny", "--batches", "2", "--steps", "4")
     (batch,) = line["batches"]
     assert batch["fits"] and batch["finite"] and batch["step_ms"] > 0
     flops = batch["gflops_per_step"]

@@ -72,17 +72,16 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
              "regularizer": "regularizer", "disc": "discriminator"}
     names = sorted(owner)
 
-    @jax.jit
-    def term_grads(params):
-        def terms_of(p):
-            terms, _, new_state = losses(p, stage.model_state, stage.frozen, batch, jax.random.PRNGKey(3))
-            return jnp.stack([terms[n] for n in names]), new_state
-        _, vjp_fn, new_state = jax.vjp(terms_of, params, has_aux=True)
-        # One backward pass per term. Not vmapped: XLA:CPU folds a batch of cotangents into the feature axis of
-        # some kernels, whose rounding then leaks ~1e-3 of one term's gradient into another's exact zeros.
-        return [vjp_fn(row)[0] for row in jnp.eye(len(names))], new_state
+    def terms_of(p):
+        terms, _, new_state = losses(p, stage.model_state, stage.frozen, batch, jax.random.PRNGKey(3))
+        return jnp.stack([terms[n] for n in names]), new_state
 
-    grads, new_state = term_grads(params)
+    # One backward pass per term, through one compiled backward function. Not vmapped: XLA:CPU folds a batch of
+    # cotangents into the feature axis of some kernels, whose rounding then leaks ~1e-3 of one term's gradient
+    # into another's exact zeros.
+    vjp_fn, new_state = jax.jit(lambda p: jax.vjp(terms_of, p, has_aux=True)[1:])(params)
+    backward = jax.jit(lambda vjp, row: vjp(row)[0])
+    grads = [backward(vjp_fn, row) for row in jnp.eye(len(names))]
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state),
                                                         jax.tree.leaves(stage.model_state)))  # spectral norm moved
     for i, name in enumerate(names):

@@ -48,9 +48,11 @@ def test_abstract_trees_match_the_loaded_ones(data_dir, teacher_run, student_run
                                                            else real.trainable)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.split(".")[-1])
 def test_full_size_stages_build_as_shapes(module):
-    """The sd35m configs build without any file (SD3.5-M shapes, bf16 frozen base)."""
+    """The sd35m configs build without any file (SD3.5-M shapes, bf16 frozen base); slow: ~45 s each, and
+    `make test-slow`'s benchmarks lower them too."""
     stage = stages.build_stage(module.get_config("sd35m"), abstract=True)
     leaves = jax.tree.leaves(stage.frozen["base"])
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
