@@ -17,9 +17,9 @@ Tiny (CPU, after the tiny teacher; `make demo` runs both):
     --config.init.teacher=runs/tiny/teacher_fm/bundle --config.data.data_dir=runs/tfds
 
   Expected: 200 steps in ~1.5 min; the ISC loss starts near 1e-3 (the student is the teacher at step 0) and
-  stays there. On the held-back photographs the one-step student scores ~18.9 dB and four steps ~19.0 dB,
-  against the 16-step teacher's 19.8 dB: one step saturates, but at this scale it does not yet reach the
-  teacher (docs/experiments.md, Table 7 in miniature).
+  stays there. On the held-back photographs the one-step student scores ~20.2 dB and four steps ~19.8 dB,
+  against the 16-step teacher's 19.6 dB (block ratio ~1.05, no mosaic): one step already saturates; see
+  docs/experiments.md, Table 7 in miniature, for how far it is from the teacher's distribution.
 """
 
 import ml_collections

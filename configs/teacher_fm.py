@@ -25,8 +25,8 @@ Tiny (CPU, the embedded default; `make demo` runs it):
     --config.data.data_dir=runs/tfds
 
   Expected: 800 steps in ~3.5 min on 2 cores; the velocity loss falls from ~1.1 to ~0.12 (its floor is set
-  by the unpredictable noise half of v = eps - x0). On the held-back photographs: 21.4 dB with one Euler step
-  (the conditional mean), 19.8 dB with 16 (grainy samples, no token mosaic: block ratio 1.06).
+  by the unpredictable noise half of v = eps - x0). On the held-back photographs: 21.5 dB with one Euler step
+  (the conditional mean), 19.6 dB with 16 (grainy samples, no token mosaic: block ratio 1.07).
 """
 
 import ml_collections

@@ -147,7 +147,7 @@ def main():
           "a mosaic is ~2).")
     for method, scores in report["methods"].items():
         per_image = "  ".join(f"{k} {v:.2f}" for k, v in scores["psnr"].items())
-        print(f"  {method:>16}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}")
+        print(f"  {method:>17}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}")
     methods = report["methods"]
     teacher_many = methods[f"teacher_fm_{TEACHER_STEPS}step"]["psnr_mean"]
     print(f"\nOne step vs many: student_isc 1 step {methods['student_isc_1step']['psnr_mean']:.2f} dB, "
