@@ -107,7 +107,7 @@ def torch_tensor(torch, x, device):
 def to_torch_layout(torch, fn):
     """Inverse of a converter's torch -> Flax tensor map."""
     inverses = {convert_common.linear_kernel: lambda t: t.t(), convert_common.conv_kernel: lambda t: t.permute(3, 2, 0, 1),
-                np.asarray: lambda t: t, convert_vae._identity: lambda t: t}
+                np.asarray: lambda t: t}
     if fn not in inverses:
         raise ValueError(f"no inverse for the converter map {fn}")
     return inverses[fn]
