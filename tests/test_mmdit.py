@@ -105,16 +105,10 @@ SD3_CONFIGS = {
                           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                           pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
                           dual_attention_layers=(), qk_norm=None),
-    # Non-prefix sets: runs dual, plain, dual (+ a plain last block); plain, dual, plain (+ a dual last block).
-    "dual_0_2_of4": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8,
-                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                         pooled_projection_dim=24, out_channels=16, pos_embed_max_size=16,
-                         dual_attention_layers=(0, 2), qk_norm="rms_norm"),
-    "dual_1_3_of4": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8,
-                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                         pooled_projection_dim=24, out_channels=16, pos_embed_max_size=16,
-                         dual_attention_layers=(1, 3), qk_norm="rms_norm"),
 }
+# Non-prefix sets: runs dual, plain, dual (+ a plain last block); plain, dual, plain (+ a dual last block).
+SD3_CONFIGS["dual_0_2_of4"] = dict(SD3_CONFIGS["dual2_of3"], num_layers=4, dual_attention_layers=(0, 2))
+SD3_CONFIGS["dual_1_3_of4"] = dict(SD3_CONFIGS["dual2_of3"], num_layers=4, dual_attention_layers=(1, 3))
 LATENT_SIZES = {"dual2_of3": (8, 8), "wide_rect": (8, 12), "sd3_no_qknorm": (6, 6), "dual_0_2_of4": (8, 8),
                 "dual_1_3_of4": (6, 8)}
 
