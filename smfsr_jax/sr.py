@@ -73,6 +73,11 @@ def list_inputs(path: str) -> list[str]:
     raise FileNotFoundError(f"--input {path}: no such file or directory")
 
 
+def input_folder(path: str) -> str:
+    """The real path of the folder the inputs are read from (a single file's folder), symlinks resolved."""
+    return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+
+
 def load_captions(path: str) -> dict[str, str]:
     """{file name or stem: caption} from a JSON object file or a folder of <stem>.txt files."""
     if os.path.isdir(path):
@@ -123,8 +128,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    if os.path.isdir(args.input) and os.path.abspath(args.input) == os.path.abspath(args.output):
-        parser.error("--output must differ from the --input directory (outputs would replace the inputs)")
+    several_seeds = len(args.seeds) > 1
+    folders = {seed: os.path.join(args.output, f"seed{seed}") if several_seeds else args.output for seed in args.seeds}
+    source = input_folder(args.input)
+    for folder in folders.values():
+        if os.path.realpath(folder) == source:
+            parser.error(f"--output: {folder} is the input folder {source} (real paths compared): the outputs "
+                         "would replace the inputs; choose another --output")
     try:
         files = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
@@ -133,9 +143,8 @@ def main(argv=None) -> int:
                                               tile_batch=args.tile_batch, caption_rule=not args.raw_captions, **tiles)
     except (OSError, ValueError) as e:  # missing files, bad captions file, not a bundle, bad tile settings
         parser.error(str(e))
-    several_seeds = len(args.seeds) > 1
-    for seed in args.seeds:
-        os.makedirs(os.path.join(args.output, f"seed{seed}") if several_seeds else args.output, exist_ok=True)
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
 
     skipped, uncaptioned, first_with_stem = {}, [], {}
     written = 0
@@ -147,9 +156,10 @@ def main(argv=None) -> int:
             outputs = pipeline([pixels for _, _, pixels, _ in batch], seed=seed, steps=args.steps,
                                caption=[caption for _, _, _, caption in batch], color_fix=args.color_fix,
                                indices=[index for index, _, _, _ in batch], guidance_scale=args.guidance_scale)
-            folder = os.path.join(args.output, f"seed{seed}") if several_seeds else args.output
             for (_, stem, _, _), image in zip(batch, outputs):
-                Image.fromarray(image).save(os.path.join(folder, stem + ".png"))
+                path = os.path.join(folders[seed], stem + ".png")
+                Image.fromarray(image).save(path + ".partial", format="PNG")
+                os.replace(path + ".partial", path)  # an interrupted run never leaves a truncated PNG
                 written += 1
             progress.update(len(batch))
 

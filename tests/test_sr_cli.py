@@ -132,3 +132,23 @@ def test_cli_caption_without_text_encoders_uses_null(student_bundle, caption_inp
     assert len(warnings) == 1
     for name in ("x", "y"):
         np.testing.assert_array_equal(captioned[name], plain[name])
+
+
+def test_cli_never_writes_where_it_reads(input_dir, tmp_path, capsys):
+    """The output folder is compared with the input folder by real path: a symlink to it, a path through `..`, a
+    single file's own folder and a seed folder are refused before anything loads, and no input changes."""
+    before = {p.name: p.read_bytes() for p in input_dir.iterdir()}
+    link = tmp_path / "link"
+    link.symlink_to(input_dir)
+    seed_folder = tmp_path / "out" / "seed1"
+    seed_folder.mkdir(parents=True)
+    cases = [("--input", str(input_dir), "--output", str(link)),
+             ("--input", str(input_dir), "--output", str(input_dir / ".." / input_dir.name)),
+             ("--input", str(input_dir / "a_rgb.png"), "--output", str(input_dir)),
+             ("--input", str(link / "a_rgb.png"), "--output", str(input_dir)),
+             ("--input", str(seed_folder), "--output", str(tmp_path / "out"), "--seeds", "1,2")]
+    for case in cases:
+        with pytest.raises(SystemExit):
+            sr.main(["--checkpoint", str(tmp_path / "no_model"), *case])
+        assert "is the input folder" in capsys.readouterr().err, case
+    assert {p.name: p.read_bytes() for p in input_dir.iterdir()} == before
