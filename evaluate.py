@@ -19,7 +19,9 @@ Unreadable images are skipped, counted and named; means are over the evaluated i
 --<metric>_weights PATH, or --weights_dir DIR holding DIR/<metric> (see smfsr_jax/evaluation/metrics.py).
 
 Directory mode pairs files by name (Python sorted() order); full-reference metrics need --hr_dir with the same
-names. Outputs, beside --out (x.json):
+names and, pair by pair, the same image size. The sizes are read from the file headers before any scoring: pairs
+of different sizes stop the run with a list of all of them, or, with --skip_mismatched, are skipped, counted and
+named as unreadable images are. Outputs, beside --out (x.json):
   x.json  {"per_image": {file: {metric: score}}, "mean": {metric: score}, "count": evaluated images,
            "skipped": {file: reason}, "runtime_s": {file: seconds}, "metrics": [...], "sr_dir", "hr_dir"}
   x.csv   one row per image: image, then one column per metric
@@ -48,12 +50,18 @@ remembers the evaluated steps in WORKDIR/eval/state.json, so a restarted watcher
 --poll_seconds and stops after one pass with --once, when the run has written bundle/ and every finished step
 is evaluated, or once --stop_after_seconds have passed (a running evaluation is finished first). Keep
 --max_images small for frequent checkpoints: every evaluation writes its SR images.
-"""
 
-import sys
+Before any metric network or model is loaded, every mode checks its flags, datasets, the weights of --metrics (all
+missing ones named at once) and that its output directory (--out's, or WORKDIR/eval) can be created and written.
+Exit status: 0; 2 for a problem to fix first (a bad path or value, missing weights, a bad checkpoint or dataset,
+mismatched image names or sizes, an unwritable output directory), printed as one line; 1 when a write failed
+part-way: the line names the file and what was written (directory mode prints the scores first). --debug shows
+the traceback. Flag errors print absl's usage message, with status 1.
+"""
 
 from absl import app, flags
 
+from smfsr_jax.core import errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import directory, runner, tables, watch
 from smfsr_jax.evaluation import results as results_lib
@@ -67,13 +75,15 @@ DEFAULT_METRICS = ("psnr", "ssim", "lpips", "clipiqa", "musiq", "maniqa")
 # Flags of one mode only; the benchmark flags belong to checkpoint and watch mode.
 _BENCHMARK_FLAGS = ("datasets", "data_dir", "seeds", "steps", "color_fix", "captions", "max_images", "process_size",
                     "table4")
-_MODE_FLAGS = {"sr_dir": ("hr_dir",), "checkpoint": ("step",) + _BENCHMARK_FLAGS,
+_MODE_FLAGS = {"sr_dir": ("hr_dir", "skip_mismatched"), "checkpoint": ("step",) + _BENCHMARK_FLAGS,
                "watch": ("poll_seconds", "stop_after_seconds", "once") + _BENCHMARK_FLAGS}
 
 
 def _define_flags():
     flags.DEFINE_string("sr_dir", None, "directory mode: directory of SR images")
     flags.DEFINE_string("hr_dir", None, "directory mode: directory of reference images (full-reference metrics)")
+    flags.DEFINE_bool("skip_mismatched", False, "directory mode: skip (and name) the SR images whose size differs "
+                                                "from their reference's, instead of stopping before any scoring")
     flags.DEFINE_string("checkpoint", None, "checkpoint mode: model bundle or training workdir")
     flags.DEFINE_integer("step", None, "checkpoint mode with a workdir: the checkpoint step (default: the latest)")
     flags.DEFINE_string("watch", None, "watch mode: training workdir to follow")
@@ -99,6 +109,7 @@ def _define_flags():
     flags.DEFINE_integer("poll_seconds", 60, "watch mode: seconds between looks at the workdir")
     flags.DEFINE_integer("stop_after_seconds", None, "watch mode: stop after this many seconds")
     flags.DEFINE_bool("once", False, "watch mode: one pass over the finished checkpoints, then stop")
+    flags.DEFINE_bool("debug", False, "show the traceback of the project's own errors (exit status 2 and 1)")
 
 
 def _check_mode_flags(FLAGS) -> str:
@@ -127,20 +138,24 @@ def _print_tables(built: dict, out_dir: str):
     print(f"wrote {', '.join(built)} (.json, .md) and the per-seed results in {out_dir}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    FLAGS = flags.FLAGS
-    mode = _check_mode_flags(FLAGS)
+def _evaluate(FLAGS, mode: str):
     weights_paths = {name: getattr(FLAGS, spec.weights_flag) for name, spec in REGISTRY.items()
                      if spec.needs_weights}
-    try:  # bad flags, missing weights, mismatched names, unreadable datasets or models: a message, no traceback
+    # Checks that load no network first (datasets, the output directory, every missing weight), then the metric
+    # networks, then the image pairs and sizes (directory mode) or the model.
+    with errors.as_user_error():  # bad values and paths, as the libraries report them
         if mode == "sr_dir":
+            results_lib.check_results_path(FLAGS.out)
             metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
-            results = directory.evaluate_directory(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size)
-        else:  # cheap checks first, then the metric networks, then the model
+            names, mismatched = directory.pair_images(FLAGS.sr_dir, FLAGS.hr_dir,
+                                                      any(m.full_reference for m in metrics.values()),
+                                                      FLAGS.skip_mismatched)
+        else:
             seeds = parse_seeds(FLAGS.seeds)
             benchmarks = [runner.BenchmarkSet(d, FLAGS.data_dir, FLAGS.max_images) for d in FLAGS.datasets]
+            if mode == "watch":
+                inference.read_config(FLAGS.watch)  # a training workdir, checked before writing in it
+            files.check_writable(FLAGS.out if mode == "checkpoint" else workdir_lib.eval_dir(FLAGS.watch))
             metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
             run = runner.BenchmarkRun(
                 benchmarks=benchmarks, seeds=seeds, metrics=metrics,
@@ -150,22 +165,28 @@ def main(argv):
                 process_size=FLAGS.process_size)
             if mode == "checkpoint":
                 bundle = runner.load_model(FLAGS.checkpoint, FLAGS.step)
-            else:
-                inference.read_config(FLAGS.watch)  # a training workdir, checked before waiting on it
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluate.py: {e}")
     if mode == "checkpoint":
         _print_tables(runner.evaluate_model(bundle, run, FLAGS.out), FLAGS.out)
     elif mode == "watch":
-        steps = watch.watch(FLAGS.watch, run, poll_seconds=FLAGS.poll_seconds, stop_after_seconds=FLAGS.stop_after_seconds,
-                      once=FLAGS.once)
+        steps = watch.watch(FLAGS.watch, run, poll_seconds=FLAGS.poll_seconds,
+                            stop_after_seconds=FLAGS.stop_after_seconds, once=FLAGS.once)
         print(f"evaluated steps {steps or 'none'}; outputs in {workdir_lib.eval_dir(FLAGS.watch)}")
     else:
-        paths = results_lib.write_results(results, FLAGS.out)
+        results = directory.evaluate_directory(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size, names=names,
+                                               skipped=mismatched)
         means = "; ".join(f"{REGISTRY[m].log_name}: {v:.4f}" for m, v in results["mean"].items())
+        # Printed before writing: a failed write still shows the scores.
         print(f"{results['count']} images, {len(results['skipped'])} skipped"
               + (f" ({', '.join(results['skipped'])})" if results["skipped"] else "") + f" | {means}")
-        print("wrote " + ", ".join(paths))
+        print("wrote " + ", ".join(results_lib.write_results(results, FLAGS.out)))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    mode = _check_mode_flags(FLAGS)
+    return errors.run_cli(lambda: _evaluate(FLAGS, mode), debug=FLAGS.debug)
 
 
 if __name__ == "__main__":

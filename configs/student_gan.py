@@ -15,7 +15,7 @@ with python -m smfsr_jax.convert lpips --net vgg / dinov3):
   Expected: 10K steps at batch 8; the discriminator loss leaves 2.0 within the first hundred steps and
   settles near 1.5-1.9 while LPIPS on held-out crops falls below the stage-1 student's.
 
-Tiny (CPU, after the tiny student; `make demo` runs it): LPIPS-Alex and a 2-layer DINOv3 with fixed random
+Tiny (CPU, after the tiny student, on the runs/tfds the tiny teacher built; `make demo` runs it): LPIPS-Alex and a 2-layer DINOv3 with fixed random
 weights stand in for the pretrained networks (none exist at this size).
 
   python train.py --config configs/student_gan.py:tiny --workdir runs/tiny/student_gan \

@@ -11,7 +11,7 @@ Launch (paper settings; the teacher from `teacher_fm`, the released SMFSR `Teach
   starts near zero and the split loss carries the training; one-step samples sharpen within a few
   thousand steps. Unverified at this scale (no SD3.5 weights here).
 
-Tiny (CPU, after the tiny teacher; `make demo` runs both):
+Tiny (CPU, after the tiny teacher, on the runs/tfds it built; `make demo` runs both):
 
   python train.py --config configs/student_isc.py:tiny --workdir runs/tiny/student_isc \
     --config.init.teacher=runs/tiny/teacher_fm/bundle --config.data.data_dir=runs/tfds

@@ -19,8 +19,10 @@ Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared befo
   MSE) falls from ~0.3 to ~0.1 within the first thousand steps; the result is sampled with 40 Euler steps
   and CFG.
 
-Tiny (CPU, the embedded default; `make demo` runs it):
+Tiny (CPU, the embedded default; `make demo` runs it). Its data, scikit-image's photographs, is built
+once into runs/tfds (a few seconds; the tiny student configs read it too):
 
+  python -m smfsr_jax.data.build --dataset bundled --data_dir runs/tfds
   python train.py --config configs/teacher_fm.py:tiny --workdir runs/tiny/teacher_fm \
     --config.data.data_dir=runs/tfds
 

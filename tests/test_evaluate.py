@@ -9,16 +9,32 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from smfsr_jax.core import errors
 from smfsr_jax.evaluation import psnr_ssim
-from smfsr_jax.evaluation.directory import evaluate_directory
+from smfsr_jax.evaluation.directory import PairingError, evaluate_directory, image_size, pair_images
 from smfsr_jax.evaluation.io import read_rgb8
 from smfsr_jax.evaluation.metrics import REGISTRY, Metric, MetricSpec, MissingWeightsError, build_metrics
 from smfsr_jax.evaluation.osediff_log import format_log, parse_log, read_log
-from smfsr_jax.evaluation.results import write_results
+from smfsr_jax.core.files import check_writable
+from smfsr_jax.evaluation.results import check_results_path, write_results
 from tests.conftest import REPO, shared_path
 
 NAMES = ("b_10.png", "b_2.png", "a.png")  # sorted(): a.png, b_10.png, b_2.png
+
+
+def _evaluate_py(*args):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _one_error_line(done, status: int) -> str:
+    """The message of a command that failed with `status` and printed one `error:` line, no traceback."""
+    assert done.returncode == status, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    return line
 
 
 def _write_pairs(root, rng, names=NAMES, size=(24, 32)):
@@ -105,7 +121,7 @@ def test_no_reference_metric_needs_no_hr_dir(tmp_path):
 
 
 def test_missing_weights_name_the_flag(tmp_path):
-    with pytest.raises(MissingWeightsError, match="--lpips_weights"):
+    with pytest.raises(MissingWeightsError, match="^metric lpips needs weights: pass --lpips_weights"):
         build_metrics(["psnr", "lpips"])
     with pytest.raises(MissingWeightsError, match=r"--musiq_weights.*DIR/musiq"):
         build_metrics(["musiq"], weights_dir=str(tmp_path))
@@ -113,14 +129,125 @@ def test_missing_weights_name_the_flag(tmp_path):
         build_metrics(["psnrr"])
     assert {s.weights_flag for s in REGISTRY.values() if s.needs_weights} == {
         "lpips_weights", "clipiqa_weights", "musiq_weights", "maniqa_weights"}
+    # Every missing one at once, each with its flag; those that have weights are not named.
+    (tmp_path / "musiq").mkdir()
+    with pytest.raises(MissingWeightsError) as info:
+        build_metrics(["maniqa", "psnr", "musiq", "lpips", "clipiqa"], weights_dir=str(tmp_path))
+    message = str(info.value)
+    assert message.startswith("metrics lpips, clipiqa, maniqa need weights: lpips: pass --lpips_weights")
+    for name in ("lpips", "clipiqa", "maniqa"):
+        assert f"--{name}_weights" in message and f"(no {tmp_path / name} either)" in message
+    assert "musiq" not in message
 
     sr_dir, hr_dir = _write_pairs(tmp_path, np.random.default_rng(4))
-    command = [sys.executable, str(REPO / "evaluate.py"), f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}",
-               "--metrics=psnr,lpips", f"--out={tmp_path / 'r.json'}"]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert done.returncode == 1
-    assert "metric lpips needs weights: pass --lpips_weights" in done.stderr
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr,lpips,maniqa",
+                        f"--out={tmp_path / 'r.json'}")
+    line = _one_error_line(done, 2)
+    assert line.startswith("error: metrics lpips, maniqa need weights: lpips: pass --lpips_weights")
+    assert "maniqa: pass --maniqa_weights" in line
     assert not (tmp_path / "r.json").exists()
+    # --debug: the traceback of the same error (absl's status for an uncaught exception).
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr,lpips",
+                        f"--out={tmp_path / 'r.json'}", "--debug")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "MissingWeightsError" in done.stderr
+
+
+def _resize_sr(sr_dir, name, size):
+    image = read_rgb8(sr_dir / name)
+    cv2.imwrite(str(sr_dir / name), cv2.resize(image, size)[..., ::-1])
+
+
+def test_mismatched_sizes_stop_before_scoring_or_are_skipped(tmp_path):
+    sr_dir, hr_dir = _write_pairs(tmp_path, np.random.default_rng(5), names=("a.png", "b.png", "c.png", "d.png"))
+    _resize_sr(sr_dir, "b.png", (64, 48))
+    _resize_sr(sr_dir, "d.png", (30, 24))
+    (sr_dir / "c.png").write_bytes(b"not an image")  # no header: left to the reading, which skips it
+    calls = []
+    metrics = {"psnr": Metric(REGISTRY["psnr"], lambda sr, hr: calls.append(len(sr)) or psnr_ssim.psnr(sr, hr))}
+
+    expected = (f"2 SR image(s) in {sr_dir} differ in size from their reference in {hr_dir}: "
+                "b.png (SR 64x48, reference 32x24); d.png (SR 30x24, reference 32x24); "
+                "full-reference metrics need equal sizes (--skip_mismatched scores the others)")
+    with pytest.raises(PairingError) as info:
+        evaluate_directory(str(sr_dir), str(hr_dir), metrics, show_progress=False)
+    assert str(info.value) == expected and isinstance(info.value, errors.UserError)
+    assert calls == []  # nothing was scored
+
+    names, skipped = pair_images(str(sr_dir), str(hr_dir), need_reference=True, skip_mismatched=True)
+    assert names == ["a.png", "c.png"]
+    assert skipped == {"b.png": "SR 64x48, reference 32x24: sizes differ",
+                       "d.png": "SR 30x24, reference 32x24: sizes differ"}
+    assert pair_images(str(sr_dir), None, need_reference=False) == (["a.png", "b.png", "c.png", "d.png"], {})
+    results = evaluate_directory(str(sr_dir), str(hr_dir), metrics, show_progress=False, names=names,
+                                 skipped=skipped)
+    assert results["count"] == 1 and list(results["per_image"]) == ["a.png"]
+    assert list(results["skipped"]) == ["b.png", "c.png", "d.png"]
+    write_results(results, str(tmp_path / "r.json"))
+    assert "- d.png: SR 30x24, reference 32x24: sizes differ" in (tmp_path / "r.md").read_text()
+
+    # The command line: stops with the list (status 2), or skips, counts and names them.
+    out = tmp_path / "out" / "r.json"
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr", f"--out={out}")
+    assert _one_error_line(done, 2) == f"error: {expected}"
+    assert not out.exists()
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr", f"--out={out}",
+                        "--skip_mismatched")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 images, 3 skipped (b.png, c.png, d.png) | PSNR: " in done.stdout
+    assert list(json.loads(out.read_text())["skipped"]) == ["b.png", "c.png", "d.png"]
+
+
+def test_header_sizes_follow_the_exif_orientation(tmp_path):
+    """cv2 (read_rgb8) turns images by their EXIF orientation; the header sizes must say the same."""
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    for ext in ("png", "jpg", "webp"):
+        for orientation in (1, 6):
+            path = tmp_path / f"o{orientation}.{ext}"
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            Image.fromarray(pixels).save(path, exif=exif.tobytes())
+            height, width = read_rgb8(path).shape[:2]
+            assert image_size(str(path)) == (width, height) == ((10, 20) if orientation == 6 else (20, 10))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    assert image_size(str(tmp_path / "broken.png")) is None
+
+
+def test_unwritable_output_fails_first(tmp_path):
+    with pytest.raises(errors.UserError, match=r"^cannot create the output directory /proc/smfsr-x/out "
+                                               r"\(/proc/smfsr-x\): No such file or directory$"):
+        check_writable("/proc/smfsr-x/out")
+    with pytest.raises(errors.UserError, match="^cannot create the output directory /sys/smfsr-x: Operation not "
+                                               "permitted$"):
+        check_results_path("/sys/smfsr-x/r.json")
+    with pytest.raises(errors.UserError, match="^cannot write in the output directory /sys: Permission denied$"):
+        check_writable("/sys")
+    (tmp_path / "r.md").mkdir()
+    with pytest.raises(errors.UserError, match=f"^{tmp_path / 'r.md'} is a directory; --out takes the path"):
+        check_results_path(str(tmp_path / "r.json"))
+    check_results_path(str(tmp_path / "new" / "r.json"))
+    assert os.listdir(tmp_path / "new") == []  # created, and the probe file deleted
+
+    sr_dir, hr_dir = _write_pairs(tmp_path, np.random.default_rng(6))
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr,lpips",
+                        "--out=/sys/smfsr-x/r.json")  # reported before the missing LPIPS weights
+    assert _one_error_line(done, 2) == "error: cannot create the output directory /sys/smfsr-x: Operation not permitted"
+
+
+def test_a_failed_write_names_the_file_and_what_was_written(tmp_path):
+    sr_dir, hr_dir = _write_pairs(tmp_path, np.random.default_rng(7))
+    results = evaluate_directory(str(sr_dir), str(hr_dir), build_metrics(["psnr"]), show_progress=False)
+    (tmp_path / "r.md").mkdir()  # appeared after the check
+    with pytest.raises(errors.RunFailure) as info:
+        write_results(results, str(tmp_path / "r.json"))
+    assert str(info.value) == (f"{tmp_path / 'r.md'}: could not write it: Is a directory; written before it: "
+                               f"{tmp_path / 'r.json'}, {tmp_path / 'r.csv'}")
+
+    if not (os.path.exists("/dev/full") and os.access("/dev", os.W_OK)):
+        pytest.skip("needs /dev/full and a writable /dev (the check writes a probe file there)")
+    done = _evaluate_py(f"--sr_dir={sr_dir}", f"--hr_dir={hr_dir}", "--metrics=psnr", "--out=/dev/full")
+    assert _one_error_line(done, 1) == ("error: /dev/full: could not write it: No space left on device; "
+                                        "written before it: none")
+    assert f"3 images, 0 skipped | PSNR: {results['mean']['psnr']:.4f}" in done.stdout  # the scores, printed first
 
 
 def test_osediff_log_round_trip_and_tolerance():

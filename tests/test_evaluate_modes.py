@@ -15,6 +15,7 @@ from skimage import data as skimage_data
 
 from smfsr_jax.convert.common import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
+from smfsr_jax.core import errors
 from smfsr_jax.data import build
 from smfsr_jax.evaluation import runner, tables, watch
 from smfsr_jax.evaluation.io import read_rgb8
@@ -130,9 +131,30 @@ def test_table4_without_lpips_weights_fails_before_sampling(student_run, benchma
                f"--datasets={DATASET}", f"--data_dir={benchmark_dir}", "--seeds=1,2", "--metrics=psnr",
                f"--out={tmp_path / 'out'}"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert done.returncode == 1
-    assert "Table 4 (LPIPS between the outputs of seeds 2..7 and seed 1) needs LPIPS weights" in done.stderr
-    assert "pass --lpips_weights" in done.stderr and not (tmp_path / "out").exists()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        "error: Table 4 (LPIPS between the outputs of seeds 2..7 and seed 1) needs LPIPS weights")
+    assert "pass --lpips_weights" in done.stderr
+    assert os.listdir(tmp_path / "out") == []  # only the check that it can be written
+
+    # An output directory that cannot be made: said before anything is loaded, the weights included.
+    command[-1] = "--out=/sys/smfsr-x"
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == "error: cannot create the output directory /sys/smfsr-x: Operation not " \
+                                           "permitted"
+
+
+def test_a_failed_write_names_the_results_kept(student_run, benchmark_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / DATASET).mkdir(parents=True)
+    (out / DATASET / "seed2").write_text("a file where seed 2's SR images go")
+    with pytest.raises(errors.RunFailure) as info:
+        runner.evaluate_model(runner.load_model(str(student_run / "bundle")), _run(benchmark_dir, [1, 2]), str(out),
+                              show_progress=False)
+    assert str(info.value) == (f"{out / DATASET / 'seed2'}: could not write it: File exists; complete results in "
+                               f"{out}: {DATASET}/seed1")
+    assert json.loads((out / DATASET / "seed1.json").read_text())["count"] == 3
 
 
 def test_watch_evaluates_each_checkpoint_once(teacher_run, benchmark_dir, tmp_path):

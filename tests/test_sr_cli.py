@@ -1,8 +1,11 @@
 """`python -m smfsr_jax.sr`: x4 outputs for odd sizes and converted formats, skipped corrupt files, per-seed folders,
-captions (JSON file or .txt folder) with and without text encoders, single-file input."""
+captions (JSON file or .txt folder) with and without text encoders, single-file input and file output, the output
+checked before the model loads, a failed write stopping the run, one-line errors and their exit statuses."""
 
+import errno
 import json
 import logging
+import os
 
 import cv2
 import numpy as np
@@ -10,6 +13,9 @@ import pytest
 from PIL import Image
 
 from smfsr_jax import sr
+from smfsr_jax.convert.common import CheckpointError
+from smfsr_jax.core import files
+from smfsr_jax.core.errors import UserError
 from tests.test_sampling import lr_crop, make_bundle
 from tests.text_fixtures import write_tiny_sd35_root
 
@@ -74,22 +80,133 @@ def test_cli_x4_outputs_converted_inputs_and_corrupt_file(student_bundle, input_
         assert np.mean(seven != read_png(multi / "seed8" / f"{stem}.png")) > 0.1
 
 
-def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path):
+def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path, capsys):
     out = tmp_path / "single"
     assert sr.main(["--checkpoint", student_bundle, "--input", str(input_dir / "a_rgb.png"), "--output", str(out),
                     "--batch_size", "2", "--seeds", "7"]) == 0
     assert [p.name for p in out.iterdir()] == ["a_rgb.png"]
     assert read_png(out / "a_rgb.png").shape == (4 * SMALL[0], 4 * SMALL[1], 3)
 
+    # An --output with an image extension is the file itself, in its format; an existing file is replaced.
+    result = tmp_path / "result.jpg"
+    result.write_bytes(b"an older result")
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(input_dir / "a_rgb.png"), "--output", str(result),
+                    "--batch_size", "2", "--seeds", "7"]) == 0
+    with Image.open(result) as image:
+        assert image.format == "JPEG" and image.size == (4 * SMALL[1], 4 * SMALL[0])
+    assert not (tmp_path / "result.jpg.partial").exists()
+
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 10)
     assert sr.main(["--checkpoint", student_bundle, "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
+    capsys.readouterr()
     for bad_args in (["--input", str(tmp_path / "missing"), "--output", str(out)],
-                     ["--input", str(bad), "--output", str(bad)],
                      ["--input", str(bad), "--output", str(out), "--tile_overlap", "64"]):
-        with pytest.raises(SystemExit):
-            sr.main(["--checkpoint", student_bundle, *bad_args])
+        assert sr.main(["--checkpoint", student_bundle, *bad_args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_write_failure_stops_after_the_summary(student_bundle, input_dir, tmp_path, capsys, monkeypatch):
+    """A write that fails (here ENOSPC on the second image) stops the run: the summary so far, then one error line
+    naming the file, status 1, and no .partial left. Directories and broken links in the input folder are named
+    among the skipped; other files without an image extension are not."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a_rgb.png", "b_gray.png"):
+        (inputs / name).write_bytes((input_dir / name).read_bytes())
+    (inputs / "sub").mkdir()
+    (inputs / "gone.png").symlink_to(tmp_path / "missing.png")
+    (inputs / "linked").symlink_to(tmp_path)
+    (inputs / "a_rgb.txt").write_text("a caption")
+    saves = []
+    real_save = Image.Image.save
+
+    def save(image, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 2:
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "out"
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(inputs), "--output", str(out),
+                    "--batch_size", "2", "--seeds", "7"]) == 1
+    assert [p.name for p in out.iterdir()] == ["a_rgb.png"]
+    captured = capsys.readouterr()
+    assert "wrote 1 images" in captured.out and "skipped 3" in captured.out
+    for line in ("skipped sub: a directory", "skipped gone.png: a broken link",
+                 "skipped linked: a link to a directory"):
+        assert line in captured.err
+    assert "a_rgb.txt" not in captured.err and "Traceback" not in captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing {out / 'b_gray.png'}: No space left on device"), last
+
+
+def test_cli_list_inputs_names_directories_and_broken_links(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.jpg").mkdir()
+    (tmp_path / "c").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "d.png").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "e.txt").write_text("a caption")
+    files, others = sr.list_inputs(str(tmp_path))
+    assert files == [str(tmp_path / "a.png")]
+    assert others == {"b.jpg": "a directory", "c": "a broken link", "d.png": "a link to a directory"}
+
+
+def test_cli_checks_the_output_before_the_model(input_dir, tmp_path, capsys, monkeypatch):
+    """An output that cannot be created or written is one line and status 2, before the (missing) model is read;
+    then a missing or bad checkpoint is one line too, with its traceback under --debug."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    no_model = ["--checkpoint", str(tmp_path / "no_model"), "--input", str(input_dir)]
+    cases = [("/proc/smfsr_sr_test/out", "cannot create the output directory /proc/smfsr_sr_test/out "
+                                         "(/proc/smfsr_sr_test): No such file or directory"),
+             (str(a_file), f"the output directory {a_file} exists and is not a directory"),
+             (str(a_file / "out"), f"cannot create the output directory {a_file / 'out'}: Not a directory")]
+    for output, reason in cases:
+        assert sr.main([*no_model, "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {reason}\n", err
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    with monkeypatch.context() as m:
+        m.setattr(files.tempfile, "NamedTemporaryFile", unwritable)
+        assert sr.main([*no_model, "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: cannot write in the output directory {tmp_path / 'out'}: " \
+                                      "Permission denied\n"
+    assert list((tmp_path / "out").iterdir()) == []  # created, and no probe file left
+
+    assert sr.main([*no_model, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not a model bundle" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UserError):
+        sr.main([*no_model, "--output", str(tmp_path / "out"), "--debug"])
+
+    def bad_bundle(*args, **kwargs):
+        raise CheckpointError("transformer.safetensors: missing key x_embedder.proj.weight")
+
+    monkeypatch.setattr(sr.SRPipeline, "from_checkpoint", bad_bundle)
+    assert sr.main([*no_model, "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "error: transformer.safetensors: missing key x_embedder.proj.weight\n"
+    with pytest.raises(CheckpointError):
+        sr.main([*no_model, "--output", str(tmp_path / "out"), "--debug"])
+
+
+def test_cli_file_output_needs_one_input_and_seed(input_dir, tmp_path, capsys):
+    """An --output with an image extension names one file: refused for a folder input or several seeds."""
+    for case, reason in [(("--input", str(input_dir)), "is a folder (one output per image)"),
+                         (("--input", str(input_dir / "a_rgb.png"), "--seeds", "1,2"), "gives 2 seeds")]:
+        with pytest.raises(SystemExit) as exit_info:
+            sr.main(["--checkpoint", str(tmp_path / "no_model"), *case, "--output", str(tmp_path / "result.png")])
+        assert exit_info.value.code == 2
+        assert reason in capsys.readouterr().err
+    assert not (tmp_path / "result.png").exists()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +253,8 @@ def test_cli_caption_without_text_encoders_uses_null(student_bundle, caption_inp
 
 def test_cli_never_writes_where_it_reads(input_dir, tmp_path, capsys):
     """The output folder is compared with the input folder by real path: a symlink to it, a path through `..`, a
-    single file's own folder and a seed folder are refused before anything loads, and no input changes."""
+    single file's own folder and a seed folder are refused before anything loads, and so is an output file that is
+    the input file; no input changes."""
     before = {p.name: p.read_bytes() for p in input_dir.iterdir()}
     link = tmp_path / "link"
     link.symlink_to(input_dir)
@@ -146,9 +264,10 @@ def test_cli_never_writes_where_it_reads(input_dir, tmp_path, capsys):
              ("--input", str(input_dir), "--output", str(input_dir / ".." / input_dir.name)),
              ("--input", str(input_dir / "a_rgb.png"), "--output", str(input_dir)),
              ("--input", str(link / "a_rgb.png"), "--output", str(input_dir)),
-             ("--input", str(seed_folder), "--output", str(tmp_path / "out"), "--seeds", "1,2")]
+             ("--input", str(seed_folder), "--output", str(tmp_path / "out"), "--seeds", "1,2"),
+             ("--input", str(link / "a_rgb.png"), "--output", str(input_dir / "a_rgb.png"))]
     for case in cases:
         with pytest.raises(SystemExit):
             sr.main(["--checkpoint", str(tmp_path / "no_model"), *case])
-        assert "is the input folder" in capsys.readouterr().err, case
+        assert "is the input" in capsys.readouterr().err, case
     assert {p.name: p.read_bytes() for p in input_dir.iterdir()} == before

@@ -12,11 +12,17 @@
 
 lpips --src: a directory with torchvision's trunk file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth)
 and the lpips lin heads (alex.pth / vgg.pth), or a pyiqa LPIPS_v0.1_*.pth file.
+
+Exit status: 0; 2 for a bad command line (argparse's usage message) or a source that is not a checkpoint of
+that kind, or does not match the network (the message names the file and every missing, unexpected or
+mis-shaped key); --debug shows the traceback.
 """
 
 import argparse
 import importlib
 import sys
+
+from smfsr_jax.core import errors
 
 KINDS = ("transformer", "vae", "text", "dinov3", "lpips", "musiq", "maniqa", "clipiqa")
 
@@ -29,7 +35,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The exit status of `python -m smfsr_jax.convert` with arguments argv (default: sys.argv[1:])."""
     parser = argparse.ArgumentParser(prog="python -m smfsr_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
@@ -39,21 +46,26 @@ def main(argv=None):
                         help="transformer only: double-normalised LR keys (default true; false for dit4sr_r1)")
     parser.add_argument("--variant", default="", help="transformer only: name recorded in the metadata")
     parser.add_argument("--net", choices=("alex", "vgg"), default=None, help="lpips only: the trunk")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a checkpoint error")
     args = parser.parse_args(argv)
-    module = importlib.import_module(f"smfsr_jax.convert.{args.kind}")
-    if args.kind == "transformer":
-        overrides = {} if args.lr_key_bug is None else {"lr_key_bug": args.lr_key_bug}
-        module.convert(args.src, args.dst, variant=args.variant, **overrides)
-    elif args.lr_key_bug is not None or args.variant:
+    if args.kind != "transformer" and (args.lr_key_bug is not None or args.variant):
         parser.error("--lr_key_bug and --variant apply to the transformer only")
-    elif args.kind == "lpips":
-        module.convert(args.src, args.dst, net=args.net or "alex")
-    elif args.net:
+    if args.kind != "lpips" and args.net:
         parser.error("--net applies to lpips only")
-    else:
-        module.convert(args.src, args.dst)
-    print(f"wrote {args.dst}", file=sys.stderr)
+
+    def convert():
+        module = importlib.import_module(f"smfsr_jax.convert.{args.kind}")
+        if args.kind == "transformer":
+            overrides = {} if args.lr_key_bug is None else {"lr_key_bug": args.lr_key_bug}
+            module.convert(args.src, args.dst, variant=args.variant, **overrides)
+        elif args.kind == "lpips":
+            module.convert(args.src, args.dst, net=args.net or "alex")
+        else:
+            module.convert(args.src, args.dst)
+        print(f"wrote {args.dst}", file=sys.stderr)
+
+    return errors.run_cli(convert, debug=args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """The layout of a training workdir, read by the training loop, checkpoint loading and the evaluator.
 
     WORKDIR/config.json      the run's config (the stage is rebuilt from it)
+    WORKDIR/run.lock         held while a training run uses the workdir: {"host", "pid", "started"}
     WORKDIR/checkpoints/     orbax steps: train state + data-iterator state
     WORKDIR/metrics.jsonl    one JSON object per logged step (TensorBoard events beside it)
     WORKDIR/bundle/          the exported model, written at the end of the run
@@ -10,6 +11,7 @@
 import os
 
 CONFIG = "config.json"
+LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 BUNDLE = "bundle"
@@ -18,6 +20,10 @@ EVAL = "eval"
 
 def config_path(workdir: str) -> str:
     return os.path.join(workdir, CONFIG)
+
+
+def lock_path(workdir: str) -> str:
+    return os.path.join(workdir, LOCK)
 
 
 def checkpoints_dir(workdir: str) -> str:

@@ -36,6 +36,9 @@ import collections
 import ctypes
 import ctypes.util
 import functools
+import glob
+import json
+import os
 
 import cv2
 import grain
@@ -43,6 +46,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
+from smfsr_jax.core import errors
 from smfsr_jax.data import degradation, images
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -50,8 +54,37 @@ bad_records = collections.Counter()  # per process: file name -> times skipped
 padded_records = collections.Counter()  # per process: file name -> times reflect-padded to the crop
 
 
+class DataNotPrepared(errors.UserError, FileNotFoundError):
+    """A data_dir without the prepared dataset or split; the message holds the command that builds it."""
+
+
+def build_command(dataset: str, data_dir: str | None) -> str:
+    name = dataset.partition("/")[0]
+    manual = "" if name == "bundled" else f" --manual_dir SOURCE (layout: smfsr_jax/data/tfds/{name}.py)"
+    return f"python -m smfsr_jax.data.build --dataset {dataset}{manual} --data_dir {data_dir or 'DIR'}"
+
+
+def check_prepared(dataset: str, split: str, data_dir: str | None):
+    """Fail at once, naming the directory and the build command, unless `data_dir` holds a prepared build
+    of `dataset` with `split` (TFDS layout: DATA_DIR/name[/config]/version/dataset_info.json)."""
+    if not data_dir:
+        raise DataNotPrepared(f"no data_dir given for dataset {dataset}; build one with: "
+                              f"{build_command(dataset, None)}, then pass --config.data.data_dir=DIR")
+    infos = sorted(glob.glob(os.path.join(glob.escape(data_dir), *dataset.split("/"), "*", "dataset_info.json")))
+    if not infos:
+        problem = "does not exist" if not os.path.isdir(data_dir) else f"holds no prepared {dataset} dataset"
+        raise DataNotPrepared(f"data_dir {data_dir} {problem}; build it with: {build_command(dataset, data_dir)}")
+    with open(infos[-1]) as f:
+        splits = [s["name"] for s in json.load(f).get("splits", [])]
+    if split not in splits:
+        raise DataNotPrepared(f"{os.path.dirname(infos[-1])}: dataset {dataset} has no split {split!r} "
+                              f"(it has {', '.join(splits) or 'none'}); rebuild it with: "
+                              f"{build_command(dataset, data_dir)}")
+
+
 def open_source(dataset: str, split: str, data_dir: str):
     """`tfds.data_source` of one of the project's datasets ("name" or "name/config")."""
+    check_prepared(dataset, split, data_dir)
     import tensorflow_datasets as tfds
 
     import smfsr_jax.data.tfds  # noqa: F401 (registers the builders)

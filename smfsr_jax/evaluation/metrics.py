@@ -19,12 +19,13 @@ import jax
 import numpy as np
 
 from smfsr_jax.convert.lpips import load_lpips_from
+from smfsr_jax.core import errors
 from smfsr_jax.evaluation.io import to_unit_float
 from smfsr_jax.evaluation.psnr_ssim import psnr, ssim
 from smfsr_jax.models.lpips import LPIPS
 
 
-class MissingWeightsError(ValueError):
+class MissingWeightsError(errors.UserError, ValueError):
     """A metric that needs weights was asked for without them; the message names the flag."""
 
 
@@ -107,26 +108,38 @@ def load_lpips_alex(weights_path) -> Callable:
 
 
 def weights_path_for(spec: MetricSpec, weights_paths: Mapping[str, str], weights_dir=None):
-    """The weights of one metric: its own flag first, then weights_dir/<name>; None when it needs none."""
+    """The weights of one metric: its own flag first, then weights_dir/<name>; None when it needs none or
+    none was given."""
     if not spec.needs_weights:
         return None
     if weights_paths.get(spec.name):
         return weights_paths[spec.name]
     if weights_dir and os.path.exists(os.path.join(weights_dir, spec.name)):
         return os.path.join(weights_dir, spec.name)
-    where = f" (no {os.path.join(weights_dir, spec.name)} either)" if weights_dir else ""
-    raise MissingWeightsError(f"metric {spec.name} needs weights: pass --{spec.weights_flag} with "
-                              f"{spec.weights_help}, or --weights_dir DIR holding DIR/{spec.name}{where}")
+    return None
+
+
+def _missing_weights(specs: list[MetricSpec], weights_dir=None) -> MissingWeightsError:
+    """One error naming every metric without weights, with what to pass for each."""
+    hints = [f"pass --{spec.weights_flag} with {spec.weights_help}, or --weights_dir DIR holding DIR/{spec.name}"
+             + (f" (no {os.path.join(weights_dir, spec.name)} either)" if weights_dir else "") for spec in specs]
+    if len(specs) == 1:
+        return MissingWeightsError(f"metric {specs[0].name} needs weights: {hints[0]}")
+    return MissingWeightsError(f"metrics {', '.join(spec.name for spec in specs)} need weights: "
+                               + "; ".join(f"{spec.name}: {hint}" for spec, hint in zip(specs, hints)))
 
 
 def build_metrics(names, weights_paths: Mapping[str, str] | None = None, weights_dir=None) -> dict[str, Metric]:
     """{name: Metric} for the requested names, in registry (log) order. Weights are resolved for all metrics
-    before any is loaded, so a missing flag is reported before minutes of loading."""
+    before any is loaded, so that every missing one is reported at once, before minutes of loading."""
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
     specs = [spec for name, spec in REGISTRY.items() if name in set(names)]
     paths = {spec.name: weights_path_for(spec, weights_paths or {}, weights_dir) for spec in specs}
+    missing = [spec for spec in specs if spec.needs_weights and paths[spec.name] is None]
+    if missing:
+        raise _missing_weights(missing, weights_dir)
     metrics = {}
     for spec in specs:
         module_name, function_name = spec.loader.split(":")

@@ -1,9 +1,14 @@
-"""Writing one set of scores: x.json plus x.csv, x.md and OSEDiff's per-image log x.log beside it."""
+"""Writing one set of scores: x.json plus x.csv, x.md and OSEDiff's per-image log x.log beside it; checking
+before a run that its outputs can be written, and reporting a write that fails part-way."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 
+from smfsr_jax.core import errors
+from smfsr_jax.core.files import check_writable
 from smfsr_jax.evaluation.metrics import REGISTRY
 from smfsr_jax.evaluation.osediff_log import evaluation_log, format_log
 
@@ -25,26 +30,58 @@ def _markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, out_path: str) -> list[str]:
-    """results.json plus .csv, .md and .log beside it; returns the paths written."""
+def result_paths(out_path: str) -> list[str]:
+    """x.json, x.csv, x.md and x.log for out_path x.json."""
     stem = os.path.splitext(out_path)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    paths = [out_path, f"{stem}.csv", f"{stem}.md", f"{stem}.log"]
-    with open(paths[0], "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(paths[1], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image"] + results["metrics"])
-        for name, scores in results["per_image"].items():
-            writer.writerow([name] + [repr(scores[m]) for m in results["metrics"]])
-    with open(paths[2], "w") as f:
-        f.write(_markdown(results))
+    return [out_path, f"{stem}.csv", f"{stem}.md", f"{stem}.log"]
+
+
+def check_results_path(out_path: str):
+    """`check_writable` for the directory of write_results' files, none of which may be a directory."""
+    check_writable(os.path.dirname(os.path.abspath(out_path)))
+    for path in result_paths(out_path):
+        if os.path.isdir(path):
+            raise errors.UserError(f"{path} is a directory; --out takes the path of the results JSON file")
+
+
+@contextlib.contextmanager
+def writing(path: str, kept: str = ""):
+    """An OSError while writing under `path` becomes a RunFailure naming the file, the OS reason and `kept`
+    (what the run has saved)."""
+    try:
+        yield
+    except OSError as e:
+        raise errors.RunFailure(f"{e.filename or path}: could not write it: {e.strerror or e}"
+                                + (f"; {kept}" if kept else "")) from e
+
+
+def _csv(results: dict) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image"] + results["metrics"])
+    for name, scores in results["per_image"].items():
+        writer.writerow([name] + [repr(scores[m]) for m in results["metrics"]])
+    return text.getvalue()
+
+
+def _log(results: dict) -> str:
     log_names = {m: REGISTRY[m].log_name for m in results["metrics"]}
-    log = evaluation_log(
+    return format_log(evaluation_log(
         results["sr_dir"], results["hr_dir"],
         {name: {log_names[m]: v for m, v in scores.items()} for name, scores in results["per_image"].items()},
-        {log_names[m]: v for m, v in results["mean"].items()}, results["runtime_s"], results["skipped"])
-    with open(paths[3], "w") as f:
-        f.write(format_log(log))
+        {log_names[m]: v for m, v in results["mean"].items()}, results["runtime_s"], results["skipped"]))
+
+
+def write_results(results: dict, out_path: str) -> list[str]:
+    """results.json plus .csv, .md and .log beside it; returns the paths written. A failed write raises a
+    RunFailure naming the file and those written before it."""
+    paths = result_paths(out_path)
+    texts = [json.dumps(results, indent=2) + "\n", _csv(results), _markdown(results), _log(results)]
+    directory = os.path.dirname(os.path.abspath(out_path))
+    with writing(directory):
+        os.makedirs(directory, exist_ok=True)
+    for i, (path, text) in enumerate(zip(paths, texts)):
+        # newline="": written as is (the csv rows end in \r\n, as the csv module writes them)
+        with writing(path, f"written before it: {', '.join(paths[:i]) or 'none'}"), open(path, "w", newline="") as f:
+            f.write(text)
     return paths

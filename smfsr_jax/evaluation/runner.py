@@ -7,7 +7,8 @@ index) is sampled with fold_in(PRNGKey(seed), k), so an image's output does not 
 on batching or on the other images. SR images are written as 8-bit PNGs named like the LR file
 (`<stem>.png`); a second LR file with the same stem is skipped and named, as `python -m smfsr_jax.sr` does.
 
-The model is a bundle directory or a training workdir (its latest finished checkpoint, or `step`).
+The model is a bundle directory or a training workdir (its latest finished checkpoint, or `step`). A write that
+fails part-way raises a RunFailure naming the file and the per-seed results already written.
 """
 
 import dataclasses
@@ -20,13 +21,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from smfsr_jax.core import errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import images as image_io
 from smfsr_jax.data.pipeline import open_source, record_text
 from smfsr_jax.evaluation import tables
 from smfsr_jax.evaluation.directory import Scores, evaluate_directory
 from smfsr_jax.evaluation.metrics import Metric, MissingWeightsError, build_metrics
-from smfsr_jax.evaluation.results import write_results
+from smfsr_jax.evaluation.results import write_results, writing
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
 from smfsr_jax.training import inference
@@ -92,14 +94,17 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
                   batch_size: int, steps: Optional[int] = None,
                   color_fix: str = "adain") -> Iterator[tuple[list[BenchmarkImage], list[np.ndarray]]]:
     """(images, SR images) in chunks of `batch_size`, each SR image written to sr_dir/<name> first."""
-    os.makedirs(sr_dir, exist_ok=True)
+    with writing(sr_dir):
+        os.makedirs(sr_dir, exist_ok=True)
 
     def run(chunk):
         outputs = pipeline([image.lr for image in chunk], seed=seed, steps=steps,
                            caption=[image.caption for image in chunk], color_fix=color_fix,
                            indices=[image.index for image in chunk])
         for image, sr in zip(chunk, outputs):
-            Image.fromarray(sr).save(os.path.join(sr_dir, image.name))
+            path = os.path.join(sr_dir, image.name)
+            with writing(path):
+                Image.fromarray(sr).save(path)
         return chunk, outputs
 
     chunk = []
@@ -184,32 +189,37 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
     setup = {"checkpoint": bundle.path, "kind": bundle.kind, "stage": bundle.meta.get("stage"),
              "step": bundle.meta.get("step"), "sampling_steps": len(times) - 1, "guidance_scale": guidance_scale,
              "color_fix": run.color_fix, "captions": run.captions, "process_size": run.process_size}
-    results, diversity = {}, {}
-    for benchmark in run.benchmarks:
-        dataset_dir = os.path.join(out_dir, benchmark.dataset)
-        by_seed = results[benchmark.dataset] = {}
-        for seed in run.seeds:
-            sr_dir = os.path.join(dataset_dir, f"seed{seed}")
-            by_seed[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir, show_progress)
-            write_results(by_seed[seed], f"{sr_dir}.json")
+    results, diversity, written = {}, {}, []
+    try:
+        for benchmark in run.benchmarks:
+            dataset_dir = os.path.join(out_dir, benchmark.dataset)
+            by_seed = results[benchmark.dataset] = {}
+            for seed in run.seeds:
+                sr_dir = os.path.join(dataset_dir, f"seed{seed}")
+                by_seed[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir, show_progress)
+                write_results(by_seed[seed], f"{sr_dir}.json")
+                written.append(f"{benchmark.dataset}/seed{seed}")
+            if run.diversity_metric is not None:
+                reference_seed = tables.DIVERSITY_REFERENCE_SEED
+                reference_dir = os.path.join(dataset_dir, f"seed{reference_seed}")
+                diversity[benchmark.dataset] = {}
+                for k in tables.diversity_seeds(run.seeds):
+                    names = sorted(set(by_seed[k]["per_image"]) & set(by_seed[reference_seed]["per_image"]))
+                    distances = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir,
+                                                   {"lpips": run.diversity_metric}, run.batch_size,
+                                                   show_progress=False, names=names)
+                    write_results(distances, os.path.join(dataset_dir, f"seed{k}_vs_seed{reference_seed}.json"))
+                    diversity[benchmark.dataset][k] = distances["mean"].get("lpips", float("nan"))
+        first = run.seeds[0]
+        built = {"table1": tables.table1({d: by_seed[first] for d, by_seed in results.items()}, first, run.metrics,
+                                         setup)}
+        if len(run.seeds) > 1:
+            built["table3"] = tables.table3(results, run.seeds, run.metrics, setup)
         if run.diversity_metric is not None:
-            reference_seed = tables.DIVERSITY_REFERENCE_SEED
-            reference_dir = os.path.join(dataset_dir, f"seed{reference_seed}")
-            diversity[benchmark.dataset] = {}
-            for k in tables.diversity_seeds(run.seeds):
-                names = sorted(set(by_seed[k]["per_image"]) & set(by_seed[reference_seed]["per_image"]))
-                distances = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir,
-                                               {"lpips": run.diversity_metric}, run.batch_size, show_progress=False,
-                                               names=names)
-                write_results(distances, os.path.join(dataset_dir, f"seed{k}_vs_seed{reference_seed}.json"))
-                diversity[benchmark.dataset][k] = distances["mean"].get("lpips", float("nan"))
-    first = run.seeds[0]
-    built = {"table1": tables.table1({d: by_seed[first] for d, by_seed in results.items()}, first, run.metrics,
-                                     setup)}
-    if len(run.seeds) > 1:
-        built["table3"] = tables.table3(results, run.seeds, run.metrics, setup)
-    if run.diversity_metric is not None:
-        built["table4"] = tables.table4(diversity, tables.diversity_seeds(run.seeds), setup)
-    for table in built.values():
-        tables.write_table(table, out_dir)
+            built["table4"] = tables.table4(diversity, tables.diversity_seeds(run.seeds), setup)
+        for table in built.values():
+            with writing(out_dir):
+                tables.write_table(table, out_dir)
+    except errors.RunFailure as e:  # say which results are complete on disk
+        raise errors.RunFailure(f"{e}; complete results in {out_dir}: {', '.join(written) or 'none'}") from e
     return built

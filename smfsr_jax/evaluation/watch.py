@@ -8,8 +8,10 @@ import time
 
 from absl import logging
 
+from smfsr_jax.core import errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import runner
+from smfsr_jax.evaluation.results import writing
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.training import checkpoints, inference, stages
 
@@ -21,8 +23,8 @@ def _read_state(path: str) -> list[int]:
         try:
             return [int(step) for step in json.load(f)["evaluated"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: expected {{\"evaluated\": [steps]}} ({type(e).__name__}: {e}); delete it to "
-                             "evaluate every checkpoint again") from None
+            raise errors.UserError(f"{path}: expected {{\"evaluated\": [steps]}} ({type(e).__name__}: {e}); delete "
+                                   "it to evaluate every checkpoint again") from None
 
 
 def _write_state(path: str, evaluated: list[int]):
@@ -82,7 +84,9 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
                 writer.write_scalars(step, scalars)
                 writer.flush()
                 evaluated.append(step)
-                _write_state(state_path, evaluated)
+                with writing(state_path, f"step {step} is evaluated but not recorded: a restarted watcher "
+                                         "evaluates it again"):
+                    _write_state(state_path, evaluated)
                 evaluated_now.append(step)
             all_done = not set(checkpoints.finished_steps(checkpoint_dir)) - set(evaluated)
             if once or (run_finished and all_done):

@@ -1,15 +1,32 @@
 """orbax checkpoints of a training run: train state + data-iterator state, async, keep K.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data}. A step directory appears only once it is complete
-(orbax writes to a temporary name and renames), so a reader — `latest_finished_step`, the evaluator's
-watch mode — never sees a half-written checkpoint.
+(orbax writes to a temporary name and renames), so a reader — `finished_steps`, the evaluator's
+watch mode — never sees a half-written checkpoint. A step that was complete but can no longer be read
+(a truncated or deleted file, emptied metadata) is moved aside to `<step>.corrupt-<time>`, never deleted,
+and the run resumes from the newest readable one (`Checkpointer.restore_latest`).
 """
 
+import contextlib
+import gc
+import json
+import logging as py_logging
 import os
+import sys
+import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from smfsr_jax.core import errors
+
+
+class CheckpointUnreadable(errors.UserError):
+    """No checkpoint of the run can be read, or the newest was written by a different network."""
 
 
 class Checkpointer:
@@ -18,9 +35,6 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict):
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -31,6 +45,47 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
 
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Optional[dict]]:
+        """(step, state, data state) of the newest readable step, or (0, None, None) when the run has none.
+
+        Steps that cannot be read are moved aside with a warning naming the step and the failure; when
+        none is left, CheckpointUnreadable lists them. A step whose saved shapes differ from
+        `abstract_state` is a config mismatch, not corruption: it stops the run and nothing is moved.
+        """
+        moved = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = os.path.join(self.directory, str(step))
+            try:
+                saved_shapes = _saved_shapes(step_dir)
+            except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for one bad file)
+                moved.append(self._move_aside(step, _reason(e)))
+                continue
+            if saved_shapes != sorted(tuple(x.shape) for x in jax.tree.leaves(abstract_state)):
+                raise CheckpointUnreadable(f"{step_dir}: the saved train state has other shapes than this "
+                                           "run's network; the config changed since it was written")
+            try:
+                with _quiet_failed_reads():
+                    state, data_state = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001
+                moved.append(self._move_aside(step, _reason(e)))
+                continue
+            return step, state, data_state
+        if moved:
+            raise CheckpointUnreadable(f"no readable checkpoint left in {self.directory}; moved aside: "
+                                       + "; ".join(moved))
+        return 0, None, None
+
+    def _move_aside(self, step: int, reason: str) -> str:
+        source = os.path.join(self.directory, str(step))
+        aside = f"{source}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            os.rename(source, aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        logging.warning("checkpoint step %d cannot be read (%s); moved it to %s", step, reason, aside)
+        return f"step {step} ({reason}) -> {aside}"
+
     def wait(self):
         self.manager.wait_until_finished()
 
@@ -38,14 +93,71 @@ class Checkpointer:
         self.manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """A failed restore leaves orbax's other reads of the step in flight; as they fail and are collected they
+    print hundreds of tracebacks ("Event loop is closed", "exception was never retrieved"). From the first
+    failure on, those reports — and only those — are dropped: the caller reports the cause once."""
+    try:
+        yield
+    except Exception:
+        if not isinstance(sys.unraisablehook, _DropFailedReads):
+            sys.unraisablehook = _DropFailedReads(sys.unraisablehook)
+            py_logging.getLogger("asyncio").addFilter(_is_not_failed_read)
+        gc.collect()
+        raise
+
+
+def _from_failed_read(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if "Event loop is closed" in str(exc) or "error while reading array" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _DropFailedReads:
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, report):
+        if not _from_failed_read(report.exc_value):
+            self.hook(report)
+
+
+def _is_not_failed_read(record: py_logging.LogRecord) -> bool:
+    return not (record.exc_info and _from_failed_read(record.exc_info[1]))
+
+
+def _saved_shapes(step_dir: str) -> list[tuple]:
+    """The shapes of a step's saved train state, read from its metadata; raises naming the file that is bad."""
+    data = os.path.join(step_dir, "data", "metadata")
+    try:
+        with open(data) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{data}: {e}") from None
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+    return sorted(tuple(x.shape) for x in jax.tree.leaves(metadata))
+
+
+def _reason(error: BaseException) -> str:
+    """The most specific line of an exception chain: the first naming a file, else the outermost."""
+    lines = []
+    while error is not None:
+        lines.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    named = [line for line in lines if os.sep in line]
+    return (named or lines)[0][:400]
+
+
 def finished_steps(directory: str) -> list[int]:
-    """Complete checkpoint steps in `directory`, without touching a save in progress."""
+    """Complete checkpoint steps in `directory`: orbax renames a step's folder to the bare step number only
+    once it is complete, so a save in progress (or a step moved aside) is never listed."""
     if not os.path.isdir(directory):
         return []
-    manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps())
-    manager.close()
-    return steps
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def restore_subtree(directory: str, step: int, target: dict) -> dict:

@@ -1,5 +1,10 @@
 """The training loop shared by every stage: build the stage, shard it over the mesh, resume from the newest
-checkpoint, run the jitted step, log, checkpoint and export the bundle (layout: core/workdir.py)."""
+readable checkpoint, run the jitted step, log, checkpoint and export the bundle (layout: core/workdir.py).
+
+Before anything is written to the workdir the data is checked (a missing build fails at once with the
+command that makes it) and the workdir's run lock is taken (one run per workdir). A resume checks that the
+config equals the one the run was started with.
+"""
 
 import json
 import os
@@ -11,10 +16,11 @@ from absl import logging
 from clu import parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
+from smfsr_jax.core import errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import captions, pipeline
 from smfsr_jax.sampling import bundle
-from smfsr_jax.training import checkpoints, sharding, stages, writers
+from smfsr_jax.training import checkpoints, run_lock, sharding, stages, writers
 from smfsr_jax.training import state as state_lib
 from smfsr_jax.training.stages import common
 
@@ -22,7 +28,7 @@ from smfsr_jax.training.stages import common
 MODEL_INPUTS = ("hr", "lr_up", "prompt_embeds", "pooled_prompt_embeds")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.RunFailure, FloatingPointError):
     """A loss or gradient was NaN/Inf: the run stops before any checkpoint holds the bad state."""
 
 
@@ -33,10 +39,62 @@ def raise_if_nonfinite(first_bad: int):
                              "after it")
 
 
+class ConfigChanged(errors.UserError):
+    """A resume whose config differs from the one in the workdir."""
+
+
 def write_config(config: ml_collections.ConfigDict, path: str):
     if jax.process_index() == 0:
-        with open(path, "w") as f:
+        with open(path + ".partial", "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(path + ".partial", path)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(config: ml_collections.ConfigDict, path: str) -> list[str]:
+    """'field: saved -> new' for every field where `config` differs from the config saved at `path`."""
+    with open(path) as f:
+        saved = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    def show(flat, key):
+        return json.dumps(flat[key]) if key in flat else "(absent)"
+
+    return [f"{key}: {show(saved, key)} -> {show(new, key)}" for key in sorted(set(saved) | set(new))
+            if show(saved, key) != show(new, key)]
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str, allow_change: bool):
+    """A run resuming from checkpoints must have the config it was started with, unless allowed."""
+    path = workdir_lib.config_path(workdir)
+    if not (os.path.isfile(path) and checkpoints.finished_steps(workdir_lib.checkpoints_dir(workdir))):
+        return
+    changes = config_changes(config, path)
+    if changes and not allow_change:
+        raise ConfigChanged(f"the config differs from {path}, which the checkpoints in {workdir} were trained "
+                            "with:\n  " + "\n  ".join(changes) + "\nPass --allow_config_change to resume with "
+                            "the new values, or use another --workdir.")
+    if changes:
+        logging.warning("resuming with a changed config (--allow_config_change): %s", "; ".join(changes))
+
+
+def hold_workdir(workdir: str) -> str | None:
+    """Process 0 takes the workdir's run lock; every process stops when it could not."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = run_lock.acquire(workdir)
+        except run_lock.WorkdirLocked as e:
+            error = e
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or run_lock.WorkdirLocked(f"workdir {workdir} is in use by another run (process 0 says)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def data_iterator(config: ml_collections.ConfigDict):
@@ -59,15 +117,27 @@ def device_batch(batch: dict, mesh) -> dict:
         mesh)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
     """Run (or resume) the stage in `config` until config.total_steps; returns the last metrics."""
     jax.config.update("jax_threefry_partitionable", True)
+    pipeline.check_prepared(config.data.dataset, config.data.split, config.data.data_dir)
     os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir_lib.config_path(workdir))
+    lock = hold_workdir(workdir)
+    try:
+        check_config(config, workdir, allow_config_change)
+        write_config(config, workdir_lib.config_path(workdir))
+        return _train(config, workdir)
+    finally:
+        if lock is not None:
+            run_lock.release(lock)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
 
-    stage = stages.build_stage(config)
+    with errors.as_user_error(f"stage {config.stage}"):  # a missing or mismatched input named in the config
+        stage = stages.build_stage(config)
     logging.info("stage %s", json.dumps(common.describe(stage)))
     optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
     state, state_shardings = state_lib.init_state(stage.trainable, optimizer, config.ema_decay is not None, mesh,
@@ -77,11 +147,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state.params, msg="trainable parameters")
 
-    batches = data_iterator(config)
+    with errors.as_user_error("data"):  # e.g. no caption cache: the message names the command that builds it
+        batches = data_iterator(config)
     checkpointer = checkpoints.Checkpointer(workdir_lib.checkpoints_dir(workdir), keep=config.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
+    start, restored, data_state = checkpointer.restore_latest(checkpoints.abstract_of(state))
     if start:
-        state, data_state = checkpointer.restore(start, checkpoints.abstract_of(state))
+        state = restored
         batches.set_state(data_state)
         logging.info("resumed from step %d", start)
 

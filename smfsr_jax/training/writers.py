@@ -11,16 +11,21 @@ from smfsr_jax.core import workdir as workdir_lib
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """One JSON object per write_scalars call: {"step": n, name: value, ...}."""
+    """One strict-JSON object per write_scalars call: {"step": n, name: value, ...}; a NaN or Inf value is
+    written as null and its name listed under "nonfinite"."""
 
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write_scalars(self, step, scalars):
-        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        record = {"step": int(step), **{k: v if np.isfinite(v) else None for k, v in values.items()}}
+        nonfinite = sorted(k for k, v in values.items() if not np.isfinite(v))
+        if nonfinite:
+            record["nonfinite"] = nonfinite
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
         pass
