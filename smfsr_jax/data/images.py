@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 MIN_SIDE = 16  # below this a crop or an x4 LR is meaningless; such files are skipped
 _PASSTHROUGH_FORMATS = ("PNG", "JPEG")
-_EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(ValueError):
@@ -71,7 +71,7 @@ def load_rgb8(data: bytes, name: str) -> tuple[np.ndarray, bytes, str | None]:
         fmt = image.format
         if fmt == "PNG" and _png_bit_depth(data) == 16:
             pixels, note = _sixteen_bit_png_to_rgb8(data, name), "16-bit PNG rounded to 8 bits"
-        elif image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        elif image.getexif().get(EXIF_ORIENTATION, 1) != 1:
             pixels, note = _pil_to_rgb8(ImageOps.exif_transpose(image), name)
             note = "EXIF orientation applied" + (f"; {note}" if note else "")
         else:

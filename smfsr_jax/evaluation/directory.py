@@ -12,11 +12,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from smfsr_jax.core import errors
+from smfsr_jax.data.images import EXIF_ORIENTATION
 from smfsr_jax.evaluation.io import UnreadableImageError, list_images, read_rgb8
 from smfsr_jax.evaluation.metrics import Metric
 
 MAX_NAMES_SHOWN = 20
-_EXIF_ORIENTATION = 0x0112
 
 
 class PairingError(errors.UserError, ValueError):
@@ -56,7 +56,7 @@ def image_size(path: str) -> tuple[int, int] | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # files PIL cannot or will not parse
         return None
     # cv2 applies the EXIF orientation: 5..8 are the rotations by 90 degrees.
-    return (height, width) if exif.get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if exif.get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def pair_images(sr_dir: str, hr_dir: str | None, need_reference: bool,
