@@ -230,3 +230,38 @@ def test_table_columns_follow_the_paper():
     assert table["metrics"] == ["psnr", "lpips"]
     assert table["datasets"]["paired_sr/custom"]["psnr"] == {"mean": 25.5, "std": 0.5, "per_seed": [25.0, 26.0]}
     assert "| paired_sr/custom | 25.5000 ± 0.5000 | 0.2500 ± 0.0500 |" in tables.markdown(table)
+
+
+def test_tables_show_the_paper_numbers():
+    """Tables 1 and 3 carry the paper's number and ours − paper where the paper reports one, else the marker."""
+    setup = {"checkpoint": "x"}
+    results = {"paired_sr/drealsr": {"count": 93, "mean": {"psnr": 26.10, "musiq": 66.00}},
+               "lq_only/reallq250": {"count": 250, "mean": {"musiq": 72.00}},
+               "paired_sr/custom": {"count": 3, "mean": {"psnr": 25.0, "musiq": 61.0}}}
+    table = tables.table1(results, 1, ["psnr", "musiq"], setup)
+    assert table["datasets"]["paired_sr/drealsr"] == {"count": 93, "mean": {"psnr": 26.10, "musiq": 66.00}}
+    assert table["paper"]["paired_sr/drealsr"] == {"musiq": 65.93, "psnr": 26.35}
+    assert table["difference"]["paired_sr/drealsr"] == {"musiq": pytest.approx(0.07), "psnr": pytest.approx(-0.25)}
+    # RealLQ250 has no ground truth: the paper reports MUSIQ there, and no PSNR.
+    assert table["paper"]["lq_only/reallq250"] == {"musiq": 72.21, "psnr": None}
+    assert table["difference"]["lq_only/reallq250"] == {"musiq": pytest.approx(-0.21), "psnr": None}
+    absent = {"musiq": None, "psnr": None}
+    assert table["paper"]["paired_sr/custom"] == table["difference"]["paired_sr/custom"] == absent
+    assert json.loads(json.dumps(table)) == table  # the JSON record keeps them (None as null)
+    text = tables.markdown(table)
+    assert ("| paired_sr/drealsr | 93 | 66.0000 | 26.1000 |\n| paper |  | 65.9300 | 26.3500 |\n"
+            "| ours − paper |  | +0.0700 | -0.2500 |") in text
+    assert ("| lq_only/reallq250 | 250 | 72.0000 | – |\n| paper |  | 72.2100 | – |\n"
+            "| ours − paper |  | -0.2100 | – |") in text
+    assert ("| paired_sr/custom | 3 | 61.0000 | 25.0000 |\n| paper |  | – | – |\n"
+            "| ours − paper |  | – | – |") in text
+
+    by_seed = {"paired_sr/drealsr": {1: {"mean": {"psnr": 26.39, "ssim": 0.70}},
+                                     2: {"mean": {"psnr": 26.41, "ssim": 0.71}}}}
+    table = tables.table3(by_seed, [1, 2], ["psnr", "ssim"], setup)
+    assert table["paper"]["paired_sr/drealsr"] == {"psnr": {"mean": 26.3852, "std": 0.0198}, "ssim": None}
+    assert table["difference"]["paired_sr/drealsr"] == {"psnr": pytest.approx(0.0148), "ssim": None}
+    assert ("| paired_sr/drealsr | 26.4000 ± 0.0100 | 0.7050 ± 0.0050 |\n| paper | 26.3852 ± 0.0198 | – |\n"
+            "| ours − paper | +0.0148 | – |") in tables.markdown(table)
+    # Table 4 has no paper numbers to compare with (docs/reproduce.md).
+    assert "paper" not in tables.table4({"paired_sr/drealsr": {2: 0.13}}, [2], setup)
