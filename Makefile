@@ -19,12 +19,17 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.dev
+# The web app's packages (requirements-app.txt: why --no-deps), kept out of the training requirements.
+$(VENV)/.app: requirements-app.txt $(VENV)/.runtime
+	$(PY) -m pip install --no-deps -r requirements-app.txt
+	touch $@
 
-demo: $(VENV)/.runtime
+install: $(VENV)/.dev $(VENV)/.app
+
+demo: $(VENV)/.runtime $(VENV)/.app
 	$(PY) -m smfsr_jax.demo --workdir workdirs/demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(VENV)/.app
 	$(PY) -m pytest -q tests
 
 # Slow tests (full-size shape checks that need more memory or minutes); not part of `make test`.
