@@ -8,6 +8,10 @@ Checkpoint mode: super-resolve the TFDS benchmark sets with a model bundle or a 
 finished checkpoint, or --step), then score the outputs and build the paper's tables (docs/design.md#paper-tables).
   python evaluate.py --checkpoint bundles/smfsr --datasets paired_sr/drealsr,paired_sr/realsr,lq_only/reallq250 \
       --data_dir tfds --seeds 1..20 --metrics psnr,ssim,lpips,musiq,maniqa,clipiqa --weights_dir weights --out results
+  python evaluate.py --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
+      [--null_embeddings DIR] [--cache_dir DIR] [--lr_key_bug] --datasets ... --data_dir tfds --out results
+--model: released weights (directories or Hugging Face Hub ids, as `python -m smfsr_jax.sr --model`), converted
+once into the cache and evaluated as that bundle (smfsr_jax/sampling/pretrained.py).
 
 Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears.
   python evaluate.py --watch runs/student --datasets paired_sr/drealsr --data_dir tfds --metrics psnr,ssim \
@@ -51,6 +55,16 @@ remembers the evaluated steps in WORKDIR/eval/state.json, so a restarted watcher
 is evaluated, or once --stop_after_seconds have passed (a running evaluation is finished first). Keep
 --max_images small for frequent checkpoints: every evaluation writes its SR images.
 
+Devices and processes (checkpoint and watch mode): an SR call takes --batch_size images per local device, split
+over all of them (a metric call takes --batch_size images). Several processes (hosts) run the same command with
+--num_processes N --process_id I --coordinator_address HOST:PORT (process 0's; or --distributed where
+jax.distributed detects the cluster): process p super-resolves and scores the records k with k % N == p (the
+noise index stays k) and writes those SR images; the per-image scores of all processes are gathered and process 0
+alone writes the results files and tables, the same as a one-process run's (up to the timings) and prints them.
+In watch mode process 0 decides which steps to evaluate and when to stop, and writes state, TensorBoard and
+metrics.jsonl. Every process needs the checkpoints and the data; a process that fails leaves the others waiting
+until jax.distributed's heartbeat timeout ends them.
+
 Before any metric network or model is loaded, every mode checks its flags, datasets, the weights of --metrics (all
 missing ones named at once) and that its output directory (--out's, or WORKDIR/eval) can be created and written.
 Exit status: 0; 2 for a problem to fix first (a bad path or value, missing weights, a bad checkpoint or dataset,
@@ -59,14 +73,15 @@ part-way: the line names the file and what was written (directory mode prints th
 the traceback. Flag errors print absl's usage message, with status 1.
 """
 
+import jax
 from absl import app, flags
 
-from smfsr_jax.core import errors, files
+from smfsr_jax.core import distributed, errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import directory, runner, tables, watch
 from smfsr_jax.evaluation import results as results_lib
 from smfsr_jax.evaluation.metrics import REGISTRY, build_metrics
-from smfsr_jax.sampling import color
+from smfsr_jax.sampling import color, pretrained
 from smfsr_jax.sampling.pipeline import PROCESS_SIZE
 from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import inference
@@ -74,8 +89,9 @@ from smfsr_jax.training import inference
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "clipiqa", "musiq", "maniqa")
 # Flags of one mode only; the benchmark flags belong to checkpoint and watch mode.
 _BENCHMARK_FLAGS = ("datasets", "data_dir", "seeds", "steps", "color_fix", "captions", "max_images", "process_size",
-                    "table4")
+                    "table4") + tuple(name for name, *_ in distributed.FLAGS)
 _MODE_FLAGS = {"sr_dir": ("hr_dir", "skip_mismatched"), "checkpoint": ("step",) + _BENCHMARK_FLAGS,
+               "model": ("base", "null_embeddings", "cache_dir", "lr_key_bug") + _BENCHMARK_FLAGS,
                "watch": ("poll_seconds", "stop_after_seconds", "once") + _BENCHMARK_FLAGS}
 
 
@@ -87,7 +103,16 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", None, "checkpoint mode: model bundle or training workdir")
     flags.DEFINE_integer("step", None, "checkpoint mode with a workdir: the checkpoint step (default: the latest)")
     flags.DEFINE_string("watch", None, "watch mode: training workdir to follow")
-    flags.mark_flags_as_mutual_exclusive(["sr_dir", "checkpoint", "watch"], required=True)
+    flags.DEFINE_string("model", None, "checkpoint mode with released weights: the transformer (smfsr_q, "
+                                       "dit4sr_r1, ...) directory or Hub id, e.g. zw121/SMFSR/smfsr_q; needs --base")
+    flags.DEFINE_string("base", None, "with --model: the Stable Diffusion 3.5 Medium directory or Hub id")
+    flags.DEFINE_string("null_embeddings", None, "with --model: directory of DiT4SR's NULL_*.pt (default: found "
+                                                 "beside --model, else encode(\"\") with --base's text encoders)")
+    flags.DEFINE_string("cache_dir", None, "with --model: conversion cache (default $SMFSR_JAX_CACHE, else "
+                                           "~/.cache/smfsr_jax)")
+    flags.DEFINE_bool("lr_key_bug", None, "with --model: double-normalised LR keys (default: false for dit4sr_r1, "
+                                          "else true)")
+    flags.mark_flags_as_mutual_exclusive(["sr_dir", "checkpoint", "model", "watch"], required=True)
     flags.DEFINE_list("metrics", list(DEFAULT_METRICS), f"comma-separated, from {', '.join(REGISTRY)}")
     flags.DEFINE_string("out", None, "directory mode: results JSON path (.csv, .md, .log beside it); "
                                      "checkpoint mode: output directory")
@@ -95,7 +120,7 @@ def _define_flags():
     for spec in REGISTRY.values():
         if spec.needs_weights:
             flags.DEFINE_string(spec.weights_flag, None, f"{spec.name} weights: {spec.weights_help}")
-    flags.DEFINE_integer("batch_size", 8, "images per SR call and per metric call (same-size images)")
+    flags.DEFINE_integer("batch_size", 8, "images per device per SR call, and per metric call (same-size images)")
     flags.DEFINE_list("datasets", None, "TFDS benchmark sets, e.g. paired_sr/drealsr,lq_only/reallq250")
     flags.DEFINE_string("data_dir", None, "TFDS data directory holding --datasets")
     flags.DEFINE_string("seeds", "1", "seeds: a list and/or ranges, e.g. 1 or 1,2,5 or 1..20")
@@ -110,6 +135,7 @@ def _define_flags():
     flags.DEFINE_integer("stop_after_seconds", None, "watch mode: stop after this many seconds")
     flags.DEFINE_bool("once", False, "watch mode: one pass over the finished checkpoints, then stop")
     flags.DEFINE_bool("debug", False, "show the traceback of the project's own errors (exit status 2 and 1)")
+    distributed.define_flags()
 
 
 def _check_mode_flags(FLAGS) -> str:
@@ -119,10 +145,12 @@ def _check_mode_flags(FLAGS) -> str:
     given = [f"--{name}" for name in foreign if FLAGS[name].present]
     if given:
         raise app.UsageError(f"--{mode} does not take {', '.join(given)}")
-    if mode in ("sr_dir", "checkpoint") and FLAGS.out is None:
+    if mode in ("sr_dir", "checkpoint", "model") and FLAGS.out is None:
         raise app.UsageError(f"--{mode} needs --out")
     if mode == "watch" and FLAGS.out is not None:
         raise app.UsageError(f"watch mode writes under WORKDIR/{workdir_lib.EVAL}; --out does not apply")
+    if mode == "model" and FLAGS.base is None:
+        raise app.UsageError("--model needs --base (the Stable Diffusion 3.5 Medium directory or Hub id)")
     if mode != "sr_dir" and not (FLAGS.datasets and FLAGS.data_dir):
         raise app.UsageError(f"--{mode} needs --datasets and --data_dir")
     for name, least in (("batch_size", 1), ("steps", 1), ("max_images", 1), ("process_size", 4),
@@ -133,12 +161,16 @@ def _check_mode_flags(FLAGS) -> str:
 
 
 def _print_tables(built: dict, out_dir: str):
+    if jax.process_index() > 0:  # process 0 writes and prints the tables
+        print(f"process {jax.process_index()}: wrote the SR images of its share in {out_dir}")
+        return
     for table in built.values():
         print(tables.markdown(table))
     print(f"wrote {', '.join(built)} (.json, .md) and the per-seed results in {out_dir}")
 
 
 def _evaluate(FLAGS, mode: str):
+    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     weights_paths = {name: getattr(FLAGS, spec.weights_flag) for name, spec in REGISTRY.items()
                      if spec.needs_weights}
     # Checks that load no network first (datasets, the output directory, every missing weight), then the metric
@@ -155,7 +187,7 @@ def _evaluate(FLAGS, mode: str):
             benchmarks = [runner.BenchmarkSet(d, FLAGS.data_dir, FLAGS.max_images) for d in FLAGS.datasets]
             if mode == "watch":
                 inference.read_config(FLAGS.watch)  # a training workdir, checked before writing in it
-            files.check_writable(FLAGS.out if mode == "checkpoint" else workdir_lib.eval_dir(FLAGS.watch))
+            files.check_writable(FLAGS.out if mode != "watch" else workdir_lib.eval_dir(FLAGS.watch))
             metrics = build_metrics(FLAGS.metrics, weights_paths, FLAGS.weights_dir)
             run = runner.BenchmarkRun(
                 benchmarks=benchmarks, seeds=seeds, metrics=metrics,
@@ -165,7 +197,11 @@ def _evaluate(FLAGS, mode: str):
                 process_size=FLAGS.process_size)
             if mode == "checkpoint":
                 bundle = runner.load_model(FLAGS.checkpoint, FLAGS.step)
-    if mode == "checkpoint":
+            elif mode == "model":  # released weights: the bundle converted once into the cache
+                bundle = runner.load_model(pretrained.load_or_convert(
+                    FLAGS.model, FLAGS.base, null_embeddings=FLAGS.null_embeddings, lr_key_bug=FLAGS.lr_key_bug,
+                    cache_dir=FLAGS.cache_dir))
+    if mode in ("checkpoint", "model"):
         _print_tables(runner.evaluate_model(bundle, run, FLAGS.out), FLAGS.out)
     elif mode == "watch":
         steps = watch.watch(FLAGS.watch, run, poll_seconds=FLAGS.poll_seconds,

@@ -27,11 +27,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import logging as py_logging  # noqa: E402
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from smfsr_jax.core import errors  # noqa: E402
+from smfsr_jax.core import distributed, errors  # noqa: E402
 from smfsr_jax.training import loop  # noqa: E402
 
 
@@ -44,15 +43,10 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.get_absl_handler().addFilter(_not_orbax_info)
-    if flags.FLAGS.num_processes > 1:
-        jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                   flags.FLAGS.process_id)
-    elif flags.FLAGS.distributed:
-        jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
 
     def run():
+        distributed.initialize(flags.FLAGS.distributed, flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                               flags.FLAGS.process_id)
         loop.train(flags.FLAGS.config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change)
 
     return errors.run_cli(run, debug=flags.FLAGS.debug)
@@ -63,9 +57,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Run directory (created; resumed when it holds checkpoints).")
     flags.DEFINE_bool("allow_config_change", False, "Resume even though the config differs from config.json.")
     flags.DEFINE_bool("debug", False, "Show tracebacks of the project's own errors.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several local processes.")
-    flags.DEFINE_integer("num_processes", 1, "Number of processes.")
-    flags.DEFINE_integer("process_id", 0, "This process's index.")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -4,6 +4,13 @@ r"""Super-resolve images x4 with a model bundle (smfsr_jax/sampling/bundle.py, p
       [--seeds 1,2,3] [--steps 1] [--caption TEXT | --captions FILE_OR_DIR] [--color_fix adain|wavelet|none] \
       [--batch_size 4] [--tile_size 64 --tile_overlap 24 --tile_batch 16] [--debug]
   python -m smfsr_jax.sr --checkpoint bundles/smfsr_q --input photo.jpg --output photo_x4.png
+  python -m smfsr_jax.sr --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
+      --input LR_DIR --output results/drealsr [--null_embeddings DIR] [--cache_dir DIR] [--lr_key_bug true|false]
+
+--checkpoint is a bundle or a training workdir's bundle; --model is a released transformer (smfsr_q, smfsr_f,
+Teacher, dit4sr_q, dit4sr_f, dit4sr_r1) and --base Stable Diffusion 3.5 Medium, each a directory or a Hugging Face
+Hub id, converted once into the cache (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax) and loaded from
+it afterwards (smfsr_jax/sampling/pretrained.py).
 
 Inputs: one image file, or every image file directly in a directory (.png .jpg .jpeg .bmp .tif .tiff .webp) in
 Python sorted() order; image k of that order (skipped files keep their place) is sampled with
@@ -15,13 +22,23 @@ or too small (< 16 px a side) files are skipped, counted and named at the end, n
 Entries of an input folder that are directories (or links to them) or broken links are skipped and named too;
 other files without an image extension (captions, notes) are ignored.
 
+Devices and processes: a batch holds --batch_size images of one preprocessed size per device and is split over
+every local device (sampling/pipeline.py), so --batch_size 1 keeps all devices busy once a size has that many
+images. Several processes (hosts), each with its devices: start each with --num_processes N --process_id I
+--coordinator_address HOST:PORT (process 0's; or --distributed where jax.distributed detects the cluster).
+Process p takes the files k with k % N == p of the sorted list (the noise index stays k, so the union of the
+processes' outputs is a one-process run's), writes them to the same --output and prints the summary of its own
+share (folder entries that are not images are named by process 0); its exit status is about its share.
+
 Outputs: OUTPUT/<input stem>.png, 8-bit RGB at 4x the input size; with several seeds, OUTPUT/seed<seed>/<stem>.png.
 A second input with the same stem (a.png, a.jpg) is skipped and reported. For one input file and one seed, an
 --output with an image extension (result.png, result.jpg, ...; not an existing folder) is the output file itself,
 written in the format of its extension and replaced if it exists; it may not be the input. The output folders are
 created and tried with a test file before the model loads; outputs are written under a .partial name and renamed.
+--skip_existing skips the images whose outputs exist for every seed, so rerunning an interrupted command
+finishes the folder (an output exists only once complete).
 
-Captions need text encoders in the bundle; without them the NULL embeddings are used (with one warning):
+Captions need text encoders in the bundle (with --model: in --base); without them a caption is an error:
   --caption TEXT           the same caption for every image;
   --captions FILE.json     a JSON object {"<file name or stem>": "caption", ...};
   --captions DIR           DIR/<stem>.txt per image (the SMFSR repo's LLaVA caption folders).
@@ -39,14 +56,17 @@ import json
 import os
 import sys
 
+import jax
 from PIL import Image
 from tqdm import tqdm
 
+from smfsr_jax.core import distributed
 from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli
 from smfsr_jax.core.files import check_writable
 from smfsr_jax.core.images import is_image_name
 from smfsr_jax.data.images import load_rgb8
 from smfsr_jax.evaluation.io import list_images
+from smfsr_jax.models import vae_tiling
 from smfsr_jax.sampling import color, tiling
 from smfsr_jax.sampling.pipeline import SRPipeline
 
@@ -123,7 +143,17 @@ def load_captions(path: str) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m smfsr_jax.sr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model bundle directory (bundle.json)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="model bundle directory (bundle.json)")
+    model.add_argument("--model", help="released transformer: a directory or a Hub id (zw121/SMFSR/smfsr_q); "
+                                       "needs --base")
+    parser.add_argument("--base", help="with --model: the Stable Diffusion 3.5 Medium directory or Hub id")
+    parser.add_argument("--null_embeddings", help="with --model: directory of DiT4SR's NULL_*.pt (default: found "
+                                                  "beside --model, else encode(\"\") with --base's text encoders)")
+    parser.add_argument("--cache_dir", help="with --model: conversion cache (default $SMFSR_JAX_CACHE, else "
+                                            "~/.cache/smfsr_jax)")
+    parser.add_argument("--lr_key_bug", choices=("true", "false"), default=None,
+                        help="with --model: double-normalised LR keys (default: false for dit4sr_r1, else true)")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True,
                         help="output folder, or an image file (.png, .jpg, ...) for a single input file and seed")
@@ -135,14 +165,21 @@ def _parser() -> argparse.ArgumentParser:
     captions.add_argument("--captions", default=None, help="JSON {name: caption} file or folder of <stem>.txt")
     parser.add_argument("--raw_captions", action="store_true", help="skip SMFSR's caption rule")
     parser.add_argument("--color_fix", choices=color.METHODS, default="adain")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per batch (same preprocessed size)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="images per device and batch (same preprocessed size); a batch spans every local device")
     parser.add_argument("--tile_size", type=int, default=None,
                         help=f"latent tile side (default: the bundle's training size, else {tiling.TILE_SIZE})")
     parser.add_argument("--tile_overlap", type=int, default=None, help="latent tile overlap (default: 3/8 of the tile)")
     parser.add_argument("--tile_batch", type=int, default=tiling.TILE_BATCH, help="tiles per network call")
+    parser.add_argument("--vae_tile", type=int, default=None,
+                        help="VAE tile side in image pixels for larger images, 0 disables "
+                             f"(default {vae_tiling.DEFAULT_TILE})")
     parser.add_argument("--guidance_scale", type=float, default=None, help="teacher bundles: CFG scale (default 8)")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="skip images whose outputs (every seed) exist: resumes an interrupted folder")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="transformer compute dtype (default: the bundle's)")
+    distributed.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad inputs and failed writes")
     return parser
 
@@ -170,6 +207,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    released = {"--base": args.base, "--null_embeddings": args.null_embeddings, "--cache_dir": args.cache_dir,
+                "--lr_key_bug": args.lr_key_bug}
+    if args.model is None and any(v is not None for v in released.values()):
+        parser.error(f"{', '.join(k for k, v in released.items() if v is not None)} apply to --model only")
+    if args.model is not None and args.base is None:
+        parser.error("--model needs --base (the Stable Diffusion 3.5 Medium directory or Hub id)")
     # An --output with an image extension is the output file, unless it is an existing folder (kept as a folder).
     to_file = is_image_name(args.output) and not os.path.isdir(args.output)
     if to_file:
@@ -204,19 +247,41 @@ def main(argv=None) -> int:
 
 def super_resolve(args, folders: list[str], output_path) -> int:
     """The run after the argument checks: inputs, captions and output folders are checked before the model loads."""
+    distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
     with as_user_error():  # an unreadable input folder or captions file, bad captions JSON
         files, skipped = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
     for folder in folders:
         check_writable(folder)
-    tiles = {k: v for k, v in (("tile_size", args.tile_size), ("tile_overlap", args.tile_overlap)) if v is not None}
+    tiles = {k: v for k, v in (("tile_size", args.tile_size), ("tile_overlap", args.tile_overlap),
+                               ("vae_tile", args.vae_tile)) if v is not None}
+    options = dict(dtype=args.dtype, batch_size=args.batch_size, tile_batch=args.tile_batch,
+                   caption_rule=not args.raw_captions, **tiles)
     with as_user_error():  # not a bundle, bad tile settings
-        pipeline = SRPipeline.from_checkpoint(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size,
-                                              tile_batch=args.tile_batch, caption_rule=not args.raw_captions, **tiles)
+        if args.model is None:
+            pipeline = SRPipeline.from_checkpoint(args.checkpoint, **options)
+        else:
+            from smfsr_jax.sampling import pretrained  # huggingface_hub only for released weights
+            pretrained.show_log()
+            pipeline = SRPipeline.from_pretrained(
+                args.model, args.base, null_embeddings=args.null_embeddings, cache_dir=args.cache_dir,
+                lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", **options)
+    if (args.caption is not None or args.captions) and pipeline.text_encoders_dir is None:
+        raise UserError(f"{'--caption' if args.caption is not None else '--captions'} needs text encoders, and "
+                        + (f"--base {args.base} has none (text_encoder{{,_2,_3}}/ + tokenizer{{,_2,_3}}/)"
+                           if args.model else f"the bundle {args.checkpoint} has none"))
 
-    uncaptioned, first_with_stem = [], {}
-    written = 0
-    progress = tqdm(total=len(files) * len(args.seeds), unit="image", desc="sr")
+    # An output name belongs to the first file with its stem in sorted order, decided from the names alone so that
+    # every process agrees; process p of n takes the files k with k % n == p.
+    first_with_stem = {}
+    for path in files:
+        first_with_stem.setdefault(os.path.splitext(os.path.basename(path))[0], os.path.basename(path))
+    mine = distributed.share(list(enumerate(files)))
+    if jax.process_index() > 0:
+        skipped = {}  # the folder's entries that are not image files: named once, by process 0
+    uncaptioned = []
+    written = existing = 0
+    progress = tqdm(total=len(mine) * len(args.seeds), unit="image", desc="sr")
 
     def run(batch):
         nonlocal written
@@ -234,13 +299,18 @@ def super_resolve(args, folders: list[str], output_path) -> int:
                 written += 1
             progress.update(len(batch))
 
-    pending = {}  # preprocessed size -> [(index, stem, pixels, caption)], run when batch_size are collected
+    pending = {}  # preprocessed size -> [(index, stem, pixels, caption)], run when a call's batch is collected
     try:
-        for index, path in enumerate(files):
+        for index, path in mine:
             name = os.path.basename(path)
             stem = os.path.splitext(name)[0]
+            if (args.skip_existing and first_with_stem[stem] == name
+                    and all(os.path.isfile(output_path(seed, stem)) for seed in args.seeds)):
+                existing += 1  # finished by an earlier run: outputs are renamed into place only when complete
+                progress.update(len(args.seeds))
+                continue
             try:
-                if stem in first_with_stem:
+                if first_with_stem[stem] != name:
                     raise ValueError(f"{path}: same output name {stem}.png as {first_with_stem[stem]}")
                 with open(path, "rb") as f:
                     pixels, _, _ = load_rgb8(f.read(), path)
@@ -248,26 +318,29 @@ def super_resolve(args, folders: list[str], output_path) -> int:
                 skipped[name] = str(e)
                 progress.update(len(args.seeds))
                 continue
-            first_with_stem[stem] = name
             caption = args.caption if args.caption is not None else captions.get(name, captions.get(stem))
             if args.captions and caption is None:
                 uncaptioned.append(name)
             size = pipeline.processed_size(*pixels.shape[:2])
             pending.setdefault(size, []).append((index, stem, pixels, caption))
-            if len(pending[size]) == args.batch_size:
+            if len(pending[size]) == pipeline.call_batch_size:
                 run(pending.pop(size))
         for bucket in pending.values():
             run(bucket)
     finally:  # the summary so far also when a write fails or the run is interrupted
         progress.close()
-        print(f"wrote {written} images to {args.output} ({len(files)} image files x {len(args.seeds)} seeds); "
+        inputs = f"{len(files)} image files"
+        if jax.process_count() > 1:
+            inputs = f"process {jax.process_index()} of {jax.process_count()}: {len(mine)} of the {inputs}"
+        done = f"; {existing} image files already done (--skip_existing)" if existing else ""
+        print(f"wrote {written} images to {args.output} ({inputs} x {len(args.seeds)} seeds){done}; "
               f"skipped {len(skipped)}", flush=True)  # before the error line on stderr, also through a pipe
         for name, reason in skipped.items():
             print(f"  skipped {name}: {reason}", file=sys.stderr)
         if uncaptioned:
             print(f"  {len(uncaptioned)} images had no caption in {args.captions} (NULL embeddings used): "
                   + ", ".join(uncaptioned[:20]) + (" ..." if len(uncaptioned) > 20 else ""), file=sys.stderr)
-    return 1 if files and written == 0 else 0
+    return 1 if mine and written == 0 and existing < len(mine) else 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import numpy as np
 
 from configs import student_gan
 from smfsr_jax.convert import common
+from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.objectives import adversarial, vsd
-from smfsr_jax.training import inference, lora, loop, sharding, stages, writers
+from smfsr_jax.training import inference, lora, loop, stages, writers
 from smfsr_jax.training import state as state_lib
 from smfsr_jax.training.stages import gan
 from tests import tiny_runs
@@ -65,7 +66,7 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
     stage = stages.build_stage(config)
     losses = gan.make_losses(config, stage.model_config, stage.teacher_config, stage.autoencoder_config,
                              *_lpips_and_disc_configs(config))
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh)
     batch = loop.device_batch(next(loop.data_iterator(config)), mesh)
     params = jax.tree.map(jnp.asarray, stage.trainable)
     owner = {"isc": "student", "rec": "student", "vsd": "student", "adv_g": "student",

@@ -186,6 +186,8 @@ def test_tile_origins_and_weights():
     assert tiling.tile_origins(150, 64, 24) == (0, 40, 80, 86)
     assert not tiling.needs_tiling(64, 64, 64, 2) and tiling.needs_tiling(64, 65, 64, 2)
     assert tiling.needs_tiling(32, 32, 64, 2) is False and tiling.needs_tiling(31, 32, 64, 2)
+    # Under the area limit but longer than the positional grid (patch 2 x 16 positions = 32 latent pixels).
+    assert not tiling.needs_tiling(16, 200, 64, 2) and tiling.needs_tiling(16, 200, 64, 2, max_side=32)
     # Upstream _gaussian_weights: rows use midpoint T/2, columns (T - 1)/2.
     tile = 64
     x = np.arange(tile)

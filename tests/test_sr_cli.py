@@ -16,7 +16,8 @@ from smfsr_jax import sr
 from smfsr_jax.convert.common import CheckpointError
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
-from tests.test_sampling import lr_crop, make_bundle
+from smfsr_jax.sampling.pipeline import SRPipeline
+from tests.test_sampling import _assert_same_up_to_rounding, lr_crop, make_bundle
 from tests.text_fixtures import write_tiny_sd35_root
 
 # Inputs are (height, width) 37x53 and 200x300: preprocessed to 512x728 and 800x1200, i.e. 64x91 and 100x150
@@ -78,6 +79,22 @@ def test_cli_x4_outputs_converted_inputs_and_corrupt_file(student_bundle, input_
         seven = read_png(multi / "seed7" / f"{stem}.png")
         np.testing.assert_array_equal(seven, read_png(out / f"{stem}.png"))
         assert np.mean(seven != read_png(multi / "seed8" / f"{stem}.png")) > 0.1
+
+    # --skip_existing after an interruption: a missing output (and its stale .partial) is redone, the rest kept.
+    before = read_png(multi / "seed8" / "b_gray.png")
+    (multi / "seed8" / "b_gray.png").unlink()
+    (multi / "seed8" / "b_gray.png.partial").write_bytes(b"truncated")
+    kept = {p: p.stat().st_mtime_ns for p in (multi / "seed7" / "a_rgb.png", multi / "seed8" / "a_rgb.png",
+                                               multi / "seed7" / "b_gray.png")}
+    capsys.readouterr()
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(subset), "--output", str(multi),
+                    "--batch_size", "2", "--seeds", "7,8", "--skip_existing"]) == 0
+    summary = capsys.readouterr().out
+    assert "wrote 2 images" in summary and "1 image files already done" in summary  # b_gray for both seeds
+    assert {p: p.stat().st_mtime_ns for p in kept} != kept  # seed7/b_gray rewritten with seed 8's
+    assert all(p.stat().st_mtime_ns == kept[p] for p in kept if p.name == "a_rgb.png")
+    _assert_same_up_to_rounding(read_png(multi / "seed8" / "b_gray.png"), before)
+    assert not (multi / "seed8" / "b_gray.png.partial").exists()
 
 
 def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path, capsys):
@@ -241,14 +258,26 @@ def test_cli_captions_with_text_encoders(tmp_path_factory, caption_inputs, tmp_p
         np.testing.assert_array_equal(from_txt[name], from_json[name])
 
 
-def test_cli_caption_without_text_encoders_uses_null(student_bundle, caption_inputs, tmp_path, caplog):
-    plain = _run(student_bundle, caption_inputs, tmp_path / "plain")
+def test_cli_caption_without_text_encoders_is_an_error(student_bundle, caption_inputs, tmp_path, capsys, caplog):
+    """Asked-for captions cannot be honoured: one error line naming the bundle, before any image is processed. The
+    library SRPipeline, for Python callers, warns once and uses the NULL embeddings instead."""
+    captions_json = tmp_path / "captions.json"
+    captions_json.write_text(json.dumps({"x.png": "a photo of a dog"}))
+    for flag, value in (("--caption", "a photo of a dog"), ("--captions", str(captions_json))):
+        out = tmp_path / flag.strip("-")
+        assert sr.main(["--checkpoint", student_bundle, "--input", str(caption_inputs), "--output", str(out),
+                        flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} needs text encoders" in err and student_bundle in err and len(err.strip().splitlines()) == 1
+        assert not any(out.iterdir())
+
+    pipeline = SRPipeline.from_checkpoint(student_bundle, batch_size=2)
+    images = [read_png(caption_inputs / f"{name}.png") for name in ("x", "y")]
     with caplog.at_level(logging.WARNING):
-        captioned = _run(student_bundle, caption_inputs, tmp_path / "captioned", "--caption", "a photo of a dog")
-    warnings = [r for r in caplog.records if "text encoders" in r.getMessage()]
-    assert len(warnings) == 1
-    for name in ("x", "y"):
-        np.testing.assert_array_equal(captioned[name], plain[name])
+        captioned = pipeline(images, caption="a photo of a dog")
+    assert sum("text encoders" in r.getMessage() for r in caplog.records) == 1
+    for with_caption, plain in zip(captioned, pipeline(images)):
+        np.testing.assert_array_equal(with_caption, plain)
 
 
 def test_cli_never_writes_where_it_reads(input_dir, tmp_path, capsys):

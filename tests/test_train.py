@@ -16,6 +16,7 @@ from smfsr_jax.objectives import isc
 from smfsr_jax.sampling.pipeline import SRPipeline
 from smfsr_jax.training import checkpoints, loop, partition, stages, writers
 from tests.conftest import REPO
+from tests.processes import free_port
 from tests.tiny_runs import STEPS, TINY_OVERRIDES, bundle_params, tiny
 
 def assert_trees_close(a, b, atol):
@@ -68,9 +69,10 @@ def test_student_steps_from_the_teacher_bundle(teacher_run, student_run):
 def test_frozen_parts_are_bit_identical_after_a_step(teacher_run, data_dir):
     config = tiny(student_isc, data_dir, **{"init.teacher": str(teacher_run / "bundle")})
     stage = stages.build_stage(config)
+    from smfsr_jax.core import mesh as mesh_lib
     from smfsr_jax.training import sharding
     from smfsr_jax.training import state as state_lib
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh)
     optimizer = state_lib.make_optimizer(config.optimizer)
     state, shardings = state_lib.init_state(stage.trainable, optimizer, False, mesh)
     frozen_shardings = sharding.param_shardings(stage.frozen, mesh)
@@ -193,7 +195,7 @@ def test_eight_devices_and_two_processes_match_one_device(teacher_run, data_dir,
     two = tmp_path / "two_processes"
     procs = [_run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(two),
                               "--num_processes", "2", "--process_id", str(i), "--coordinator_address",
-                              "localhost:29517", *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
+                              f"localhost:{free_port()}", *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
                              {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

@@ -126,9 +126,21 @@ class MergedTensors(Mapping):
 
 
 def open_weights(path: str, pattern: str = "*.safetensors") -> Mapping:
-    """A .safetensors file, or a directory holding one file or sharded files (index json)."""
+    """A .safetensors file, or a directory holding one file or sharded files: those its one
+    `*.safetensors.index.json` names (a missing shard is an error), else every .safetensors file."""
     if os.path.isdir(path):
+        indexes = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
         names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if len(indexes) == 1:
+            index = os.path.join(path, indexes[0])
+            try:
+                with open(index) as f:
+                    names = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+            if missing:
+                raise CheckpointError(f"{index}: shard(s) {missing} are missing")
         if not names:
             raise CheckpointError(f"{path}: no .safetensors file in this directory")
         return MergedTensors(SafetensorsFile(os.path.join(path, n)) for n in names)

@@ -9,19 +9,28 @@ on batching or on the other images. SR images are written as 8-bit PNGs named li
 
 The model is a bundle directory or a training workdir (its latest finished checkpoint, or `step`). A write that
 fails part-way raises a RunFailure naming the file and the per-seed results already written.
+
+Devices and processes: SR calls take `batch_size` images per local device (sampling/pipeline.py); metric calls
+take `batch_size` images. With several processes (jax.distributed, core/distributed.py) every process runs
+`evaluate_model` with the same arguments: process p of n super-resolves, writes and scores the records k with
+k % n == p, the per-image scores, runtimes and skipped records of all processes are gathered (process_allgather,
+so no shared filesystem is needed for them), and process 0 alone writes the results files and tables, the same
+as one process writes (up to the timings). Table 4's distances are computed by the process that wrote both images.
 """
 
 import dataclasses
+import functools
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import distributed, errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import images as image_io
 from smfsr_jax.data.pipeline import open_source, record_text
@@ -44,6 +53,10 @@ class BenchmarkImage:
     lr: np.ndarray  # (h, w, 3) uint8
     hr: Optional[np.ndarray]  # (4h, 4w, 3) uint8, None for LR-only sets
     caption: Optional[str]  # None: the NULL prompt
+
+
+def _output_name(file_name: str) -> str:
+    return os.path.splitext(os.path.basename(file_name))[0] + ".png"
 
 
 class BenchmarkSet:
@@ -69,18 +82,32 @@ class BenchmarkSet:
         self.has_reference = "hr" in builder.info.features
         self.count = len(self.source) if max_images is None else min(max_images, len(self.source))
 
-    def images(self, skipped: dict, use_captions: bool = True) -> Iterator[BenchmarkImage]:
-        """Decoded records; unreadable ones and repeated output names go to `skipped` {name: reason}."""
-        first_with_name = {}
+    @functools.cached_property
+    def first_with_name(self) -> dict[str, tuple[int, str]]:
+        """{SR output name: (index, file name) of the first record with it}; later records with that output name
+        are skipped. From every record's name (read once), so that processes given different records agree."""
+        first = {}
         for index in range(self.count):
+            try:
+                name = record_text(self.source[index]["file_name"])
+            except (KeyError, ValueError, OSError):  # `images` skips the record with the reason
+                continue
+            first.setdefault(_output_name(name), (index, name))
+        return first
+
+    def images(self, skipped: dict, use_captions: bool = True,
+               indices: Optional[Sequence[int]] = None) -> Iterator[BenchmarkImage]:
+        """The decoded records `indices` (default all, in order); unreadable ones and repeated output names go to
+        `skipped` {name: reason}."""
+        for index in range(self.count) if indices is None else indices:
             name = f"record {index}"
             try:
                 record = self.source[index]
                 name = record_text(record["file_name"])
-                output_name = os.path.splitext(os.path.basename(name))[0] + ".png"
-                if output_name in first_with_name:
-                    raise ValueError(f"same output name {output_name} as {first_with_name[output_name]}")
-                first_with_name[output_name] = name
+                output_name = _output_name(name)
+                first_index, first_name = self.first_with_name[output_name]
+                if first_index != index:
+                    raise ValueError(f"same output name {output_name} as {first_name}")
                 lr = image_io.decode_rgb8(record["lr"], name)
                 hr = image_io.decode_rgb8(record["hr"], name) if self.has_reference else None
             except (KeyError, ValueError, OSError) as e:  # image_io.BadImage is a ValueError
@@ -159,24 +186,42 @@ class BenchmarkRun:
     process_size: int = PROCESS_SIZE
 
 
+def _gathered(metrics: dict[str, Metric], per_image: dict, runtimes: dict, skipped: dict) -> Scores:
+    """Scores of every process's images, from each process's own per-image scores, runtimes and skipped images."""
+    merged = Scores(metrics)
+    for part_scores, part_runtimes, part_skipped in distributed.gather([per_image, runtimes, skipped]):
+        merged.per_image.update(part_scores)
+        merged.runtimes.update(part_runtimes)
+        merged.skipped.update(part_skipped)
+    return merged
+
+
 def _super_resolve_and_score(pipeline, benchmark: BenchmarkSet, seed: int, run: BenchmarkRun, sr_dir: str,
-                             show_progress: bool) -> dict:
+                             show_progress: bool) -> tuple[dict, list[str]]:
+    """(results of the whole set, the SR images this process wrote): process p of n super-resolves and scores
+    the records k with k % n == p, then the scores of all processes are gathered."""
     metrics = {name: m for name, m in run.metrics.items() if benchmark.has_reference or not m.full_reference}
     scores, skipped = Scores(metrics), {}
-    progress = tqdm(total=benchmark.count, desc=f"{benchmark.dataset} seed {seed}", unit="image", file=sys.stderr,
+    indices = distributed.share(range(benchmark.count))
+    progress = tqdm(total=len(indices), desc=f"{benchmark.dataset} seed {seed}", unit="image", file=sys.stderr,
                     disable=not show_progress)
     began = time.perf_counter()
-    for chunk, outputs in super_resolve(pipeline, benchmark.images(skipped, run.captions), seed, sr_dir,
-                                               batch_size=run.batch_size, steps=run.steps, color_fix=run.color_fix):
-        scores.add([image.name for image in chunk], outputs, [image.hr for image in chunk])
+    for chunk, outputs in super_resolve(pipeline, benchmark.images(skipped, run.captions, indices), seed, sr_dir,
+                                        batch_size=pipeline.call_batch_size, steps=run.steps,
+                                        color_fix=run.color_fix):
+        for start in range(0, len(chunk), run.batch_size):  # metric calls of batch_size images
+            part = chunk[start:start + run.batch_size]
+            scores.add([image.name for image in part], outputs[start:start + run.batch_size],
+                       [image.hr for image in part])
         progress.update(len(chunk))
-    for name, reason in skipped.items():
-        scores.skip(name, reason)
     progress.update(len(skipped))
     progress.close()
+    written = sorted(scores.per_image)
+    scores = _gathered(metrics, scores.per_image, scores.runtimes, skipped)
     reference = f"{benchmark.dataset} HR images ({SPLIT} split)" if benchmark.has_reference else None
+    # wall_s: after the gather, so the slowest process's time
     return scores.results(sr_dir, reference, dataset=benchmark.dataset, seed=seed,
-                          wall_s=time.perf_counter() - began)
+                          wall_s=time.perf_counter() - began), written
 
 
 def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, show_progress: bool = True) -> dict:
@@ -190,25 +235,33 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
              "step": bundle.meta.get("step"), "sampling_steps": len(times) - 1, "guidance_scale": guidance_scale,
              "color_fix": run.color_fix, "captions": run.captions, "process_size": run.process_size}
     results, diversity, written = {}, {}, []
+    writes = jax.process_index() == 0  # the results and tables; every process writes the SR images of its share
     try:
         for benchmark in run.benchmarks:
             dataset_dir = os.path.join(out_dir, benchmark.dataset)
             by_seed = results[benchmark.dataset] = {}
+            own_images = {}  # seed -> the SR images this process wrote
             for seed in run.seeds:
                 sr_dir = os.path.join(dataset_dir, f"seed{seed}")
-                by_seed[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir, show_progress)
-                write_results(by_seed[seed], f"{sr_dir}.json")
+                by_seed[seed], own_images[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir,
+                                                                           show_progress)
+                if writes:
+                    write_results(by_seed[seed], f"{sr_dir}.json")
                 written.append(f"{benchmark.dataset}/seed{seed}")
             if run.diversity_metric is not None:
                 reference_seed = tables.DIVERSITY_REFERENCE_SEED
                 reference_dir = os.path.join(dataset_dir, f"seed{reference_seed}")
                 diversity[benchmark.dataset] = {}
+                lpips = {"lpips": run.diversity_metric}
                 for k in tables.diversity_seeds(run.seeds):
-                    names = sorted(set(by_seed[k]["per_image"]) & set(by_seed[reference_seed]["per_image"]))
-                    distances = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir,
-                                                   {"lpips": run.diversity_metric}, run.batch_size,
-                                                   show_progress=False, names=names)
-                    write_results(distances, os.path.join(dataset_dir, f"seed{k}_vs_seed{reference_seed}.json"))
+                    # Each process compares the images it wrote (a process may not see the others' files).
+                    names = sorted(set(own_images[k]) & set(own_images[reference_seed]))
+                    own = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir, lpips,
+                                             run.batch_size, show_progress=False, names=names)
+                    distances = _gathered(lpips, own["per_image"], own["runtime_s"], own["skipped"]).results(
+                        own["sr_dir"], own["hr_dir"])
+                    if writes:
+                        write_results(distances, os.path.join(dataset_dir, f"seed{k}_vs_seed{reference_seed}.json"))
                     diversity[benchmark.dataset][k] = distances["mean"].get("lpips", float("nan"))
         first = run.seeds[0]
         built = {"table1": tables.table1({d: by_seed[first] for d, by_seed in results.items()}, first, run.metrics,
@@ -217,9 +270,10 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
             built["table3"] = tables.table3(results, run.seeds, run.metrics, setup)
         if run.diversity_metric is not None:
             built["table4"] = tables.table4(diversity, tables.diversity_seeds(run.seeds), setup)
-        for table in built.values():
-            with writing(out_dir):
-                tables.write_table(table, out_dir)
+        if writes:
+            for table in built.values():
+                with writing(out_dir):
+                    tables.write_table(table, out_dir)
     except errors.RunFailure as e:  # say which results are complete on disk
         raise errors.RunFailure(f"{e}; complete results in {out_dir}: {', '.join(written) or 'none'}") from e
     return built

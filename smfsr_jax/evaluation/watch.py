@@ -1,14 +1,19 @@
 """Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears
 (`evaluate.py --watch`). Results go to WORKDIR/eval/<step>/, the first seed's dataset means to TensorBoard
-(the "eval" run) and WORKDIR/eval/metrics.jsonl; WORKDIR/eval/state.json remembers the evaluated steps."""
+(the "eval" run) and WORKDIR/eval/metrics.jsonl; WORKDIR/eval/state.json remembers the evaluated steps.
+
+With several processes, all run `watch` with the same arguments: process 0's view of the workdir and clock decides
+which steps are evaluated and when to stop, every process takes part in each evaluation (runner.py), and process 0
+alone writes the state, TensorBoard and metrics.jsonl."""
 
 import json
 import os
 import time
 
+import jax
 from absl import logging
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import distributed, errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import runner
 from smfsr_jax.evaluation.results import writing
@@ -63,8 +68,9 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
             # Looked at before listing: once the bundle exists, every checkpoint listed after it is final.
             run_finished = os.path.isfile(os.path.join(workdir_lib.bundle_dir(workdir), bundle_lib.BUNDLE_FILE))
             pending = [s for s in checkpoints.finished_steps(checkpoint_dir) if s not in evaluated]
+            run_finished, pending = distributed.from_process0([run_finished, pending])
             for step in pending:
-                if deadline is not None and time.monotonic() >= deadline:
+                if distributed.from_process0(deadline is not None and time.monotonic() >= deadline):
                     break
                 if network is None:  # frozen weights, loaded once
                     network = stages.build_network(config)
@@ -73,25 +79,30 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
                 except Exception:  # keep_checkpoints may delete an old step while it is read: skip only that
                     if step in checkpoints.finished_steps(checkpoint_dir):
                         raise
+                    bundle = None
+                if not all(distributed.gather(bundle is not None)):  # skipped by every process, or by none
                     logging.warning("step %d was deleted (keep_checkpoints) before it could be evaluated", step)
                     continue
                 logging.info("evaluating step %d of %s", step, workdir)
                 built = runner.evaluate_model(bundle, run, os.path.join(eval_dir, str(step)), show_progress)
+                evaluated.append(step)
+                evaluated_now.append(step)
+                if jax.process_index() > 0:
+                    continue
                 scalars = {f"{dataset}/{metric}": value for dataset, row in built["table1"]["datasets"].items()
                            for metric, value in row["mean"].items()}
                 if writer is None:
                     writer = _eval_writer(workdir)
                 writer.write_scalars(step, scalars)
                 writer.flush()
-                evaluated.append(step)
                 with writing(state_path, f"step {step} is evaluated but not recorded: a restarted watcher "
                                          "evaluates it again"):
                     _write_state(state_path, evaluated)
-                evaluated_now.append(step)
             all_done = not set(checkpoints.finished_steps(checkpoint_dir)) - set(evaluated)
-            if once or (run_finished and all_done):
-                return evaluated_now
             remaining = None if deadline is None else deadline - time.monotonic()
+            finished, remaining = distributed.from_process0([once or (run_finished and all_done), remaining])
+            if finished:
+                return evaluated_now
             if remaining is not None and remaining <= 0:
                 logging.info("watch: stopping after %s s", stop_after_seconds)
                 return evaluated_now

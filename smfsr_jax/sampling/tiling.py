@@ -2,7 +2,8 @@
 
 - A latent is tiled when h·w > T² (T = 64, overlap 24 upstream), and also when h or w is not a multiple
   of the MM-DiT patch size: the network needs whole patches, and upstream's VAE-only multiple of 8 can
-  leave an odd latent side (upstream then fails; we tile with patch-multiple tiles instead).
+  leave an odd latent side (upstream then fails; we tile with patch-multiple tiles instead), and when a side
+  exceeds the positional-embedding grid (`max_side`; e.g. a 16x200 latent has h·w < 64² but no position past 192).
 - Tile side T' = min(T, h, w), floored to a multiple of the patch size. Origins along an axis of size n:
   i·(T' − O) for i = 0, 1, … while the previous tile ends before n, the last one n − T'. If O ≥ T' (tiny
   latents with a large overlap, where upstream would loop forever) the overlap becomes T' // 2.
@@ -25,8 +26,9 @@ TILE_BATCH = 16
 _GAUSSIAN_VAR = 0.01
 
 
-def needs_tiling(height: int, width: int, tile_size: int, patch_size: int) -> bool:
-    return height * width > tile_size * tile_size or height % patch_size != 0 or width % patch_size != 0
+def needs_tiling(height: int, width: int, tile_size: int, patch_size: int, max_side: int | None = None) -> bool:
+    return (height * width > tile_size * tile_size or height % patch_size != 0 or width % patch_size != 0
+            or (max_side is not None and max(height, width) > max_side))
 
 
 def tile_origins(size: int, tile: int, overlap: int) -> tuple[int, ...]:
@@ -97,11 +99,12 @@ def map_in_chunks(fn, chunk: int, *arrays):
 
 
 def tiled_velocity(velocity_fn, tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
-                   tile_batch: int = TILE_BATCH, patch_size: int = 2):
-    """Wrap a velocity function (samplers.py signature): tiles when `needs_tiling`, else calls it directly."""
+                   tile_batch: int = TILE_BATCH, patch_size: int = 2, max_side: int | None = None):
+    """Wrap a velocity function (samplers.py signature): tiles when `needs_tiling`, else calls it directly.
+    max_side: the longest latent side the network's positional grid takes (patch size x pos_embed_max_size)."""
     def velocity(z, lr_latents, cond, t, r):
         batch, height, width, channels = z.shape
-        if not needs_tiling(height, width, tile_size, patch_size):
+        if not needs_tiling(height, width, tile_size, patch_size, max_side):
             return velocity_fn(z, lr_latents, cond, t, r)
         layout = tile_layout(height, width, tile_size, overlap, patch_size)
         tile, boxes = layout.tile, layout.boxes

@@ -17,6 +17,7 @@ from clu import parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from smfsr_jax.core import errors
+from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import captions, pipeline
 from smfsr_jax.sampling import bundle
@@ -133,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
 
     with errors.as_user_error(f"stage {config.stage}"):  # a missing or mismatched input named in the config

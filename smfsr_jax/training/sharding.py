@@ -1,4 +1,4 @@
-"""Device mesh and regex sharding rules for parameters and batches.
+"""Regex sharding rules for parameters and batches.
 
 The mesh comes from the config as [(axis name, size)], one size may be -1 (all remaining devices), e.g.
 [("data", -1), ("fsdp", 1)]. Parameter rules are [(regex, spec)], first match wins (re.search on the
@@ -9,30 +9,16 @@ along their leading axis over every mesh axis.
 
 import math
 import re
-from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from smfsr_jax.core.mesh import batch_sharding
 from smfsr_jax.training.partition import tree_paths
 
 DEFAULT_RULES = (("pos_embed/pos_embed", "replicate"), (".*", "fsdp"))
-
-
-def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    names = [name for name, _ in axes]
-    sizes = [int(size) for _, size in axes]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {axes}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = devices.size // known
-    if math.prod(sizes) != devices.size:
-        raise ValueError(f"mesh {dict(zip(names, sizes))} does not cover the {devices.size} devices")
-    return Mesh(devices.reshape(sizes), names)
 
 
 def _fsdp_spec(shape, mesh: Mesh, min_size: int) -> P:
@@ -69,14 +55,6 @@ def param_specs(tree, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = 2 ** 14):
 def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(tree, mesh, rules),
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def to_global_batch(local_batch: dict, mesh: Mesh) -> dict:

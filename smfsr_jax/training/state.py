@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.training import sharding
 
 # loss_fn(trainable params, model_state, frozen, batch, rng) -> (loss, (metrics dict of scalars, new model_state));
@@ -107,5 +108,5 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 def jit_train_step(update: Callable, state_shardings_, frozen_shardings, mesh):
     """jit with explicit shardings; the state is donated, the frozen tree is not."""
-    return jax.jit(update, in_shardings=(state_shardings_, frozen_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(update, in_shardings=(state_shardings_, frozen_shardings, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_shardings_, mesh_lib.replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,108 @@
+"""Tiled against whole-image SD3 VAE (random weights, fp32): output differences, seams and run time.
+
+A photograph (scikit-image's astronaut, bicubic to `--size`) is encoded whole and in tiles of `--tile` pixels
+(mean latents compared), and the whole-image latents are decoded whole and in tiles. For each it reports the max
+and mean absolute difference, and the largest jump between neighbouring pixels across tile borders against the
+largest inside tiles (a seam shows as the first exceeding the second), for the tiled and, at the same borders,
+the whole output. Convolutions and GroupNorm statistics are exact; the difference is the mid-block attention,
+run per tile. Random weights (kernels ~ 1/sqrt(fan_in)) attend far more broadly than a trained VAE, so this
+overstates the attention's share.
+
+  python benchmarks/vae_tiling_seams.py --size 1024 --tile 512
+  python benchmarks/vae_tiling_seams.py --size 256 --tile 128 --tiny   # seconds on CPU
+
+The last line is one JSON object: value = the decoder's max absolute difference; speedup = whole / tiled time.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import skimage.data  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from smfsr_jax.convert.vae import abstract_params  # noqa: E402
+from smfsr_jax.models import vae, vae_tiling  # noqa: E402
+
+
+def random_params(config: vae.VAEConfig, seed: int = 0):
+    """Kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2²), biases ~ N(0, 0.2²)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        if len(leaf.shape) == 1:
+            return (0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+
+
+def timed(fn, *args):
+    """(result, seconds of one call), compiled ahead of the timed call."""
+    compiled = fn.lower(*args).compile()
+    start = time.perf_counter()
+    result = jax.block_until_ready(compiled(*args))
+    return result, time.perf_counter() - start
+
+
+def compare(tiled, whole, cores) -> dict:
+    diff = np.abs(np.asarray(tiled) - np.asarray(whole))
+    across, inside = vae_tiling.border_jumps(tiled, cores)
+    whole_across, whole_inside = vae_tiling.border_jumps(whole, cores)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_abs_output": float(np.abs(np.asarray(whole)).max()), "jump_across_borders": across,
+            "jump_inside_tiles": inside, "seamless": across <= inside, "whole_jump_across_borders": whole_across,
+            "whole_jump_inside_tiles": whole_inside}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--tile", type=int, default=vae_tiling.DEFAULT_TILE, help="VAE tile in pixels")
+    parser.add_argument("--tiny", action="store_true", help="VAEConfig.tiny instead of the SD3 VAE")
+    args = parser.parse_args()
+    config = vae.VAEConfig.tiny() if args.tiny else vae.VAEConfig.sd3()
+    params = jax.device_put(random_params(config))
+    picture = Image.fromarray(skimage.data.astronaut()).resize((args.size, args.size), Image.BICUBIC)
+    images = np.asarray(picture, np.float32)[None] / 127.5 - 1.0
+    model = vae.AutoencoderKL(config)
+    whole_encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+    whole_decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))
+    tiled_encode = jax.jit(lambda p, x: vae_tiling.encode(p, config, x, args.tile)[0])
+    tiled_decode = jax.jit(lambda p, z: vae_tiling.decode(p, config, z, args.tile))
+
+    latents, whole_encode_s = timed(whole_encode, params, images)
+    ours_latents, tiled_encode_s = timed(tiled_encode, params, images)
+    decoded, whole_decode_s = timed(whole_decode, params, latents)
+    ours_decoded, tiled_decode_s = timed(tiled_decode, params, latents)
+    f = config.downscale
+    cores, _ = vae_tiling.tile_grid(args.size, args.size, args.tile, f)
+    encode = compare(ours_latents, latents, (cores[0] // f, cores[1] // f))
+    decode = compare(ours_decoded, decoded, cores)
+    seconds = {"whole_encode": whole_encode_s, "tiled_encode": tiled_encode_s, "whole_decode": whole_decode_s,
+               "tiled_decode": tiled_decode_s}
+    for name, result in (("encode", encode), ("decode", decode)):
+        print(f"{name}: max |diff| {result['max_abs_diff']:.4g}, mean {result['mean_abs_diff']:.4g} (outputs up to "
+              f"{result['max_abs_output']:.3g}); largest jump across borders {result['jump_across_borders']:.4g}, "
+              f"inside tiles {result['jump_inside_tiles']:.4g}")
+    print(", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    whole_s, tiled_s = whole_encode_s + whole_decode_s, tiled_encode_s + tiled_decode_s
+    print(json.dumps({"name": "vae_tiling_seams", "value": decode["max_abs_diff"], "unit": "max |tiled - whole|",
+                      "speedup": round(whole_s / tiled_s, 3), "size": args.size, "tile": args.tile,
+                      "config": "tiny" if args.tiny else "sd3", "dtype": config.dtype, "encode": encode,
+                      "decode": decode, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                      **common.environment()}))
+
+
+if __name__ == "__main__":
+    main()
