@@ -29,8 +29,9 @@ install: $(VENV)/.dev $(VENV)/.app
 demo: $(VENV)/.runtime $(VENV)/.app
 	$(PY) -m smfsr_jax.demo --workdir workdirs/demo
 
+# Two workers, each test file on one of them (module fixtures are built once).
 test: $(VENV)/.dev $(VENV)/.app
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Slow tests (full-size shape checks that need more memory or minutes); not part of `make test`.
 test-slow: $(VENV)/.dev

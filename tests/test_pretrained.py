@@ -278,3 +278,20 @@ def test_errors_name_the_file_and_the_problem(released, lr_dir, tmp_path, capsys
         sr.main(["--model", str(released["r1_dir"]), "--input", str(lr_dir), "--output", str(tmp_path / "no_base")])
     assert exit_info.value.code == 2 and "--model needs --base" in capsys.readouterr().err
     assert not (tmp_path / "no_base").exists()
+
+
+@pytest.mark.slow  # 16 min on 2 CPU cores: 625 latent tiles, and the VAE's passes over 64 tiles each way
+def test_sr_cli_hub_ids_any_size_up_to_a_4096_output(released, tmp_path):
+    """The released-weights command on mixed sizes, one LR of 1024² (a 4096² output: a 512² latent, tiled in
+    latent space and through the VAE)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = {"big": (1024, 1024), "small": (37, 53)}
+    big = np.asarray(Image.fromarray(lr_crop("astronaut", 256, 256)).resize((1024, 1024), Image.BICUBIC))
+    Image.fromarray(big).save(folder / "big.png")
+    Image.fromarray(lr_crop("coffee", *sizes["small"])).save(folder / "small.png")
+    out = tmp_path / "out"
+    assert sr.main(["--model", SMFSR_ID, "--base", SD35_ID, "--input", str(folder), "--output", str(out)]) == 0
+    for name, (height, width) in sizes.items():
+        image = np.asarray(Image.open(out / f"{name}.png"))
+        assert image.shape == (4 * height, 4 * width, 3) and image.std() > 0

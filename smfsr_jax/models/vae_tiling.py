@@ -1,34 +1,43 @@
-"""Tiled AutoencoderKL encode/decode: whole-image GroupNorm statistics, memory flat in the image size.
+"""Tiled AutoencoderKL encode/decode: exact (whole-image GroupNorm statistics and attention), memory nearly flat.
 
 The SD3 VAE run whole on a 4096² image needs tens of GB of activations and attends over 262,144 latent tokens in
 its mid block. Here the image is cut into a grid of equal-shaped tiles that run one at a time in a loop inside
-the jitted function, so the compiled temporaries are those of one tile (plus the input and output images).
+the jitted function, so the compiled temporaries are those of one tile, plus the input and output images and the
+attention's whole-latent buffers. The output equals the untiled one up to float rounding, so pasting is
+seamless by construction.
 
 - **Halo.** Each tile reads its core plus a margin wide enough that every convolution, down- and upsampling at
-  the core equals the whole-image one (116 pixels for the SD3 encoder, 18 latent pixels for the decoder). The
-  margin is cropped level by level to what the remaining layers still need, so the full-resolution layers
-  of the decoder carry only 8 extra pixels. Positions outside the image are zeroed before every convolution
-  (and left out of the attention), which reproduces the whole image's zero padding at its borders. Cores
-  partition the image and are pasted; with exact convolutions and statistics there is nothing to blend.
+  the core equals the whole-image one up to the attention, which needs only the core (92 pixels for the SD3
+  encoder, 3 latent pixels for the decoder); the layers after the attention read their extent (core plus 3 and
+  15 latent pixels) from the attention's buffer. The margin is cropped level by level to what the remaining
+  layers still need, so the full-resolution layers of the decoder carry only 8 extra pixels. Positions outside
+  the image are zeroed before every convolution (and left out of the attention's keys), which reproduces the
+  whole image's zero padding at its borders. Cores partition the image and are pasted; nothing is blended.
 - **GroupNorm statistics of the whole image.** Every GroupNorm reads its per-group mean and variance from a
   table and records (count, sum, sum of squares) in fp32 over its tile's core inside the image, so no position
   counts twice; summed over tiles they give the whole-image mean and var = E[x²] - E[x]² (exact, unlike a mean
-  of per-tile variances). The k-th GroupNorm's input depends on the statistics of all the ones before it, so
-  pass k over all tiles fills entry k from entries 0..k-1 and skips every layer after the k-th GroupNorm
-  (`lax.cond`): it costs the network up to that GroupNorm. One pass per GroupNorm (22 in the SD3 encoder, 30
-  in the decoder), then the output pass; all are steps of one `lax.fori_loop` around one traced copy of the
-  network, so compilation does not grow with the passes or the image. Iterating the whole table to its fixed
-  point instead (every pass the full network, from per-tile statistics) reaches float rounding only after
-  about as many passes as there are GroupNorms (measured: the Jacobian of the table is triangular and does not
-  contract), at the cost of full passes.
-- **Attention.** The mid-block self-attention runs per tile over the tile's extent at that layer (its core
-  plus the margin the later layers need): an approximation of the whole-latent attention, exact when that
-  extent covers the latent.
+  of per-tile variances). The k-th GroupNorm's input depends on the statistics of all the ones before it, so a
+  pass over all tiles fills one entry from the ones before and skips every later layer (`lax.cond`).
+- **Attention over the whole latent.** The mid block runs at latent resolution, so its whole input is small
+  next to full-resolution activations. Once its GroupNorm is filled, the keys pass pastes each tile's core of
+  the normalised input and of the input into two whole-latent buffers; the attention pass computes each core's
+  queries against the keys and values of all positions, projected chunk by chunk from the buffer (KEY_CHUNK keys
+  a step of a `lax.scan`: online softmax with running max and sum, fp32 accumulation, O(core queries x chunk)
+  memory, never O(N²)), and adds the result to the residual buffer in place; the passes after it read their
+  extent from that buffer and skip every layer before the attention.
+- **Passes.** One per GroupNorm (22 in the SD3 encoder, 30 in the decoder), the keys and the attention pass,
+  then the output pass: all are steps of one `lax.fori_loop` around one traced copy of the network, so
+  compilation does not grow with the passes or the image. Iterating the whole table to its fixed point instead
+  (every pass the full network, from per-tile statistics) reaches float rounding only after about as many
+  passes as there are GroupNorms (measured: the Jacobian of the table is triangular and does not contract).
 
-Running the network layer by layer over all tiles (the task-list form of OSEDiff's tiled VAE hook: exact
-statistics in one pass) keeps whole-image activations between layers; the passes here trade compute for memory
-that does not grow: about 15x an untiled encode and 12x an untiled decode in convolution FLOPs (the sum over
-GroupNorms of the network's cost up to each), plus the halo.
+Cost: a pass runs the network up to its GroupNorm (the layers after the attention, from the buffer), about 12x
+an untiled encode and 11.5x an untiled decode in convolution FLOPs, plus the halo; the attention once, as the
+untiled one plus the key and value projections recomputed per tile (channels / (2 x core queries), 6 % for SD3
+at 512-pixel tiles). Memory: the tile's temporaries do not grow with the image; the two buffers (latent side² x
+512 channels each, in the compute dtype) do, at 1/64 of the image's pixels: about 2 x 256 MiB in bf16 (2 x 512
+MiB in fp32) for a 4096² image, 512² latents (the residual one a little more: padded by its margin). Running the network layer by layer over all tiles (the task-list form of OSEDiff's
+tiled VAE hook: exact statistics in one pass) would instead keep whole-image activations between layers.
 """
 
 import math
@@ -39,9 +48,12 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from smfsr_jax.models import vae
-from smfsr_jax.models.attention import dot_product_attention
 
-DEFAULT_TILE = 512  # pixels of the image side the encoder reads and the decoder writes per tile
+# Pixels of the image side the encoder reads and the decoder writes per tile. Images up to 1024² run whole (a
+# pass per GroupNorm costs ~12x the network, so common sizes skip it); larger ones stay within ~3.5 GiB of bf16
+# temporaries at any size (benchmarks/sr_memory.py; 512-pixel tiles: ~1.6 GiB).
+DEFAULT_TILE = 1024
+KEY_CHUNK = 2048  # keys per step of the mid-block attention's online softmax (whole buffer rows, at least one)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -49,30 +61,38 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def encoder_margins(config: vae.VAEConfig) -> tuple[int, list[int], int]:
-    """(margin read around each core in pixels, margin at the first resnet of each level, margin before the
-    mid-block attention) that keep the encoder's output at the core exact.
+    """(margin read around each core in pixels, margin at the first resnet of each level, margin of the extent
+    that the layers after the mid-block attention read from the attention's buffer) that keep the encoder's
+    output at the core exact.
 
-    Backwards from conv_out: a 3x3 conv needs one more position, the stride-2 downsample (reading 2i..2i+2)
-    2r + 2 for r after it; margins stay even so that tiles fall on the downsample grid.
+    Backwards from the attention, which needs only the core (its keys come from the whole-latent buffer): a 3x3
+    conv needs one more position, the stride-2 downsample (reading 2i..2i+2) 2r + 2 for r after it; margins stay
+    even so that tiles fall on the downsample grid.
     """
     levels, convs = len(config.block_out_channels), 2 * config.layers_per_block
-    attention = 2 + 1  # the mid block's second resnet, conv_out
-    margins = [convs + 2 + attention]  # the last level's resnets, the mid block's first resnet
+    margins = [convs + 2]  # the last level's resnets, the mid block's first resnet
     for _ in range(levels - 1):
         margins.insert(0, 2 * margins[0] + 2 + convs)
-    return _round_up(margins[0] + 1, 2), margins, attention
+    return _round_up(margins[0] + 1, 2), margins, 2 + 1  # after the attention: the second resnet, conv_out
 
 
 def decoder_margins(config: vae.VAEConfig) -> tuple[int, list[int], list[int], int]:
     """(margin read around each core in latent pixels, margin at the first resnet of each level, margin before
-    each nearest upsample, margin before the mid-block attention) that keep the decoder's output core exact."""
+    each nearest upsample, margin of the extent read from the attention's buffer) that keep the decoder's output
+    core exact."""
     levels, convs = len(config.block_out_channels), 2 * (config.layers_per_block + 1)
     margins, upsample = [convs + 1], []  # the last level's resnets, conv_out
     for _ in range(levels - 1):
         upsample.insert(0, -(-(margins[0] + 1) // 2))  # the upsampler's conv, then nearest x2
         margins.insert(0, upsample[0] + convs)
-    attention = margins[0] + 2  # the mid block's second resnet
-    return attention + 2 + 1, margins, upsample, attention
+    return 1 + 2, margins, upsample, margins[0] + 2  # conv_in, the first resnet; after: the second resnet
+
+
+def norms_through_attention(config: vae.VAEConfig, part: str) -> int:
+    """How many GroupNorms the part ('encoder' | 'decoder') calls up to and including the mid-block attention's:
+    the pass that writes the attention's buffers."""
+    resnets = len(config.block_out_channels) * config.layers_per_block if part == "encoder" else 0
+    return 2 * (resnets + 1) + 1  # two per resnet, the mid block's first resnet, the attention's GroupNorm
 
 
 def _finalize(moments):
@@ -82,30 +102,43 @@ def _finalize(moments):
     return mean, jnp.maximum(moments[..., 2] / count - mean * mean, 0.0)
 
 
+def _paste(buffer, value, start, write):
+    """buffer with value at start where `write` (traced), else unchanged: a select on the slice, so that the
+    update stays in place in the loop carry."""
+    old = jax.lax.dynamic_slice(buffer, start, value.shape)
+    return jax.lax.dynamic_update_slice(buffer, jnp.where(write, value.astype(buffer.dtype), old), start)
+
+
 class _Tile:
     """One tile's forward in one pass while it is traced: where its extent lies at the current resolution, the
-    GroupNorm statistics it reads (`table`) and the moments it records.
+    GroupNorm statistics it reads (`table`), the moments it records and the attention's whole-latent buffers.
 
-    Pass p fills the p-th GroupNorm (in call order), whose input depends only on the ones before it: every
-    layer after that GroupNorm is skipped (a `lax.cond`), so pass p costs the network up to its GroupNorm.
+    Stages are the steps between GroupNorms and the attention's two buffer writes, in call order; pass p runs
+    the layers of stages <= p, except that the passes after the attention pass read its output from the buffer
+    instead of running the layers before it (each skipped layer is a `lax.cond`).
     """
 
-    def __init__(self, params, config, origin, size, core, margin, table, pass_index):
+    def __init__(self, params, config, origin, size, core, margin, table, buffers, after, pass_index, keys_pass):
         self.params, self.config, self.dtype = params, config, jnp.dtype(config.dtype)
         self.origin = origin  # traced (y, x): the core's first position
         self.size, self.core, self.margin = size, core, margin  # static (h, w), (h, w), int
-        self.table, self.pass_index = table, pass_index
-        self.norms = 0  # GroupNorms traced so far
-        self.moments = {}
+        self.table, self.pass_index, self.keys_pass = table, pass_index, keys_pass
+        self.normed, self.residual = buffers  # the attention's normalised input, its input and then output
+        self.after = after  # the margin of the extent read from the residual buffer
+        self.stage = 0
+        self.stages, self.moments = {}, {}  # GroupNorm path -> its stage (the pass that fills it), its moments
 
-    def _when_needed(self, fn, *args):
-        """fn(*args) in the passes that need it (those after the GroupNorms before it), else zeros."""
-        if not self.norms:
-            return fn(*args)
+    def _live(self):
+        """Whether the layers of the current stage run in this pass."""
+        live = self.stage <= self.pass_index
+        return live & (self.pass_index <= self.keys_pass) if self.stage < self.keys_pass else live
+
+    def _when(self, live, fn, *args):
+        """fn(*args) where `live` (traced), else zeros of its shapes."""
         shapes = jax.eval_shape(fn, *args)
         # Zeros like the input, so that they carry its sharding type (varying inside shard_map).
         skip = lambda *a: jax.tree.map(lambda s: jax.lax.full_like(a[0], 0, s.dtype, s.shape), shapes)  # noqa: E731
-        return jax.lax.cond(self.norms <= self.pass_index, fn, skip, *args)
+        return jax.lax.cond(live, fn, skip, *args)
 
     def _module(self, path: str) -> dict:
         params = self.params
@@ -137,6 +170,10 @@ class _Tile:
         self.margin = margin
         return x[:, cut:x.shape[1] - cut, cut:x.shape[2] - cut, :] if cut else x
 
+    def dense(self, path: str, x):
+        layer = nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=jnp.float32)
+        return layer.apply({"params": self._module(path)}, x)
+
     def conv(self, path: str, x, stride: int = 1, padding=1):
         params = self._module(path)
         kernel = params["kernel"].shape[0]
@@ -144,7 +181,7 @@ class _Tile:
                           padding=padding if kernel > 1 else 0)
         if kernel > 1:  # what lies outside the image is the whole image's zero padding
             x = jnp.where(self.in_image(x), x, jnp.zeros((), x.dtype))
-        return self._when_needed(lambda x: layer.apply({"params": params}, x), x)
+        return self._when(self._live(), lambda x: layer.apply({"params": params}, x), x)
 
     def norm(self, path: str, x):
         """GroupNorm of x with the table's statistics; records this core's (count, sum, sum of squares)."""
@@ -162,8 +199,9 @@ class _Tile:
             scale = jax.lax.rsqrt(jnp.repeat(var, size, axis=-1) + vae.GROUP_NORM_EPS) * params["scale"]
             return ((x - shift) * scale[:, None, None, :] + params["bias"]).astype(self.dtype), moments
 
-        y, self.moments[path] = self._when_needed(run, x)
-        self.norms += 1
+        y, self.moments[path] = self._when(self._live(), run, x)
+        self.stages[path] = self.stage
+        self.stage += 1
         return y
 
     def resnet(self, path: str, x):
@@ -174,22 +212,35 @@ class _Tile:
         return x + h
 
     def attention(self, path: str, x):
-        """vae.SpatialSelfAttention over the extent's positions inside the image."""
+        """vae.SpatialSelfAttention over the whole latent, from x at the core (margin 0): the keys pass pastes
+        the core's normalised input and input into the buffers, the attention pass adds the attention of the
+        core's queries over all keys to the residual buffer in place, later passes read their extent (margin
+        `after`) from it."""
         batch, height, width, channels = x.shape
-        h = self.norm(f"{path}/group_norm", x).reshape(batch, height * width, 1, channels)
+        h = self.norm(f"{path}/group_norm", x)
+        if self.stage != self.keys_pass or self.margin:
+            raise ValueError(f"the attention runs at stage {self.stage} with margin {self.margin}, expected stage "
+                             f"{self.keys_pass} with margin 0")
+        at = (0, self.origin[0], self.origin[1], 0)  # the core in the normalised buffer; in the residual buffer,
+        padded = (0, self.origin[0] + self.after, self.origin[1] + self.after, 0)  # padded by `after`
+        self.normed = _paste(self.normed, h, at, self.pass_index == self.stage)
+        self.residual = _paste(self.residual, x, padded, self.pass_index == self.stage)
+        self.stage += 1
 
-        def dense(name, inputs):
-            layer = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32)
-            return layer.apply({"params": self._module(f"{path}/{name}")}, inputs)
+        def run(normed, x):
+            q = self.dense(f"{path}/to_q", jax.lax.dynamic_slice(normed, at, x.shape).reshape(batch, -1, channels))
+            out = _attend(q, normed, self.size, lambda name, h: self.dense(f"{path}/{name}", h),
+                          1.0 / math.sqrt(channels))
+            out = self.dense(f"{path}/to_out", out.astype(self.dtype))
+            return x + out.reshape(x.shape)
 
-        keys = self.in_image(x).reshape(1, 1, 1, height * width)
-
-        def run(h):
-            h = dot_product_attention(dense("to_q", h), dense("to_k", h), dense("to_v", h),
-                                      scale=1.0 / math.sqrt(channels), mask=keys)
-            return dense("to_out", h.reshape(batch, height * width, channels))
-
-        return x + self._when_needed(run, h).reshape(batch, height, width, channels)
+        core = jax.lax.dynamic_slice(self.residual, padded, x.shape)
+        attended = self._when(self.pass_index == self.stage, run, self.normed, core)
+        self.residual = _paste(self.residual, attended, padded, self.pass_index == self.stage)
+        self.stage += 1
+        self.margin = self.after
+        extent = (batch, height + 2 * self.after, width + 2 * self.after, channels)
+        return jax.lax.dynamic_slice(self.residual, (0, self.origin[0], self.origin[1], 0), extent)
 
     def downsample(self, path: str, x):
         """vae.Downsample on an extent that starts on the stride-2 grid."""
@@ -208,11 +259,41 @@ class _Tile:
         return self.conv(path, x)
 
 
+def _attend(q, normed, size, dense, scale):
+    """Softmax attention of queries q (B, Q, C) over the keys and values that `dense` ('to_k', 'to_v') projects
+    from the positions of normed (B, rows, columns, C) inside `size`, online over chunks of KEY_CHUNK keys (whole
+    rows of the buffer; `_run` makes the rows a multiple): running max and sum, fp32 accumulation. Memory is
+    O(Q x chunk); the result is (B, Q, C) fp32."""
+    batch, rows, columns, channels = normed.shape
+    chunk_rows = max(1, KEY_CHUNK // columns)
+    inside_columns = jnp.arange(columns) < size[1]
+
+    def chunk(carry, start):
+        best, total, acc = carry
+        h = jax.lax.dynamic_slice_in_dim(normed, start, chunk_rows, axis=1).reshape(batch, -1, channels)
+        k, v = dense("to_k", h), dense("to_v", h)
+        inside = ((start + jnp.arange(chunk_rows) < size[0])[:, None] & inside_columns[None, :]).reshape(1, 1, -1)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(inside, logits, -jnp.inf)
+        # The first chunk holds position (0, 0), so the running max is finite from then on.
+        new = jnp.maximum(best, logits.max(-1))
+        weights = jnp.where(inside, jnp.exp(logits - new[..., None]), 0.0)
+        decay = jnp.exp(best - new)
+        acc = acc * decay[..., None] + jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v,
+                                                  preferred_element_type=jnp.float32)
+        return (new, total * decay + weights.sum(-1), acc), None
+
+    init = (jax.lax.full_like(q, -jnp.inf, jnp.float32, q.shape[:2]), jax.lax.full_like(q, 0, jnp.float32, q.shape[:2]),
+            jax.lax.full_like(q, 0, jnp.float32))
+    (_, total, acc), _ = jax.lax.scan(chunk, init, jnp.arange(0, rows, chunk_rows))
+    return acc / total[..., None]
+
+
 def _encoder(tile: _Tile, x):
     """vae.Encoder on one tile: images -> (mean, logvar) moments at the core."""
     cfg = tile.config
     levels = len(cfg.block_out_channels)
-    _, margins, attention = encoder_margins(cfg)
+    _, margins, _ = encoder_margins(cfg)
     x = tile.conv("conv_in", x)
     for level in range(levels):
         x = tile.crop(x, margins[level])
@@ -221,7 +302,7 @@ def _encoder(tile: _Tile, x):
         if level < levels - 1:
             x = tile.downsample(f"down_blocks_{level}/downsamplers_0/conv", x)
     x = tile.resnet("mid_block/resnets_0", x)
-    x = tile.attention("mid_block/attentions_0", tile.crop(x, attention))
+    x = tile.attention("mid_block/attentions_0", tile.crop(x, 0))
     x = tile.resnet("mid_block/resnets_1", x)
     x = tile.conv("conv_out", nn.silu(tile.norm("conv_norm_out", tile.crop(x, 1))))
     return tile.crop(x, 0)
@@ -231,10 +312,10 @@ def _decoder(tile: _Tile, z):
     """vae.Decoder on one tile: latents -> images at the core."""
     cfg = tile.config
     levels = len(cfg.block_out_channels)
-    _, margins, upsample, attention = decoder_margins(cfg)
+    _, margins, upsample, _ = decoder_margins(cfg)
     x = tile.conv("conv_in", z)
     x = tile.resnet("mid_block/resnets_0", x)
-    x = tile.attention("mid_block/attentions_0", tile.crop(x, attention))
+    x = tile.attention("mid_block/attentions_0", tile.crop(x, 0))
     x = tile.resnet("mid_block/resnets_1", x)
     for level in range(levels):
         x = tile.crop(x, margins[level])
@@ -283,46 +364,59 @@ def _run(params, config: vae.VAEConfig, x, tile: int, part: str):
     f = config.downscale
     batch, height, width, channels = x.shape
     if part == "encoder":
-        unit, align, read, forward = tile, f, encoder_margins(config)[0], _encoder
+        unit, align, forward = tile, f, _encoder
+        read, _, after = encoder_margins(config)
         out_channels, out_size = 2 * config.latent_channels, (height // f, width // f)
     else:
-        unit, align, read, forward = tile // f, 1, decoder_margins(config)[0], _decoder
+        unit, align, forward = tile // f, 1, _decoder
+        read, _, _, after = decoder_margins(config)
         out_channels, out_size = config.out_channels, (height * f, width * f)
     cores, counts = tile_grid(height, width, unit, align)
     out_cores = tuple(c // f if part == "encoder" else c * f for c in cores)
+    latent_cores = tuple(c // f for c in cores) if part == "encoder" else cores
     tiles = counts[0] * counts[1]
     params = params[part]
-    padded = jnp.pad(x.astype(jnp.dtype(config.dtype)),
-                     ((0, 0), (read, read + counts[0] * cores[0] - height),
-                      (read, read + counts[1] * cores[1] - width), (0, 0)))
+    dtype = jnp.dtype(config.dtype)
+    padded = jnp.pad(x.astype(dtype), ((0, 0), (read, read + counts[0] * cores[0] - height),
+                                       (read, read + counts[1] * cores[1] - width), (0, 0)))
     paths = sorted({"/".join(key[:-1]) for key in traverse_util.flatten_dict(params) if key[-1] == "scale"})
+    passes, keys_pass = len(paths) + 3, norms_through_attention(config, part)  # + the buffers' and output pass
     groups = (batch, config.norm_num_groups)
     # Filled like the input, so that the loop carry has its sharding type (varying inside shard_map).
-    fill = lambda value, shape: jax.lax.full_like(padded, value, jnp.float32, shape)  # noqa: E731
+    fill = lambda value, shape, dtype=jnp.float32: jax.lax.full_like(padded, value, dtype, shape)  # noqa: E731
     table = {p: (fill(0, groups), fill(1, groups)) for p in paths}
     sums = {p: fill(0, (*groups, 3)) for p in paths}
     out = fill(0, (batch, counts[0] * out_cores[0], counts[1] * out_cores[1], out_channels))
+    # The attention's whole-latent buffers over the grid: rows of the normalised input a multiple of the key
+    # chunk's, the residual padded by the margin that the layers after the attention read.
+    mid = config.block_out_channels[-1]
+    grid = (counts[0] * latent_cores[0], counts[1] * latent_cores[1])
+    normed = fill(0, (batch, _round_up(grid[0], max(1, KEY_CHUNK // grid[1])), grid[1], mid), dtype)
+    residual = fill(0, (batch, grid[0] + 2 * after, grid[1] + 2 * after, mid), dtype)
 
     def step(i, carry):
-        table, sums, out = carry
+        table, sums, out, buffers = carry
         pass_index, index = i // tiles, i % tiles
         row, col = index // counts[1], index % counts[1]
         origin = (row * cores[0], col * cores[1])
         extent = jax.lax.dynamic_slice(padded, (0, *origin, 0),
                                        (batch, cores[0] + 2 * read, cores[1] + 2 * read, channels))
-        state = _Tile(params, config, origin, (height, width), cores, read, table, pass_index)
+        state = _Tile(params, config, origin, (height, width), cores, read, table, buffers, after, pass_index,
+                      keys_pass)
         y = forward(state, extent).astype(jnp.float32)
+        if state.stage != passes - 1 or state.stages.keys() != set(paths):
+            raise ValueError(f"the {part} traced {state.stage} stages and GroupNorms {sorted(state.stages)}, "
+                             f"expected {passes - 1} and {paths}")
         out = jax.lax.dynamic_update_slice(out, y, (0, row * out_cores[0], col * out_cores[1], 0))
         sums = {p: sums[p] + state.moments[p] for p in paths}
-        # At the end of a statistics pass the sums become the table (the entries of GroupNorms the pass skipped
-        # are rewritten before any pass reads them); the output pass keeps the table it read.
-        refresh = (index == tiles - 1) & (pass_index < len(paths))
-        table = {p: jax.tree.map(lambda new, old: jnp.where(refresh, new, old), _finalize(sums[p]), table[p])
-                 for p in paths}
-        sums = {p: jnp.where(index == tiles - 1, 0.0, sums[p]) for p in paths}
-        return table, sums, out
+        # At the end of the pass that fills a GroupNorm its sums become its table entry.
+        last = index == tiles - 1
+        table = {p: jax.tree.map(lambda new, old: jnp.where(last & (pass_index == state.stages[p]), new, old),
+                                 _finalize(sums[p]), table[p]) for p in paths}
+        sums = {p: jnp.where(last, 0.0, sums[p]) for p in paths}
+        return table, sums, out, (state.normed, state.residual)
 
-    table, _, out = jax.lax.fori_loop(0, (len(paths) + 1) * tiles, step, (table, sums, out))
+    table, _, out, _ = jax.lax.fori_loop(0, passes * tiles, step, (table, sums, out, (normed, residual)))
     return out[:, :out_size[0], :out_size[1], :], table
 
 
