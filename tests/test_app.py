@@ -8,7 +8,6 @@ SMFSR_JAX_SCREENSHOT=docs/app.png it also writes the README's screenshot there.
 import io
 import os
 import shutil
-import socket
 import urllib.request
 
 import jax
@@ -21,6 +20,7 @@ from smfsr_jax.core import errors
 from smfsr_jax.data.images import BadImage
 from smfsr_jax.sampling.pipeline import SRPipeline
 from tests.conftest import REPO
+from tests.processes import free_port
 from tests.test_sampling import lr_crop, make_bundle
 
 PROCESS_SIZE = 128  # as tests/test_sampling.py small_pipeline: a 40x48 LR runs at 160x192 (20x24 latents)
@@ -124,12 +124,6 @@ def test_main_names_make_demo_when_the_default_is_missing(tmp_path, monkeypatch,
 def fetch_png(url: str) -> np.ndarray:
     with urllib.request.urlopen(url) as response:
         return read_png(response.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_browser(upscaler, reference, lr, tmp_path):

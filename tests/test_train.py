@@ -193,9 +193,10 @@ def test_eight_devices_and_two_processes_match_one_device(teacher_run, data_dir,
     assert_trees_close(bundle_params(mesh8), bundle_params(teacher_run), atol=1e-5)
 
     two = tmp_path / "two_processes"
+    coordinator = f"localhost:{free_port()}"
     procs = [_run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(two),
                               "--num_processes", "2", "--process_id", str(i), "--coordinator_address",
-                              f"localhost:{free_port()}", *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
+                              coordinator, *_config_flags(data_dir, mesh="(('data',4),('fsdp',2))")],
                              {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
