@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 
 from configs import common, student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
-from smfsr_jax.data import build, degradation, pipeline  # noqa: E402
+from smfsr_jax.data import build, pipeline  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
@@ -43,16 +43,7 @@ STUDENT_STEPS = 4
 
 def holdout_pairs(data_dir: str, crop: int = HOLDOUT_CROP):
     """(file names, LR uint8, HR uint8) of the held-back photographs, degraded deterministically."""
-    config = degradation.default_config()
-    config.crop_size = crop
-    source = pipeline.open_source("bundled", "holdout", data_dir)
-    names, lrs, hrs = [], [], []
-    for batch in pipeline.eval_pipeline(source, batch_size=1, degradation_config=config):
-        if batch["mask"][0]:
-            names.append(os.path.splitext(str(batch["file_name"][0]))[0])
-            lrs.append(batch["lr"][0])
-            hrs.append(batch["hr"][0])
-    return names, lrs, hrs
+    return pipeline.eval_pairs("bundled", "holdout", data_dir, crop)
 
 
 def bicubic_x4(lr: np.ndarray) -> np.ndarray:

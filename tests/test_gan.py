@@ -95,7 +95,7 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
 
 
 def _lpips_and_disc_configs(config):
-    lpips_config, _ = gan.load_lpips(config.rec.lpips)
+    lpips_config, _ = gan.common.load_lpips(config.rec.lpips)
     disc_config, *_ = gan.load_discriminator(config.disc, config.seed)
     return lpips_config, disc_config
 

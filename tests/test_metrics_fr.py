@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from smfsr_jax.core.images import luma
 from smfsr_jax.evaluation import psnr_ssim
 from smfsr_jax.evaluation.osediff_log import read_log
 from tests.conftest import REPO, shared_path
@@ -88,7 +89,7 @@ def test_gaussian_window_and_luma():
     assert np.all(window.astype(np.float32) == window)  # passed through float32, as pyiqa
     assert abs(window.sum() - 1) < 1e-6
     rgb = np.array([[[[0, 0, 0], [255, 255, 255]]]], np.float32) / 255
-    np.testing.assert_allclose(np.asarray(psnr_ssim.luma(rgb)) * 255, [[[16.0, 235.0]]], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(luma(rgb)) * 255, [[[16.0, 235.0]]], atol=1e-4)
 
 
 def test_bad_inputs():

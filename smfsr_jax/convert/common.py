@@ -299,3 +299,16 @@ def load_converted(path: str, abstract_params=None):
     with _local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract_params)
     return config, meta, params
+
+
+def load_converted_of(path, converter: str) -> tuple[dict, dict]:
+    """(config dict, params) of a directory written by smfsr_jax.convert.<converter>; a CheckpointError naming
+    the directory when it holds something else."""
+    path = os.fspath(path)
+    if not is_converted(path):
+        raise CheckpointError(f"{path}: not a converted {converter} directory; convert the published weights "
+                              f"first with python -m smfsr_jax.convert {converter} --src FILE --dst {path}")
+    config, meta, params = load_converted(path)
+    if meta.get("converter") != converter:
+        raise CheckpointError(f"{path}: holds {meta.get('converter')!r} weights, not {converter!r}")
+    return config, params

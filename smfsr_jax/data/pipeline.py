@@ -360,6 +360,21 @@ def eval_pipeline(source, *, batch_size: int, degradation_config: ml_collections
     return Batches(batches, worker_count, 1, read_threads)
 
 
+def eval_pairs(dataset: str, split: str, data_dir: str, crop_size: int, seed: int = 0):
+    """(file names, LR uint8 list, HR uint8 list) of a whole eval split in one pass; HR-only sets get centre
+    crops of `crop_size` and the default degradation, deterministically (the same LR every call)."""
+    config = degradation.default_config()
+    config.crop_size = crop_size
+    names, lrs, hrs = [], [], []
+    for batch in eval_pipeline(open_source(dataset, split, data_dir), batch_size=1, degradation_config=config,
+                               seed=seed):
+        if batch["mask"][0]:
+            names.append(os.path.splitext(str(batch["file_name"][0]))[0])
+            lrs.append(batch["lr"][0])
+            hrs.append(batch["hr"][0])
+    return names, lrs, hrs
+
+
 def _stack_eval_batch(examples: list[dict], batch_size: int) -> dict:
     shapes = {tuple(example["lr"].shape) for example in examples}
     if len(shapes) > 1:

@@ -17,7 +17,7 @@ references' fine detail (about 1).
 import numpy as np
 
 from smfsr_jax.evaluation.io import to_unit_float
-from smfsr_jax.evaluation.psnr_ssim import luma
+from smfsr_jax.core.images import luma
 
 
 def block_ratio(images, block: int) -> float:

@@ -9,21 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smfsr_jax.core.images import luma
 from smfsr_jax.evaluation.io import to_unit_float
 
-# Y row of pyiqa's rgb2ycbcr (BT.601 "MATLAB" luma, RGB in [0,1] -> Y in [16,235]/255).
-_LUMA_WEIGHTS = (65.481, 128.553, 24.966)
-_LUMA_BIAS = 16.0
 _PSNR_EPS = 1e-8
 _SSIM_WINDOW_SIZE = 11
 _SSIM_SIGMA = 1.5
 _SSIM_DATA_RANGE = 255.0
-
-
-def luma(images: jax.Array) -> jax.Array:
-    """(N, H, W, 3) float32 RGB in [0, 1] -> (N, H, W) float32 Y in [16/255, 235/255]."""
-    y = images @ jnp.asarray(_LUMA_WEIGHTS, jnp.float32) + jnp.float32(_LUMA_BIAS)
-    return y / jnp.float32(255.0)
 
 
 def gaussian_window() -> np.ndarray:

@@ -5,13 +5,12 @@ and feeds them images of any size. Scorers take an NHWC batch or a list of HWC i
 uint8 or float in [0, 1], and return per-image scores (np.ndarray).
 """
 
-import os
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from smfsr_jax.convert.common import CheckpointError, is_converted, load_converted
+from smfsr_jax.convert.common import load_converted_of
 from smfsr_jax.evaluation.io import to_unit_float
 from smfsr_jax.models import clipiqa, maniqa, musiq
 
@@ -38,22 +37,10 @@ def score_by_size(score_batch: Callable, images, batch_size: int = 1) -> np.ndar
     return scores
 
 
-def load_metric(path, converter: str) -> tuple[dict, dict]:
-    """(config dict, params) of a directory written by smfsr_jax.convert.<converter>.convert."""
-    path = os.fspath(path)
-    if not is_converted(path):
-        raise CheckpointError(f"{path}: not a converted {converter} directory; convert the published weights "
-                              f"first with smfsr_jax.convert.{converter}.convert(src, dst)")
-    config, meta, params = load_converted(path)
-    if meta.get("converter") != converter:
-        raise CheckpointError(f"{path}: holds {meta.get('converter')!r} weights, not {converter!r}")
-    return config, params
-
-
 def load_scorer(path, converter: str, config_from_dict: Callable, scores: Callable, batch_size: int = 1) -> Callable:
     """Scorer of a converted directory: `scores(params, config, images)` jitted once per image size, with
     the params as an argument (not a constant) so that compiles stay fast."""
-    config_dict, params = load_metric(path, converter)
+    config_dict, params = load_converted_of(path, converter)
     config = config_from_dict(config_dict)
     score_batch = jax.jit(scores, static_argnums=1)
     return lambda images: score_by_size(lambda x: score_batch(params, config, x), images, batch_size)

@@ -26,7 +26,7 @@ from smfsr_jax.training import state as state_lib
 from smfsr_jax.training.stages import common
 
 # Batch fields the jitted step reads; the rest (indices, names) stay on the host.
-MODEL_INPUTS = ("hr", "lr_up", "prompt_embeds", "pooled_prompt_embeds")
+MODEL_INPUTS = ("hr", "lr", "lr_up", "prompt_embeds", "pooled_prompt_embeds")
 
 
 class NonFiniteError(errors.RunFailure, FloatingPointError):
@@ -122,6 +122,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     """Run (or resume) the stage in `config` until config.total_steps; returns the last metrics."""
     jax.config.update("jax_threefry_partitionable", True)
     pipeline.check_prepared(config.data.dataset, config.data.split, config.data.data_dir)
+    if config.get("holdout") and config.holdout.get("dataset"):  # a stage's held-out set (student_reward)
+        pipeline.check_prepared(config.holdout.dataset, config.holdout.split,
+                                config.holdout.get("data_dir") or config.data.data_dir)
     os.makedirs(workdir, exist_ok=True)
     lock = hold_workdir(workdir)
     try:
@@ -168,6 +171,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     preview = common.make_preview_fn(stage)
     compiled, pending, last = None, None, {}
+    if stage.evaluate is not None and start == 0:
+        writer.write_scalars(0, stage.evaluate(state.params, frozen, mesh))
     try:
         for step in range(start + 1, config.total_steps + 1):
             batch = device_batch(next(batches), mesh)
@@ -181,6 +186,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = (step, metrics)
             for hook in hooks:
                 hook(step)
+            if stage.evaluate is not None and (step % stage.evaluate_every == 0 or step == config.total_steps):
+                writer.write_scalars(step, stage.evaluate(state.params, frozen, mesh))
             if step % config.image_every == 0:
                 rows = preview(state.params, frozen, batch, jax.random.PRNGKey(step))
                 writer.write_images(step, {"lr_sr_hr": multihost_utils.process_allgather(rows, tiled=True)})

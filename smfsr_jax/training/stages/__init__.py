@@ -3,6 +3,7 @@
     teacher_fm    stage 0, teacher.py: LR-conditioned flow matching (DiT4SR)
     student_isc   stage 1, student.py: Interval Splitting Consistency + boundary loss against the teacher
     student_gan   stage 2, gan.py: ISC + reconstruction + VSD + DINOv3-feature hinge GAN
+    student_reward  stage 3, reward.py: reward fine-tuning (DiffusionNFT or direct) of the one-step student
 
 Each module has `build(config, abstract=False) -> Stage` (everything a training step needs) and
 `network(config, abstract=False) -> Network` (what sampling needs: no teacher, LPIPS or discriminator).
@@ -10,9 +11,9 @@ Each module has `build(config, abstract=False) -> Stage` (everything a training 
 
 import ml_collections
 
-from smfsr_jax.training.stages import common, gan, student, teacher
+from smfsr_jax.training.stages import common, gan, reward, student, teacher
 
-STAGES = {module.NAME: module for module in (teacher, student, gan)}
+STAGES = {module.NAME: module for module in (teacher, student, gan, reward)}
 
 
 def stage_module(config: ml_collections.ConfigDict):

@@ -6,6 +6,7 @@ Frozen parts are one dict with fixed keys, passed to every step without donation
     base         the shared frozen MM-DiT weights (SD3.5-M for real runs), used by teacher and student;
     own          the trained network's frozen extras (e.g. `to_k_control` in double-norm mode);
     teacher      the teacher's own weights on top of `base` (control + time embedding; student stages);
+    teacher_base only when a student's frozen weights are not the teacher's base: the teacher's (else `base`);
     autoencoder  the VAE (or pixel autoencoder) params;
     null         NULL text embeddings {'prompt_embeds': (L, D), 'pooled_prompt_embeds': (P,)};
 and, in `student_gan`, regularizer / lpips / dinov3.
@@ -27,6 +28,8 @@ from absl import logging
 
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.core import images, schedules
+from smfsr_jax.core import workdir as workdir_lib
+from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling import bundle, samplers
@@ -68,6 +71,10 @@ class Stage:
     model_state: dict = dataclasses.field(default_factory=dict)  # non-trained variables the step updates
     parts: tuple = ()  # top-level trainable parts with their own optimizers (student_gan)
     student_part: Optional[str] = None  # the part holding the exported network's trainable weights
+    # Held-out evaluation the loop runs before training and every `evaluate_every` steps:
+    # evaluate(trainable, frozen, mesh) -> {name: float} (student_reward).
+    evaluate: Optional[Callable] = None
+    evaluate_every: int = 0
 
     def model_params(self, trainable, frozen=None) -> dict:
         """Full parameters of the trained network."""
@@ -139,6 +146,99 @@ def is_teacher(cfg: mmdit.MMDiTConfig) -> Optional[str]:
     if cfg.time_conditioning != "single" or not cfg.lr_stream:
         return "not a DiT4SR-style teacher (lr_stream with single time conditioning)"
     return None
+
+
+def is_student(cfg: mmdit.MMDiTConfig) -> Optional[str]:
+    return None if cfg.time_conditioning == "interval" else "not an SMFSR student (interval time conditioning)"
+
+
+def weights_path(path: str) -> str:
+    """A bundle or converted directory as given; a finished training workdir as its exported bundle."""
+    if os.path.isfile(workdir_lib.config_path(path)) and not os.path.isfile(os.path.join(path, bundle.BUNDLE_FILE)):
+        exported = workdir_lib.bundle_dir(path)
+        if not os.path.isfile(os.path.join(exported, bundle.BUNDLE_FILE)):
+            raise FileNotFoundError(f"{path}: a training workdir without an exported bundle ({exported}); "
+                                    "let the run finish, or point at a bundle")
+        return exported
+    return path
+
+
+def load_student(config: ml_collections.ConfigDict, abstract: bool = False):
+    """The student the stage starts from (config.init.student: a bundle, converted directory or finished
+    workdir); as shapes, the config's architecture."""
+    if abstract:
+        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="interval",
+                                                                          time_scale=1000.0)
+        return cfg, mmdit.abstract_params(cfg)
+    cfg, params = load_transformer(weights_path(config.init.student), config, is_student)
+    return runtime_config(cfg, config.model), params
+
+
+def student_parts(config: ml_collections.ConfigDict, abstract: bool = False):
+    """(student config, trainable, own, base) of config.init.student, uncast: `own` holds the frozen leaves that
+    match the trainable patterns (e.g. `to_k_control` in double-norm mode), `base` the rest."""
+    student_config, params = load_student(config, abstract)
+    trainable, frozen = split(params, config, student_config)
+    own, base = partition.partition(frozen, tuple(config.trainable))
+    return student_config, trainable, own, base
+
+
+def student_network(config: ml_collections.ConfigDict, abstract: bool = False, part: Optional[str] = None) -> Network:
+    """The student alone, as the stages that fine-tune a student (`student_gan`, `student_reward`) export it."""
+    ae_config, ae_params = load_autoencoder(config.autoencoder, abstract)
+    student_config, trainable, own, base = student_parts(config, abstract)
+    null = null_embeddings(config.text, student_config, config.data, abstract)
+    return Network(student_config, ae_config, trainable, {
+        "base": frozen_cast(base, config), "own": frozen_cast(own, config), "autoencoder": ae_params,
+        "null": null}, part=part)
+
+
+def teacher_for_student(config: ml_collections.ConfigDict, student_config: mmdit.MMDiTConfig, student_base: dict,
+                        null: dict, abstract: bool = False):
+    """(teacher config, teacher params, frozen entries {"teacher"[, "teacher_base"]}, uncast) of config.init.teacher
+    for a student stage: checked against the student (NULL embeddings, lr_key_bug), its base shared with the
+    student's when they are equal."""
+    teacher_config, teacher_params = load_teacher(config, abstract)
+    if not abstract:
+        check_null_embeddings(config, config.init.teacher, null)
+    if student_config.lr_key_bug != teacher_config.lr_key_bug:
+        raise ValueError("teacher and student must share lr_key_bug (whether the LR stream's key is normalised "
+                         "by the image stream's norm, docs/design.md#lr_key_bug)")
+    teacher_own, base = partition.partition(teacher_params, TEACHER_OWN)
+    entries = {"teacher": teacher_own}
+    if not abstract and not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student_base),
+                                                                        jax.tree.leaves(base))):
+        # Not one shared base (e.g. a student converted from other weights): the teacher keeps its own copy.
+        logging.warning("the student's frozen weights differ from the teacher's base; keeping a separate copy")
+        entries["teacher_base"] = base
+    return teacher_config, teacher_params, entries
+
+
+def teacher_params(frozen: dict) -> dict:
+    """The frozen teacher's full parameters."""
+    return partition.merge(frozen.get("teacher_base", frozen["base"]), frozen["teacher"])
+
+
+def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
+    """LPIPS for a reconstruction term: converted / published weights, or (tiny runs only) fixed random
+    weights."""
+    lpips_config = lpips_lib.LPIPSConfig(net=config.net)
+    dummy = jnp.zeros((1, 64, 64, 3))
+    if abstract:
+        return lpips_config, jax.eval_shape(
+            lambda: lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(0), dummy, dummy)["params"])
+    if config.get("weights"):
+        from smfsr_jax.convert.lpips import load_lpips_from
+        return load_lpips_from(config.weights, config.net)
+    if not config.get("random_init"):
+        raise ValueError(f"rec.lpips.weights is required (python -m smfsr_jax.convert lpips --net {config.net} ...); "
+                         "rec.lpips.random_init=True is for tiny runs without pretrained weights")
+    params = jax.device_get(lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(1), dummy, dummy)["params"])
+    # Random trunk; uniform positive lin weights (1/C), so the result stays a distance.
+    for name in [k for k in params if k.startswith("lin")]:
+        kernel = params[name]["kernel"]
+        params[name] = {"kernel": np.full(kernel.shape, 1.0 / kernel.shape[-2], np.float32)}
+    return lpips_config, params
 
 
 def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):

@@ -13,7 +13,6 @@ step's model state, updated once per step on the real batch.
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from smfsr_jax.core import flow, images
@@ -27,41 +26,6 @@ from smfsr_jax.training.stages import common
 
 NAME = "student_gan"
 PARTS = ("student", "regularizer", "discriminator")
-
-
-def is_student(cfg: mmdit.MMDiTConfig):
-    return None if cfg.time_conditioning == "interval" else "not an SMFSR student (interval time conditioning)"
-
-
-def load_student(config: ml_collections.ConfigDict, abstract: bool = False):
-    """The stage-1 student (config.init.student); as shapes, the config's architecture."""
-    if abstract:
-        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="interval",
-                                                                          time_scale=1000.0)
-        return cfg, mmdit.abstract_params(cfg)
-    cfg, params = common.load_transformer(config.init.student, config, is_student)
-    return common.runtime_config(cfg, config.model), params
-
-
-def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
-    """LPIPS for Rec: converted / published weights, or (tiny runs only) fixed random weights."""
-    lpips_config = lpips_lib.LPIPSConfig(net=config.net)
-    dummy = jnp.zeros((1, 64, 64, 3))
-    if abstract:
-        return lpips_config, jax.eval_shape(
-            lambda: lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(0), dummy, dummy)["params"])
-    if config.get("weights"):
-        from smfsr_jax.convert.lpips import load_lpips_from
-        return load_lpips_from(config.weights, config.net)
-    if not config.get("random_init"):
-        raise ValueError("rec.lpips.weights is required (python -m smfsr_jax.convert lpips --net vgg ...); "
-                         "rec.lpips.random_init=True is for tiny runs without pretrained weights")
-    params = jax.device_get(lpips_lib.LPIPS(lpips_config).init(jax.random.PRNGKey(1), dummy, dummy)["params"])
-    # Random trunk; uniform positive lin weights (1/C), so the result stays a distance.
-    for name in [k for k in params if k.startswith("lin")]:
-        kernel = params[name]["kernel"]
-        params[name] = {"kernel": np.full(kernel.shape, 1.0 / kernel.shape[-2], np.float32)}
-    return lpips_config, params
 
 
 def load_discriminator(config: ml_collections.ConfigDict, seed: int, abstract: bool = False):
@@ -117,46 +81,24 @@ def regularizer_control(trainable: dict, frozen_own: dict, config: ml_collection
     return partition.merge(linears, trainable["conv"])
 
 
-def _student_parts(config, abstract: bool):
-    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
-    student_config, student_params = load_student(config, abstract)
-    trainable, student_frozen = common.split(student_params, config, student_config)
-    return ae_config, ae_params, student_config, trainable, student_frozen
-
-
 def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
     """The student alone (no teacher, LPIPS or discriminator)."""
-    ae_config, ae_params, student_config, trainable, student_frozen = _student_parts(config, abstract)
-    own, base = partition.partition(student_frozen, tuple(config.trainable))
-    null = common.null_embeddings(config.text, student_config, config.data, abstract)
-    return common.Network(student_config, ae_config, trainable, {
-        "base": common.frozen_cast(base, config), "own": common.frozen_cast(own, config),
-        "autoencoder": ae_params, "null": null}, part="student")
+    return common.student_network(config, abstract, part="student")
 
 
 def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
-    ae_config, ae_params, student_config, student_trainable, student_frozen = _student_parts(config, abstract)
-    teacher_config, teacher_params = common.load_teacher(config, abstract)
+    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    student_config, student_trainable, student_own, base = common.student_parts(config, abstract)
     null = common.null_embeddings(config.text, student_config, config.data, abstract)
-    if not abstract:
-        common.check_null_embeddings(config, config.init.teacher, null)
-    if student_config.lr_key_bug != teacher_config.lr_key_bug:
-        raise ValueError("teacher and student must share lr_key_bug (whether the LR stream's key is normalised "
-                         "by the image stream's norm, docs/design.md#lr_key_bug)")
-    teacher_own, base = partition.partition(teacher_params, common.TEACHER_OWN)
-    student_own, student_base = partition.partition(student_frozen, tuple(config.trainable))
-    if not abstract and not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student_base),
-                                                                        jax.tree.leaves(base))):
-        # Not one shared base (e.g. a student converted from other weights): keep the student's own copy.
-        logging.warning("the student's frozen weights differ from the teacher's base; keeping a separate copy")
-        student_own = student_frozen
+    teacher_config, teacher_params, teacher_entries = common.teacher_for_student(config, student_config, base, null,
+                                                                                 abstract)
     reg_trainable, reg_frozen = regularizer_parts(teacher_params, teacher_config, config.regularizer)
     if abstract:
         reg_trainable = common.shapes(reg_trainable)
-    lpips_config, lpips_params = load_lpips(config.rec.lpips, abstract)
+    lpips_config, lpips_params = common.load_lpips(config.rec.lpips, abstract)
     disc_config, dino_params, heads, spectral = load_discriminator(config.disc, config.seed, abstract)
     cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
-    frozen = {"base": cast(base), "own": cast(student_own), "teacher": cast(teacher_own),
+    frozen = {"base": cast(base), "own": cast(student_own), **{k: cast(v) for k, v in teacher_entries.items()},
               "regularizer": cast(reg_frozen), "autoencoder": ae_params, "lpips": lpips_params,
               "dinov3": dino_params, "null": null}
     trainable = {"student": student_trainable, "regularizer": reg_trainable, "discriminator": heads}
@@ -196,10 +138,10 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
         context, pooled = common.text_condition(frozen, batch, hr.shape[0])
         null_context, null_pooled = common.text_condition(frozen, {}, hr.shape[0])
         student_params = partition.merge(params["student"], frozen["base"], frozen["own"])
-        teacher_params = sg(partition.merge(frozen["base"], frozen["teacher"]))
+        teacher_params = sg(common.teacher_params(frozen))
         reg_control = regularizer_control(params["regularizer"], frozen["regularizer"], config.regularizer)
         teacher_time, _ = partition.partition(frozen["teacher"], (r"^time_text_embed/",))
-        reg_params = partition.merge(frozen["base"], teacher_time, reg_control)
+        reg_params = partition.merge(frozen.get("teacher_base", frozen["base"]), teacher_time, reg_control)
 
         def u_fn(z, r, t):
             return student.apply({"params": student_params}, z, context=context, pooled=pooled, t=t, r=r,

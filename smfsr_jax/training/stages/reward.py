@@ -1,0 +1,354 @@
+"""Stage `student_reward` (stage 3): reward fine-tuning of the one-step student (docs/design.md#student_reward).
+
+The student keeps its noise start, so K seeds of one LR image give K different outputs that rewards can rank.
+One training step is one rollout batch: B LR images, K seeds each, all B·K samples sharded over `data`.
+
+- `reward.method = "nft"` (DiffusionNFT through the average-velocity head, objectives/reward.py): the old
+  policy θ_old draws the K one-step samples, the rewards become group-normalised advantages, and the
+  student regresses on them at fresh (t, ε). θ_old lives in the step's model state (so a resume restores it)
+  and moves toward θ at the start of every epoch of `reward.rollout_batches` steps:
+  θ_old ← d θ_old + (1 − d) θ, d = min(old_decay.per_epoch · epoch, old_decay.max).
+- `reward.method = "direct"`: −Σ w_k R_k of the student's own one-step samples, back-propagated exactly
+  through the decoder and the rewards.
+Both add λ_KL mean (u_θ − u_ref)² against the frozen starting student, and optionally the ISC term against
+the teacher (`weights.isc`, needs init.teacher) and the stage-2 reconstruction term (`weights.rec`).
+
+A held-out set (`holdout`: crops of the training size from a fixed eval split, fixed noise, K seeds) is scored
+before training and every `holdout.every` steps: each reward's mean and spread, PSNR (Y) against HR,
+cross-seed diversity (per-pixel std over seeds, 8-bit levels) and, with LPIPS weights, LPIPS to HR and
+between seeds, so that a reward bought with fidelity or diversity shows.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from smfsr_jax.convert import common as convert_common
+from smfsr_jax.core import flow, images
+from smfsr_jax.core import mesh as mesh_lib
+from smfsr_jax.data import degradation, pipeline
+from smfsr_jax.models import clipiqa, maniqa, mmdit, musiq, vae
+from smfsr_jax.models import lpips as lpips_lib
+from smfsr_jax.objectives import isc, reconstruction, reward, rewards
+from smfsr_jax.training import partition, sharding
+from smfsr_jax.training.stages import common
+
+NAME = "student_reward"
+PSNR_EPS = 1e-8  # as the evaluator's PSNR: identical images give 80 dB
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward networks.
+
+def _converted(model_module, converter: str, preset):
+    """(load(path), abstract()) of a no-reference IQA network converted by smfsr_jax.convert.<converter>."""
+    def load(path):
+        config_dict, params = convert_common.load_converted_of(path, converter)
+        return model_module.config_from_dict(config_dict), params
+
+    def abstract():
+        from importlib import import_module
+        return preset, import_module(f"smfsr_jax.convert.{converter}").abstract_params(preset)
+
+    return load, abstract
+
+
+def _lpips_network(net: str):
+    def load(path):
+        from smfsr_jax.convert.lpips import load_lpips_from
+        return load_lpips_from(path, net)
+
+    def abstract():
+        from smfsr_jax.convert.lpips import abstract_params
+        config = lpips_lib.LPIPSConfig(net=net)
+        return config, abstract_params(config)
+
+    return load, abstract
+
+
+def _network_loaders(config: ml_collections.ConfigDict) -> dict:
+    return {"musiq": _converted(musiq, "musiq", musiq.KONIQ), "maniqa": _converted(maniqa, "maniqa", maniqa.PIPAL),
+            "clipiqa": _converted(clipiqa, "clipiqa", clipiqa.RN50), "lpips": _lpips_network(config.lpips_net)}
+
+
+def network_path(config: ml_collections.ConfigDict, network: str):
+    """reward.networks.<network>, else reward.weights_dir/<network> (the evaluator's --weights_dir layout)."""
+    if config.networks.get(network):
+        return config.networks[network]
+    if config.get("weights_dir"):
+        return os.path.join(config.weights_dir, network)
+    return None
+
+
+def load_rewards(config: ml_collections.ConfigDict, abstract: bool = False):
+    """({name: RewardFn}, {name: frozen network params}) of the rewards weighted in config.reward.rewards.
+
+    Every network's weights are located first, so one error names every missing file before anything loads.
+    """
+    names = [name for name, _ in config.rewards]
+    rewards.check_names(names)
+    specs = [rewards.REWARDS[name] for name in names]
+    loaders = _network_loaders(config)
+    paths = {spec.name: network_path(config, spec.network) for spec in specs if spec.network}
+    missing = [f"{name}: {path or 'no path'}" for name, path in paths.items()
+               if not abstract and (path is None or not os.path.exists(path))]
+    if missing:
+        raise FileNotFoundError(
+            "reward network weights not found (" + "; ".join(missing) + "): convert the published weights with "
+            "python -m smfsr_jax.convert NETWORK --src FILE --dst DIR/NETWORK and pass --config.reward.weights_dir=DIR "
+            "(or --config.reward.networks.NETWORK=PATH)")
+    fns, params = {}, {}
+    for spec in specs:
+        network_config = None
+        if spec.network:
+            load, shapes = loaders[spec.network]
+            network_config, params[spec.name] = shapes() if abstract else load(paths[spec.name])
+        fns[spec.name] = spec.make(network_config)
+    return fns, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out crops.
+
+def holdout_crops(config: ml_collections.ConfigDict, crop_size: int, scale: int) -> dict:
+    """{"hr", "lr", "lr_up"} uint8 crops of the training size tiled from config.holdout's eval split, at most
+    holdout.max_crops, in a fixed order."""
+    data_dir = config.holdout.get("data_dir") or config.data.data_dir
+    _, lrs, hrs = pipeline.eval_pairs(config.holdout.dataset, config.holdout.split, data_dir,
+                                      config.holdout.image_size)
+    crops = {"hr": [], "lr": []}
+    lr_size = crop_size // scale
+    for lr, hr in zip(lrs, hrs):
+        for top in range(0, lr.shape[0] - lr_size + 1, lr_size):
+            for left in range(0, lr.shape[1] - lr_size + 1, lr_size):
+                crops["lr"].append(lr[top:top + lr_size, left:left + lr_size])
+                crops["hr"].append(hr[scale * top:scale * (top + lr_size), scale * left:scale * (left + lr_size)])
+    if not crops["lr"]:
+        raise ValueError(f"holdout {config.holdout.dataset}/{config.holdout.split}: no image holds a "
+                         f"{lr_size}-pixel LR crop")
+    out = {k: np.stack(v[:config.holdout.max_crops]) for k, v in crops.items()}
+    out["lr_up"] = np.stack([degradation.to_uint8(degradation.upsample_lr(lr.astype(np.float32) / 255.0, scale))
+                             for lr in out["lr"]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+    """The student alone (no teacher, reference, reward networks or LPIPS)."""
+    return common.student_network(config, abstract)
+
+
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
+    check_config(config)
+    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    student_config, trainable, own, base = common.student_parts(config, abstract)
+    null = common.null_embeddings(config.text, student_config, config.data, abstract)
+    cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
+    reward_fns, reward_params = load_rewards(config.reward, abstract)
+    frozen = {"base": cast(base), "own": cast(own), "reference": cast(trainable), "autoencoder": ae_params,
+              "null": null, "rewards": reward_params}
+    teacher_config = lpips_config = None
+    if config.weights.isc:
+        teacher_config, _, entries = common.teacher_for_student(config, student_config, base, null, abstract)
+        frozen.update({k: cast(v) for k, v in entries.items()})
+    if config.weights.rec:
+        lpips_config, frozen["lpips"] = common.load_lpips(config.rec.lpips, abstract)
+    model_state = {}
+    if config.reward.method == "nft":
+        old = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if abstract
+                           else np.array(x, np.float32), trainable)
+        model_state = {"old": old, "rollouts": jax.ShapeDtypeStruct((), jnp.int32) if abstract else np.int32(0)}
+    loss_fn = make_loss(config, student_config, ae_config, reward_fns, teacher_config, lpips_config)
+    evaluate = None
+    if not abstract and config.holdout.get("dataset"):
+        crops = holdout_crops(config, config.data.degradation.crop_size, config.data.degradation.scale)
+        evaluate = make_evaluate(config, student_config, ae_config, reward_fns, crops)
+    stage = common.Stage(NAME, student_config, trainable, frozen, loss_fn, ae_config, teacher_config,
+                         model_state=model_state, evaluate=evaluate, evaluate_every=config.holdout.every)
+    logging.info("%s: %s", NAME, common.describe(stage))
+    return stage
+
+
+def check_config(config: ml_collections.ConfigDict):
+    """ValueError naming the bad stage-3 option."""
+    if config.reward.method not in reward.METHODS:
+        raise ValueError(f"reward.method must be one of {reward.METHODS}, got {config.reward.method!r}")
+    if not config.reward.rewards:
+        raise ValueError("reward.rewards is empty: give (name, weight) pairs, e.g. (('musiq', 1.0),)")
+    rewards.check_names([name for name, _ in config.reward.rewards])
+    if config.reward.seeds < 2 and config.reward.method == "nft":
+        raise ValueError("reward.seeds must be at least 2 for nft: advantages compare the seeds of one image")
+    if config.reward.rollout_batches < 1:
+        raise ValueError(f"reward.rollout_batches must be >= 1, got {config.reward.rollout_batches}")
+    if config.weights.isc and not config.init.get("teacher"):
+        raise ValueError("weights.isc > 0 needs --config.init.teacher (the ISC boundary term's teacher); "
+                         "or set --config.weights.isc=0")
+
+
+def old_policy_decay(rollouts, config: ml_collections.ConfigDict):
+    """d of θ_old ← d θ_old + (1 − d) θ at the start of the epoch that rollout batch `rollouts` opens."""
+    epoch = (rollouts // config.rollout_batches).astype(jnp.float32)
+    return jnp.minimum(config.old_decay.per_epoch * epoch, config.old_decay.max)
+
+
+def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict,
+              teacher_config=None, lpips_config=None):
+    """The loss_fn (state.LossFn) of the configured method (module docstring)."""
+    student = mmdit.MMDiT(student_config)
+    autoencoder = vae.make_autoencoder(ae_config)
+    score = rewards.combined(reward_fns)
+    rc, weights = config.reward, dict(config.reward.rewards)
+    seeds = rc.seeds
+    sg = jax.lax.stop_gradient
+    if teacher_config is not None:
+        teacher = mmdit.MMDiT(teacher_config)
+        isc.check_times(**common.isc_times(config.isc))
+
+    def loss_fn(trainable, model_state, frozen, batch, rng):
+        keys = dict(zip(("latents", "rollout", "nft", "isc", "rec"), jax.random.split(rng, 5)))
+        hr, lr = common.batch_latents(ae_config, frozen, batch, keys["latents"])
+        context, pooled = common.text_condition(frozen, batch, hr.shape[0])
+        repeat = lambda x: jnp.repeat(x, seeds, axis=0)  # noqa: E731  image-major: rows b*K .. b*K+K-1
+        conditioning = dict(context=repeat(context), pooled=repeat(pooled), lr_latents=repeat(lr))
+        seeded = {"hr": repeat(batch["hr"]), "lr": repeat(batch["lr"])}
+
+        def u_of(weights_, cond=conditioning):
+            params = partition.merge(weights_, frozen["base"], frozen["own"])
+            return lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, **cond)
+
+        def decode(z):
+            return autoencoder.apply({"params": sg(frozen["autoencoder"])}, vae.denormalize_latents(z, ae_config),
+                                     method="decode")
+
+        u_ref = u_of(sg(frozen["reference"]))
+        noise = jax.random.normal(keys["rollout"], (hr.shape[0] * seeds, *hr.shape[1:]), hr.dtype)
+        metrics, new_state = {}, model_state
+        if rc.method == "nft":
+            rollouts = model_state["rollouts"]
+            decay = old_policy_decay(rollouts, rc)
+            refresh = (rollouts % rc.rollout_batches == 0) & (rollouts > 0)
+            old = jax.tree.map(lambda o, p: jnp.where(refresh, decay * o + (1 - decay) * sg(p), o),
+                               model_state["old"], trainable)
+            u_old = u_of(old)
+            x0 = sg(flow.one_step(u_old, noise))
+            samples = sg(decode(x0))
+            scores = score(frozen["rewards"], samples, seeded)
+            advantage, optimality = reward.group_advantages(
+                {k: v.reshape(-1, seeds) for k, v in scores.items()}, weights, std=rc.advantage_std, clip=rc.clip)
+            loss, metrics = reward.nft_regression(u_of(trainable), u_old, u_ref, x0, optimality.reshape(-1),
+                                                  keys["nft"], p_one=rc.p_t_one, beta=rc.beta, clip=rc.clip,
+                                                  kl_weight=rc.kl_weight)
+            metrics.update(advantage_abs_mean=jnp.abs(advantage).mean(), optimality_mean=optimality.mean(),
+                           old_decay=jnp.where(refresh, decay, 0.0))
+            new_state = {"old": old, "rollouts": rollouts + 1}
+        else:
+            u = u_of(trainable)(noise, jnp.zeros(noise.shape[:1]), jnp.ones(noise.shape[:1]))
+            samples = decode(noise - u)
+            scores = score(frozen["rewards"], samples, seeded)
+            reward_loss = -sum(weight * scores[name].mean() for name, weight in weights.items())
+            kl = jnp.mean(jnp.square(u - sg(u_ref(noise, jnp.zeros(noise.shape[:1]), jnp.ones(noise.shape[:1])))))
+            loss = reward_loss + rc.kl_weight * kl
+            metrics = {"reward_loss": reward_loss, "kl": kl}
+        for name, value in scores.items():
+            per_image = value.reshape(-1, seeds)
+            metrics[f"reward/{name}"] = value.mean()
+            metrics[f"reward/{name}_seed_std"] = per_image.std(axis=1).mean()
+        metrics["rollout_diversity"] = seed_diversity(sg(samples), seeds)
+
+        if config.weights.isc:
+            u_student = u_of(trainable, dict(context=context, pooled=pooled, lr_latents=lr))
+            teacher_params = sg(common.teacher_params(frozen))
+            teacher_fn = lambda z, t: teacher.apply({"params": teacher_params}, z, context=context,  # noqa: E731
+                                                    pooled=pooled, t=t, lr_latents=lr)
+            isc_loss, isc_metrics = isc.isc_loss(u_student, teacher_fn, hr, keys["isc"],
+                                                 p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
+                                                 **common.isc_times(config.isc))
+            loss = loss + config.weights.isc * isc_loss
+            metrics.update(isc_loss=isc_loss, boundary_fraction=isc_metrics["boundary_fraction"])
+        if config.weights.rec:
+            if rc.method == "direct":
+                own_samples = samples
+            else:
+                own_samples = decode(flow.one_step(u_of(trainable), jax.random.normal(keys["rec"], noise.shape)))
+            lpips_model = lpips_lib.LPIPS(lpips_config)
+            lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
+            rec_loss, rec_metrics = reconstruction.reconstruction_loss(own_samples, images.to_signed(seeded["hr"]),
+                                                                       lpips_fn, config.rec.lpips_weight)
+            loss = loss + config.weights.rec * rec_loss
+            metrics.update(rec_metrics)
+        metrics["loss"] = loss
+        return loss, (metrics, new_state)
+
+    return loss_fn
+
+
+def seed_diversity(samples, seeds: int):
+    """Mean over pixels of the per-pixel standard deviation across the K seeds of each image, in 8-bit levels."""
+    unit = images.signed_to_unit(samples)
+    return 255.0 * unit.reshape(-1, seeds, *unit.shape[1:]).std(axis=1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation.
+
+def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict,
+                  crops: dict):
+    """evaluate(trainable, frozen, mesh) -> {"holdout/...": float} on the fixed held-out crops (module
+    docstring); one compiled function, the crops placed (replicated) once."""
+    student = mmdit.MMDiT(student_config)
+    autoencoder = vae.make_autoencoder(ae_config)
+    score = rewards.combined(reward_fns)
+    seeds = config.holdout.seeds
+    lpips_config = lpips_params = None
+    if config.holdout.get("lpips"):
+        from smfsr_jax.convert.lpips import load_lpips_from
+        lpips_config, lpips_params = load_lpips_from(config.holdout.lpips, config.reward.lpips_net)
+
+    def evaluate_crops(trainable, frozen, data, lpips_weights):
+        rng = jax.random.PRNGKey(config.holdout.seed)
+        rng_latents, rng_noise = jax.random.split(rng)
+        lr = common.encode_images(ae_config, frozen["autoencoder"], data["lr_up"], rng_latents)
+        context, pooled = common.text_condition(frozen, {}, lr.shape[0])
+        repeat = lambda x: jnp.repeat(x, seeds, axis=0)  # noqa: E731
+        params = partition.merge(trainable, frozen["base"], frozen["own"])
+        u_fn = lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, context=repeat(context),  # noqa: E731
+                                             pooled=repeat(pooled), lr_latents=repeat(lr))
+        noise = jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:]))
+        samples = autoencoder.apply({"params": frozen["autoencoder"]},
+                                    vae.denormalize_latents(flow.one_step(u_fn, noise), ae_config), method="decode")
+        samples = images.to_signed(images.from_signed(samples))  # scored as the saved 8-bit images
+        seeded = {"hr": repeat(data["hr"]), "lr": repeat(data["lr"])}
+        out = {}
+        for name, value in score(frozen["rewards"], samples, seeded).items():
+            out[f"holdout/{name}"] = value.mean()
+            out[f"holdout/{name}_std"] = value.std()
+        diff = images.luma(images.signed_to_unit(samples)) - images.luma(images.to_unit(seeded["hr"]))
+        out["holdout/psnr"] = jnp.mean(10.0 * jnp.log10(1.0 / (jnp.mean(diff * diff, axis=(1, 2)) + PSNR_EPS)))
+        out["holdout/diversity"] = seed_diversity(samples, seeds)
+        if lpips_weights is not None:
+            distance = functools.partial(lpips_lib.LPIPS(lpips_config).apply, {"params": lpips_weights})
+            out["holdout/lpips"] = distance(samples, images.to_signed(seeded["hr"])).mean()
+            by_image = samples.reshape(-1, seeds, *samples.shape[1:])
+            shifted = jnp.roll(by_image, 1, axis=1).reshape(samples.shape)
+            out["holdout/lpips_between_seeds"] = distance(samples, shifted).mean()
+        return out
+
+    compiled = jax.jit(evaluate_crops)
+    placed = {}
+
+    def evaluate(trainable, frozen, mesh) -> dict:
+        if not placed:
+            replicate = lambda tree: sharding.put(tree, jax.tree.map(lambda _: mesh_lib.replicated(mesh), tree))  # noqa: E731
+            placed["data"] = replicate(crops)
+            placed["lpips"] = None if lpips_params is None else replicate(lpips_params)
+        values = compiled(trainable, frozen, placed["data"], placed["lpips"])
+        return {k: float(v) for k, v in jax.device_get(values).items()}
+
+    return evaluate
