@@ -16,10 +16,11 @@ import numpy as np
 from smfsr_jax.training import partition
 
 def train_batch(null: dict, batch: int, side: int) -> dict:
-    """A training batch as shapes: uint8 HR and bicubic-upsampled LR crops plus caption embeddings shaped like
-    the stage's NULL embeddings (`stage.frozen["null"]`)."""
+    """A training batch as shapes: uint8 HR, LR (x4 smaller) and bicubic-upsampled LR crops plus caption
+    embeddings shaped like the stage's NULL embeddings (`stage.frozen["null"]`)."""
     prompt, pooled = null["prompt_embeds"].shape, null["pooled_prompt_embeds"].shape
     return {"hr": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
+            "lr": jax.ShapeDtypeStruct((batch, side // 4, side // 4, 3), jnp.uint8),
             "lr_up": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
             "prompt_embeds": jax.ShapeDtypeStruct((batch, *prompt), jnp.float32),
             "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, *pooled), jnp.float32)}

@@ -71,8 +71,13 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
         every=20 if tiny else 500,
         lpips=placeholder(str),  # LPIPS weights: adds holdout/lpips and holdout/lpips_between_seeds
     ))
+    # LoRA (rank > 0) on the trainable set's kernels matching `targets`, as DiffusionNFT trains SD3.5-M (rank 32,
+    # alpha 64, lr 3e-4, weight decay 1e-4); rank 0 trains the stage's trainable set itself.
+    c.lora = ml_collections.ConfigDict(dict(rank=0 if tiny else 32, alpha=64.0,
+                                            targets=(r"to_(q|k|v|out)_control/",)))
     c.batch_size = 4 if tiny else 8
     c.total_steps = 100 if tiny else 2_000
-    c.optimizer.lr = 1e-4 if tiny else 1e-5
+    c.optimizer.lr = 1e-4 if tiny else 3e-4
+    c.optimizer.weight_decay = 1e-2 if tiny else 1e-4
     c.log_every = 5 if tiny else 50
     return c

@@ -98,9 +98,9 @@ def test_direct_loss_gradient_reaches_u_through_decoder_and_reward():
     noise = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1))
 
     def loss(scale):
-        u_fn = lambda z, r, t: scale * z  # noqa: E731
-        return reward.direct_reward_loss(u_fn, lambda z: 2 * z, lambda x: {"neg_energy": -jnp.sum(x ** 2, (1, 2, 3))},
-                                         noise, {"neg_energy": 1.0})[0]
+        z0 = noise - scale * noise  # one step of u(z, 0, 1) = scale * z
+        return reward.direct_reward_loss(z0, lambda z: 2 * z, lambda x: {"neg_energy": -jnp.sum(x ** 2, (1, 2, 3))},
+                                         {"neg_energy": 1.0})[0]
 
     # x = 2 (1 - scale) noise; -R = 4 (1 - scale)^2 |noise|^2 per sample: d/dscale at 0.5 = -4 mean |noise|^2.
     expected = -4 * float(jnp.mean(jnp.sum(noise ** 2, (1, 2, 3))))

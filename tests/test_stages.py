@@ -3,11 +3,11 @@
 import jax
 import pytest
 
-from configs import student_gan, student_isc, teacher_fm
+from configs import student_gan, student_isc, student_reward, teacher_fm
 from smfsr_jax.training import stages
 from tests import tiny_runs
 
-MODULES = (teacher_fm, student_isc, student_gan)
+MODULES = (teacher_fm, student_isc, student_gan, student_reward)
 
 
 def test_one_name_per_stage():
@@ -26,8 +26,8 @@ def _signature(tree):
     return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
 
 
-def _tiny(module, data_dir, teacher_run=None, student_run=None):
-    init = {}
+def _tiny(module, data_dir, teacher_run=None, student_run=None, **overrides):
+    init = dict(overrides)
     if teacher_run is not None:
         init["init.teacher"] = str(teacher_run / "bundle")
     if student_run is not None:
@@ -37,8 +37,11 @@ def _tiny(module, data_dir, teacher_run=None, student_run=None):
 
 def test_abstract_trees_match_the_loaded_ones(data_dir, teacher_run, student_run):
     """What benchmarks lower (abstract=True, from the config alone) has the trees training builds from files."""
-    for module, runs in ((teacher_fm, ()), (student_isc, (teacher_run,)), (student_gan, (teacher_run, student_run))):
-        config = _tiny(module, data_dir, *runs)
+    for module, runs, overrides in ((teacher_fm, (), {}), (student_isc, (teacher_run,), {}),
+                                    (student_gan, (teacher_run, student_run), {}),
+                                    (student_reward, (teacher_run, student_run), {}),
+                                    (student_reward, (teacher_run, student_run), {"lora.rank": 4})):
+        config = _tiny(module, data_dir, *runs, **overrides)
         real, abstract = stages.build_stage(config), stages.build_stage(config, abstract=True)
         assert real.name == abstract.name == config.stage
         for field in ("trainable", "frozen", "model_state"):

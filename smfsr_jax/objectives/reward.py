@@ -17,7 +17,6 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from smfsr_jax.core import flow
 from smfsr_jax.objectives.flow_matching import batch_broadcast, interpolate
 
 METHODS = ("nft", "direct")
@@ -95,13 +94,11 @@ def nft_regression(u_fn: Callable, u_old_fn: Callable, u_ref_fn: Callable, x0, r
     return loss, dict(metrics, nft_t_mean=t.mean())
 
 
-def direct_reward_loss(u_fn: Callable, decode_fn: Callable, reward_fn: Callable, noise,
-                       weights: Mapping[str, float]):
-    """(loss, rewards) of the one-step map: x̂ = decode(ε − u(ε, 0, 1)), L = −Σ_k w_k mean R_k(x̂).
-
-    `reward_fn(images) -> {name: (N,)}`; the gradient reaches u through the decoder and every reward.
-    """
-    images = decode_fn(flow.one_step(u_fn, noise))
+def direct_reward_loss(z0, decode_fn: Callable, reward_fn: Callable, weights: Mapping[str, float]):
+    """(loss, rewards, images) of one-step latents z0 = ε − u_θ(ε, 0, 1) (carrying the gradient):
+    x̂ = decode(z0), L = −Σ_k w_k mean R_k(x̂), `reward_fn(images) -> {name: (N,)}`. The gradient reaches u_θ
+    exactly, through the decoder and every reward."""
+    images = decode_fn(z0)
     rewards = reward_fn(images)
     loss = -sum(weight * rewards[name].mean() for name, weight in weights.items())
-    return loss, rewards
+    return loss, rewards, images

@@ -8,6 +8,7 @@ Frozen parts are one dict with fixed keys, passed to every step without donation
     teacher      the teacher's own weights on top of `base` (control + time embedding; student stages);
     teacher_base only when a student's frozen weights are not the teacher's base: the teacher's (else `base`);
     autoencoder  the VAE (or pixel autoencoder) params;
+    adapted      only with LoRA (student_reward): the frozen weights the trainable adapters apply to;
     null         NULL text embeddings {'prompt_embeds': (L, D), 'pooled_prompt_embeds': (P,)};
 and, in `student_gan`, regularizer / lpips / dinov3.
 
@@ -33,6 +34,7 @@ from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling import bundle, samplers
+from smfsr_jax.training import lora as lora_lib
 from smfsr_jax.training import partition
 
 # Fields of `config.model` that change how a loaded network runs, not its weights.
@@ -54,9 +56,10 @@ class Network:
     trainable: dict
     frozen: dict
     part: Optional[str] = None  # the key of these weights in the stage's trainable tree, if it has parts
+    lora: Optional[tuple] = None  # (alpha, rank) when the trainable weights are LoRA adapters
 
     def params(self, trainable) -> dict:
-        return partition.merge(trainable, self.frozen["base"], self.frozen["own"])
+        return model_weights(trainable, self.frozen, self.lora)
 
 
 @dataclasses.dataclass
@@ -75,12 +78,21 @@ class Stage:
     # evaluate(trainable, frozen, mesh) -> {name: float} (student_reward).
     evaluate: Optional[Callable] = None
     evaluate_every: int = 0
+    lora: Optional[tuple] = None  # (alpha, rank) when the trainable weights are LoRA adapters
 
     def model_params(self, trainable, frozen=None) -> dict:
         """Full parameters of the trained network."""
         frozen = self.frozen if frozen is None else frozen
         trainable = trainable[self.student_part] if self.student_part else trainable
-        return partition.merge(trainable, frozen["base"], frozen["own"])
+        return model_weights(trainable, frozen, self.lora)
+
+
+def model_weights(trainable, frozen: dict, lora: Optional[tuple] = None) -> dict:
+    """The network's full parameters from its trainable weights (LoRA adapters `{"lora": ...}` applied to
+    frozen["adapted"] when `lora` = (alpha, rank)) and the frozen `base` and `own`."""
+    if lora is not None:
+        trainable = lora_lib.apply_lora(frozen["adapted"], trainable["lora"], *lora)
+    return partition.merge(trainable, frozen["base"], frozen["own"])
 
 
 def shapes(tree, dtype=None):

@@ -35,7 +35,8 @@ from smfsr_jax.data import degradation, pipeline
 from smfsr_jax.models import clipiqa, maniqa, mmdit, musiq, vae
 from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.objectives import isc, reconstruction, reward, rewards
-from smfsr_jax.training import partition, sharding
+from smfsr_jax.training import lora as lora_lib
+from smfsr_jax.training import sharding
 from smfsr_jax.training.stages import common
 
 NAME = "student_reward"
@@ -140,20 +141,39 @@ def holdout_crops(config: ml_collections.ConfigDict, crop_size: int, scale: int)
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
+def _student(config: ml_collections.ConfigDict, abstract: bool):
+    """(student config, trainable, frozen student parts, lora, uncast base): the trainable set as it is, or
+    (lora.rank > 0) LoRA adapters on its kernels matching lora.targets, the set itself frozen as `adapted` (kept
+    in fp32: the adapters' small updates are added to it)."""
+    student_config, trainable, own, base = common.student_parts(config, abstract)
+    parts = {"base": common.frozen_cast(base, config), "own": common.frozen_cast(own, config)}
+    if not config.lora.rank:
+        return student_config, trainable, parts, None, base
+    adapters = lora_lib.init_lora(trainable, tuple(config.lora.targets), config.lora.rank,
+                                  jax.random.PRNGKey(config.seed))
+    parts["adapted"] = trainable
+    lora = (config.lora.alpha, config.lora.rank)
+    return student_config, {"lora": common.shapes(adapters) if abstract else adapters}, parts, lora, base
+
+
 def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
     """The student alone (no teacher, reference, reward networks or LPIPS)."""
-    return common.student_network(config, abstract)
+    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    student_config, trainable, parts, lora, _ = _student(config, abstract)
+    null = common.null_embeddings(config.text, student_config, config.data, abstract)
+    return common.Network(student_config, ae_config, trainable, {**parts, "autoencoder": ae_params, "null": null},
+                          lora=lora)
 
 
 def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
     check_config(config)
     ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
-    student_config, trainable, own, base = common.student_parts(config, abstract)
+    student_config, trainable, parts, lora, base = _student(config, abstract)
     null = common.null_embeddings(config.text, student_config, config.data, abstract)
     cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
     reward_fns, reward_params = load_rewards(config.reward, abstract)
-    frozen = {"base": cast(base), "own": cast(own), "reference": cast(trainable), "autoencoder": ae_params,
-              "null": null, "rewards": reward_params}
+    frozen = {**parts, "reference": cast(trainable), "autoencoder": ae_params, "null": null,
+              "rewards": reward_params}
     teacher_config = lpips_config = None
     if config.weights.isc:
         teacher_config, _, entries = common.teacher_for_student(config, student_config, base, null, abstract)
@@ -165,13 +185,13 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.S
         old = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if abstract
                            else np.array(x, np.float32), trainable)
         model_state = {"old": old, "rollouts": jax.ShapeDtypeStruct((), jnp.int32) if abstract else np.int32(0)}
-    loss_fn = make_loss(config, student_config, ae_config, reward_fns, teacher_config, lpips_config)
+    loss_fn = make_loss(config, student_config, ae_config, reward_fns, lora, teacher_config, lpips_config)
     evaluate = None
     if not abstract and config.holdout.get("dataset"):
         crops = holdout_crops(config, config.data.degradation.crop_size, config.data.degradation.scale)
-        evaluate = make_evaluate(config, student_config, ae_config, reward_fns, crops)
+        evaluate = make_evaluate(config, student_config, ae_config, reward_fns, lora, crops)
     stage = common.Stage(NAME, student_config, trainable, frozen, loss_fn, ae_config, teacher_config,
-                         model_state=model_state, evaluate=evaluate, evaluate_every=config.holdout.every)
+                         model_state=model_state, evaluate=evaluate, evaluate_every=config.holdout.every, lora=lora)
     logging.info("%s: %s", NAME, common.describe(stage))
     return stage
 
@@ -198,7 +218,7 @@ def old_policy_decay(rollouts, config: ml_collections.ConfigDict):
     return jnp.minimum(config.old_decay.per_epoch * epoch, config.old_decay.max)
 
 
-def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict,
+def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict, lora=None,
               teacher_config=None, lpips_config=None):
     """The loss_fn (state.LossFn) of the configured method (module docstring)."""
     student = mmdit.MMDiT(student_config)
@@ -220,7 +240,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
         seeded = {"hr": repeat(batch["hr"]), "lr": repeat(batch["lr"])}
 
         def u_of(weights_, cond=conditioning):
-            params = partition.merge(weights_, frozen["base"], frozen["own"])
+            params = common.model_weights(weights_, frozen, lora)
             return lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, **cond)
 
         def decode(z):
@@ -249,11 +269,11 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
                            old_decay=jnp.where(refresh, decay, 0.0))
             new_state = {"old": old, "rollouts": rollouts + 1}
         else:
-            u = u_of(trainable)(noise, jnp.zeros(noise.shape[:1]), jnp.ones(noise.shape[:1]))
-            samples = decode(noise - u)
-            scores = score(frozen["rewards"], samples, seeded)
-            reward_loss = -sum(weight * scores[name].mean() for name, weight in weights.items())
-            kl = jnp.mean(jnp.square(u - sg(u_ref(noise, jnp.zeros(noise.shape[:1]), jnp.ones(noise.shape[:1])))))
+            zero, one = jnp.zeros(noise.shape[:1]), jnp.ones(noise.shape[:1])
+            u = u_of(trainable)(noise, zero, one)
+            reward_loss, scores, samples = reward.direct_reward_loss(
+                noise - u, decode, lambda x: score(frozen["rewards"], x, seeded), weights)
+            kl = jnp.mean(jnp.square(u - sg(u_ref(noise, zero, one))))
             loss = reward_loss + rc.kl_weight * kl
             metrics = {"reward_loss": reward_loss, "kl": kl}
         for name, value in scores.items():
@@ -298,7 +318,7 @@ def seed_diversity(samples, seeds: int):
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation.
 
-def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict,
+def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict, lora,
                   crops: dict):
     """evaluate(trainable, frozen, mesh) -> {"holdout/...": float} on the fixed held-out crops (module
     docstring); one compiled function, the crops placed (replicated) once."""
@@ -317,7 +337,7 @@ def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEC
         lr = common.encode_images(ae_config, frozen["autoencoder"], data["lr_up"], rng_latents)
         context, pooled = common.text_condition(frozen, {}, lr.shape[0])
         repeat = lambda x: jnp.repeat(x, seeds, axis=0)  # noqa: E731
-        params = partition.merge(trainable, frozen["base"], frozen["own"])
+        params = common.model_weights(trainable, frozen, lora)
         u_fn = lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, context=repeat(context),  # noqa: E731
                                              pooled=repeat(pooled), lr_latents=repeat(lr))
         noise = jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:]))
