@@ -166,7 +166,7 @@ def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common
 
 
 def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
-    check_config(config)
+    check_config(config, abstract)
     ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
     student_config, trainable, parts, lora, base = _student(config, abstract)
     null = common.null_embeddings(config.text, student_config, config.data, abstract)
@@ -196,8 +196,8 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.S
     return stage
 
 
-def check_config(config: ml_collections.ConfigDict):
-    """ValueError naming the bad stage-3 option."""
+def check_config(config: ml_collections.ConfigDict, abstract: bool = False):
+    """ValueError naming the bad stage-3 option (input paths are not needed to build shapes)."""
     if config.reward.method not in reward.METHODS:
         raise ValueError(f"reward.method must be one of {reward.METHODS}, got {config.reward.method!r}")
     if not config.reward.rewards:
@@ -207,7 +207,7 @@ def check_config(config: ml_collections.ConfigDict):
         raise ValueError("reward.seeds must be at least 2 for nft: advantages compare the seeds of one image")
     if config.reward.rollout_batches < 1:
         raise ValueError(f"reward.rollout_batches must be >= 1, got {config.reward.rollout_batches}")
-    if config.weights.isc and not config.init.get("teacher"):
+    if config.weights.isc and not config.init.get("teacher") and not abstract:
         raise ValueError("weights.isc > 0 needs --config.init.teacher (the ISC boundary term's teacher); "
                          "or set --config.weights.isc=0")
 
