@@ -1,6 +1,6 @@
 """Stage 3 in miniature: reward fine-tuning of the demo's one-step student, both methods, before and after.
 
-Trains (or resumes) the demo's stages 0-2 in WORKDIR when they are missing, then `student_reward` (tiny config:
+Trains (or resumes) the demo's stages 0-2 in WORKDIR when their bundles are missing, then `student_reward` (tiny config:
 the analytic LR-consistency reward) from the stage-2 bundle, once with DiffusionNFT and once with direct reward
 back-propagation, in WORKDIR/student_reward/<method>. Scores the stage-2 bundle and both stage-3 bundles on the
 held-back photographs exactly as `make demo` super-resolves them (128-pixel HR, LR 32, latent tiles of the
@@ -34,9 +34,11 @@ from absl import logging  # noqa: E402
 
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax import demo  # noqa: E402
+from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.objectives import rewards  # noqa: E402
+from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
 
 METHODS = ("nft", "direct")
 
@@ -53,6 +55,14 @@ def score(bundle_dir: str, lrs, hrs, seeds: int, reward_weights) -> dict:
     return {"reward": round(float(np.mean(total)), 5),
             "psnr": round(float(np.mean(psnr(flat, batch["hr"]))), 3),
             "diversity": round(float(outputs.astype(np.float64).std(axis=1).mean()), 3)}
+
+
+def demo_stage(module, workdir: str, data_dir: str, **init) -> str:
+    """The bundle of the demo's stage in WORKDIR/<stage>, trained (or resumed) first when it has none."""
+    exported = workdir_lib.bundle_dir(os.path.join(workdir, module.get_config("tiny").stage))
+    if os.path.isfile(os.path.join(exported, bundle_lib.BUNDLE_FILE)):
+        return exported
+    return demo.train_stage(module, workdir, data_dir, {}, **init)
 
 
 def stage_config(overrides: dict):
@@ -81,9 +91,9 @@ def main():
     data_dir = os.path.join(workdir, "tfds")
     if not os.path.isdir(os.path.join(data_dir, "bundled")):
         build.build("bundled", data_dir)
-    teacher = demo.train_stage(teacher_fm, workdir, data_dir, {})
-    student = demo.train_stage(student_isc, workdir, data_dir, {}, teacher=teacher)
-    gan = demo.train_stage(student_gan, workdir, data_dir, {}, teacher=teacher, student=student)
+    teacher = demo_stage(teacher_fm, workdir, data_dir)
+    student = demo_stage(student_isc, workdir, data_dir, teacher=teacher)
+    gan = demo_stage(student_gan, workdir, data_dir, teacher=teacher, student=student)
 
     _, lrs, hrs = demo.holdout_pairs(data_dir)
     base = stage_config(overrides)

@@ -39,3 +39,32 @@ def test_sr_speed_against_torch():
         # The torch side runs our converted weights: the transformers agree to fp32 rounding.
         assert case["torch"]["eager"]["max_rel_diff_transformer"] < 1e-4, case
     assert line["cases"][1]["tiles"] > 1 and line["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_vae_tiling_seams_and_sr_memory_on_tiny_networks():
+    line = run_benchmark("benchmarks/vae_tiling_seams.py", "--size", "256", "--tile", "128", "--tiny")
+    assert line["decode"]["seamless"] and line["value"] < 1e-4
+    seams_only = run_benchmark("benchmarks/vae_tiling_seams.py", "--size", "256", "--tile", "128", "--tiny",
+                               "--skip_whole")
+    assert seams_only["decode"]["seamless"] and seams_only["value"] is None
+    assert run_benchmark("benchmarks/sr_memory.py", "--tiny")["cases"]
+
+
+@pytest.mark.slow
+def test_reward_tiny_prints_both_methods(tmp_path):
+    """The stage-3 benchmark end to end with shortened stages (its demo workdir is made here)."""
+    from configs import student_gan, student_isc, teacher_fm
+    from smfsr_jax import demo
+    from smfsr_jax.data import build
+    data_dir = str(tmp_path / "tfds")
+    build.build("bundled", data_dir)
+    short = {"teacher_fm": 20, "student_isc": 4, "student_gan": 2}
+    teacher = demo.train_stage(teacher_fm, str(tmp_path), data_dir, short)
+    student = demo.train_stage(student_isc, str(tmp_path), data_dir, short, teacher=teacher)
+    demo.train_stage(student_gan, str(tmp_path), data_dir, short, teacher=teacher, student=student)
+    line = run_benchmark("benchmarks/reward_tiny.py", "--workdir", str(tmp_path), "--steps", "2", "--seeds", "2")
+    for method in ("nft", "direct"):
+        assert set(line[method]) >= {"reward_before", "reward_after", "psnr_before", "psnr_after",
+                                     "diversity_before", "diversity_after"}
+    assert line["name"] == "reward_tiny" and line["config"]["steps"] == 2

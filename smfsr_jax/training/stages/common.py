@@ -106,15 +106,17 @@ def load_autoencoder(config: ml_collections.ConfigDict, abstract: bool = False) 
     if config.kind == "pixel" and not config.get("path"):
         return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels,
                                    pixel_basis=config.pixel_basis), {}
-    dtype = {"dtype": config.dtype} if config.get("dtype") else {}
+    # remat: the stages that back-propagate through the decoder (student_gan, student_reward) would otherwise
+    # keep every full-resolution activation; the memory benchmarks lower the same setting.
+    overrides = {"remat": True, **({"dtype": config.dtype} if config.get("dtype") else {})}
     if abstract:
         from smfsr_jax.convert.vae import abstract_params
-        ae_config = vae.VAEConfig.sd3(remat=True, **dtype)
+        ae_config = vae.VAEConfig.sd3(**overrides)
         return ae_config, shapes(abstract_params(ae_config), jnp.dtype(ae_config.dtype))
     if not config.get("path"):
         raise ValueError("autoencoder.path is required unless autoencoder.kind == 'pixel'")
     from smfsr_jax.convert.vae import load_vae
-    return load_vae(config.path, **dtype)
+    return load_vae(config.path, **overrides)
 
 
 def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiTConfig, data_config,

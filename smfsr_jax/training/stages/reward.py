@@ -184,6 +184,7 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.S
     if config.reward.method == "nft":
         old = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if abstract
                            else np.array(x, np.float32), trainable)
+        # The loss does not see the train step: `rollouts` counts rollout batches, which fixes the epoch.
         model_state = {"old": old, "rollouts": jax.ShapeDtypeStruct((), jnp.int32) if abstract else np.int32(0)}
     loss_fn = make_loss(config, student_config, ae_config, reward_fns, lora, teacher_config, lpips_config)
     evaluate = None
@@ -360,15 +361,15 @@ def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEC
             out["holdout/lpips_between_seeds"] = distance(samples, shifted).mean()
         return out
 
-    compiled = jax.jit(evaluate_crops)
     placed = {}
 
     def evaluate(trainable, frozen, mesh) -> dict:
-        if not placed:
-            replicate = lambda tree: sharding.put(tree, jax.tree.map(lambda _: mesh_lib.replicated(mesh), tree))  # noqa: E731
-            placed["data"] = replicate(crops)
-            placed["lpips"] = None if lpips_params is None else replicate(lpips_params)
-        values = compiled(trainable, frozen, placed["data"], placed["lpips"])
+        if not placed:  # every process holds the replicated scores, so each can read them
+            replicated = mesh_lib.replicated(mesh)
+            replicate = lambda tree: sharding.put(tree, jax.tree.map(lambda _: replicated, tree))  # noqa: E731
+            placed.update(data=replicate(crops), lpips=None if lpips_params is None else replicate(lpips_params),
+                          compiled=jax.jit(evaluate_crops, out_shardings=replicated))
+        values = placed["compiled"](trainable, frozen, placed["data"], placed["lpips"])
         return {k: float(v) for k, v in jax.device_get(values).items()}
 
     return evaluate
