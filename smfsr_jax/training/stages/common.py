@@ -167,8 +167,9 @@ def is_student(cfg: mmdit.MMDiTConfig) -> Optional[str]:
 
 
 def weights_path(path: str) -> str:
-    """A bundle or converted directory as given; a finished training workdir as its exported bundle."""
-    if os.path.isfile(workdir_lib.config_path(path)) and not os.path.isfile(os.path.join(path, bundle.BUNDLE_FILE)):
+    """A bundle or converted directory as given; a training workdir (it has checkpoints/) as its exported
+    bundle."""
+    if os.path.isdir(workdir_lib.checkpoints_dir(path)):
         exported = workdir_lib.bundle_dir(path)
         if not os.path.isfile(os.path.join(exported, bundle.BUNDLE_FILE)):
             raise FileNotFoundError(f"{path}: a training workdir without an exported bundle ({exported}); "

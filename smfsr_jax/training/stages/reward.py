@@ -28,7 +28,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from smfsr_jax.convert import clipiqa as clipiqa_convert
 from smfsr_jax.convert import common as convert_common
+from smfsr_jax.convert import lpips as lpips_convert
+from smfsr_jax.convert import maniqa as maniqa_convert
+from smfsr_jax.convert import musiq as musiq_convert
 from smfsr_jax.core import flow, images
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.data import degradation, pipeline
@@ -46,35 +50,26 @@ PSNR_EPS = 1e-8  # as the evaluator's PSNR: identical images give 80 dB
 # ---------------------------------------------------------------------------------------------
 # Reward networks.
 
-def _converted(model_module, converter: str, preset):
-    """(load(path), abstract()) of a no-reference IQA network converted by smfsr_jax.convert.<converter>."""
-    def load(path):
-        config_dict, params = convert_common.load_converted_of(path, converter)
-        return model_module.config_from_dict(config_dict), params
-
-    def abstract():
-        from importlib import import_module
-        return preset, import_module(f"smfsr_jax.convert.{converter}").abstract_params(preset)
-
-    return load, abstract
+# The evaluator's no-reference networks: converter name -> (network module, converter module, published size).
+IQA_NETWORKS = {"musiq": (musiq, musiq_convert, musiq.KONIQ), "maniqa": (maniqa, maniqa_convert, maniqa.PIPAL),
+                "clipiqa": (clipiqa, clipiqa_convert, clipiqa.RN50)}
 
 
-def _lpips_network(net: str):
-    def load(path):
-        from smfsr_jax.convert.lpips import load_lpips_from
-        return load_lpips_from(path, net)
-
-    def abstract():
-        from smfsr_jax.convert.lpips import abstract_params
-        config = lpips_lib.LPIPSConfig(net=net)
-        return config, abstract_params(config)
-
-    return load, abstract
+def load_network(network: str, path, lpips_net: str):
+    """(network config, params) of a reward network's weights at `path`."""
+    if network == "lpips":
+        return lpips_convert.load_lpips_from(path, lpips_net)
+    config_dict, params = convert_common.load_converted_of(path, network)
+    return IQA_NETWORKS[network][0].config_from_dict(config_dict), params
 
 
-def _network_loaders(config: ml_collections.ConfigDict) -> dict:
-    return {"musiq": _converted(musiq, "musiq", musiq.KONIQ), "maniqa": _converted(maniqa, "maniqa", maniqa.PIPAL),
-            "clipiqa": _converted(clipiqa, "clipiqa", clipiqa.RN50), "lpips": _lpips_network(config.lpips_net)}
+def abstract_network(network: str, lpips_net: str):
+    """(network config, parameter shapes) of a reward network at its published size."""
+    if network == "lpips":
+        config = lpips_lib.LPIPSConfig(net=lpips_net)
+        return config, lpips_convert.abstract_params(config)
+    _, converter, preset = IQA_NETWORKS[network]
+    return preset, converter.abstract_params(preset)
 
 
 def network_path(config: ml_collections.ConfigDict, network: str):
@@ -94,7 +89,6 @@ def load_rewards(config: ml_collections.ConfigDict, abstract: bool = False):
     names = [name for name, _ in config.rewards]
     rewards.check_names(names)
     specs = [rewards.REWARDS[name] for name in names]
-    loaders = _network_loaders(config)
     paths = {spec.name: network_path(config, spec.network) for spec in specs if spec.network}
     missing = [f"{name}: {path or 'no path'}" for name, path in paths.items()
                if not abstract and (path is None or not os.path.exists(path))]
@@ -107,8 +101,8 @@ def load_rewards(config: ml_collections.ConfigDict, abstract: bool = False):
     for spec in specs:
         network_config = None
         if spec.network:
-            load, shapes = loaders[spec.network]
-            network_config, params[spec.name] = shapes() if abstract else load(paths[spec.name])
+            network_config, params[spec.name] = (abstract_network(spec.network, config.lpips_net) if abstract else
+                                                 load_network(spec.network, paths[spec.name], config.lpips_net))
         fns[spec.name] = spec.make(network_config)
     return fns, params
 
@@ -206,8 +200,10 @@ def check_config(config: ml_collections.ConfigDict, abstract: bool = False):
     rewards.check_names([name for name, _ in config.reward.rewards])
     if config.reward.seeds < 2 and config.reward.method == "nft":
         raise ValueError("reward.seeds must be at least 2 for nft: advantages compare the seeds of one image")
-    if config.reward.rollout_batches < 1:
-        raise ValueError(f"reward.rollout_batches must be >= 1, got {config.reward.rollout_batches}")
+    for name in ("reward.rollout_batches", "holdout.every"):
+        section, field = name.split(".")
+        if config[section][field] < 1:
+            raise ValueError(f"{name} must be >= 1, got {config[section][field]}")
     if config.weights.isc and not config.init.get("teacher") and not abstract:
         raise ValueError("weights.isc > 0 needs --config.init.teacher (the ISC boundary term's teacher); "
                          "or set --config.weights.isc=0")
@@ -329,8 +325,7 @@ def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEC
     seeds = config.holdout.seeds
     lpips_config = lpips_params = None
     if config.holdout.get("lpips"):
-        from smfsr_jax.convert.lpips import load_lpips_from
-        lpips_config, lpips_params = load_lpips_from(config.holdout.lpips, config.reward.lpips_net)
+        lpips_config, lpips_params = load_network("lpips", config.holdout.lpips, config.reward.lpips_net)
 
     def evaluate_crops(trainable, frozen, data, lpips_weights):
         rng = jax.random.PRNGKey(config.holdout.seed)
