@@ -270,8 +270,11 @@ class PatchEmbed(nn.Module):
     def __call__(self, latents):
         cfg = self.config
         p, m, d = cfg.patch_size, cfg.pos_embed_max_size, cfg.hidden_size
-        table = self.param("pos_embed", lambda *_: jnp.asarray(
-            sincos_pos_embed_table(d, m, cfg.sample_size // p)), (1, m * m, d))
+        # A host callback, not a constant: abstract inits (eval_shape) then skip the table (16 s at full
+        # size) and jitted inits do not embed it in the program.
+        table = self.param("pos_embed", lambda *_: jax.pure_callback(
+            lambda: sincos_pos_embed_table(d, m, cfg.sample_size // p),
+            jax.ShapeDtypeStruct((1, m * m, d), jnp.float32)))
         conv = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.compute_dtype, name="proj")
         x = conv(latents.astype(cfg.compute_dtype))
         b, h, w, _ = x.shape
