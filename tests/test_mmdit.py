@@ -14,6 +14,7 @@ from smfsr_jax.models import mmdit
 from smfsr_jax.training.stages.student import student_from_teacher
 from smfsr_jax.training.stages.teacher import teacher_from_base
 from tests.conftest import import_torch, shared_path
+from tests.random_weights import random_mmdit_params
 
 FIXTURES = ("sd35_mmdit_tiny", "dit4sr_teacher_tiny", "dit4sr_r1_tiny", "smfsr_student_tiny")
 
@@ -480,17 +481,9 @@ def forward(cfg, params, z, kw):
     return jax.jit(lambda p, z, kw: mmdit.MMDiT(cfg).apply({"params": p}, z, **kw))(params, z, kw)
 
 
-def random_params(cfg, seed=0):
-    """Init then make every leaf random (no zero control weights)."""
-    params = jax.jit(mmdit.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
 def test_bf16_compute_tracks_fp32():
     cfg = mmdit.MMDiTConfig.tiny_student()
-    params = random_params(cfg)
+    params = random_mmdit_params(cfg)
     z, kw = tiny_inputs(cfg)
     ref = forward(cfg, params, z, kw)
     out = forward(cfg.replace(dtype="bfloat16"), params, z, kw)
@@ -501,7 +494,7 @@ def test_bf16_compute_tracks_fp32():
 
 def test_remat_policies_keep_values_and_gradients():
     cfg = mmdit.MMDiTConfig.tiny_teacher()
-    params = random_params(cfg, seed=3)
+    params = random_mmdit_params(cfg, seed=3)
     z, kw = tiny_inputs(cfg)
 
     def value_and_grad(c):
@@ -517,7 +510,7 @@ def test_remat_policies_keep_values_and_gradients():
 
 def test_attention_switch_and_errors():
     cfg = mmdit.MMDiTConfig.tiny_teacher()
-    params = random_params(cfg, seed=4)
+    params = random_mmdit_params(cfg, seed=4)
     z, kw = tiny_inputs(cfg)
     ref = forward(cfg, params, z, kw)
     # `cudnn` falls back to the XLA path for fp32 and off the GPU, so one config runs everywhere.
@@ -543,7 +536,7 @@ def test_attention_switch_and_errors():
 def test_to_k_control_gets_no_gradient_in_double_norm_mode():
     for bug in (True, False):
         cfg = mmdit.MMDiTConfig.tiny_teacher(lr_key_bug=bug)
-        params = random_params(cfg, seed=5)
+        params = random_mmdit_params(cfg, seed=5)
         z, kw = tiny_inputs(cfg)
         grads = jax.jit(jax.grad(lambda p: jnp.mean(mmdit.MMDiT(cfg).apply({"params": p}, z, **kw) ** 2)))(params)
         k_grad = max(float(jnp.abs(g).max()) for path, g in common.flatten(grads).items() if "to_k_control" in path)
@@ -552,7 +545,7 @@ def test_to_k_control_gets_no_gradient_in_double_norm_mode():
 
 def test_rectangular_latents_and_positional_crop():
     cfg = mmdit.MMDiTConfig.tiny_student()
-    params = random_params(cfg, seed=6)
+    params = random_mmdit_params(cfg, seed=6)
     z, kw = tiny_inputs(cfg, hw=(6, 10))
     assert forward(cfg, params, z, kw).shape == (2, 6, 10, 16)
 
@@ -578,7 +571,7 @@ def test_timestep_frequencies_match_torch_within_one_ulp():
 
 def test_teacher_from_base_and_student_from_teacher():
     base_cfg = mmdit.MMDiTConfig.tiny()
-    base = random_params(base_cfg, seed=8)
+    base = random_mmdit_params(base_cfg, seed=8)
     t_cfg, teacher = teacher_from_base(base_cfg, base)
     assert t_cfg.lr_stream
     flat, flat_base = common.flatten(teacher), common.flatten(base)

@@ -12,17 +12,13 @@ from smfsr_jax.models import mmdit
 from smfsr_jax.training import partition, stages
 from smfsr_jax.training.stages.student import student_from_teacher
 from tests import tiny_runs
+from tests.random_weights import random_mmdit_params
 
 
 def random_teacher(seed=0):
     """The demo's tiny teacher geometry with every weight random (its output depends on the time embedding)."""
     cfg = mmdit.MMDiTConfig.from_dict(common.model_config("tiny", "dit4sr_teacher").to_dict())
-    params = mmdit.init_params(cfg, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    scale = 1 / np.sqrt(cfg.hidden_size)
-    return cfg, jax.device_get(jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape)
-                                                         for k, x in zip(keys, leaves)]))
+    return cfg, jax.device_get(random_mmdit_params(cfg, seed, scale=1 / np.sqrt(cfg.hidden_size)))
 
 
 def inputs(cfg, pooled, batch=16, seed=0):
