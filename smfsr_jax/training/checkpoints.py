@@ -104,7 +104,7 @@ def _state_handlers():
     replica-parallel writing (each copy of a replicated array writes a slice of it) spreads no I/O, while it
     compiles one slice per array shape: ~15 s blocking the first save of a tiny 8-device run. There one copy
     writes each array; accelerators keep orbax's default."""
-    replica_parallel = None if jax.default_backend() != "cpu" else False
+    replica_parallel = False if jax.default_backend() == "cpu" else None  # None: orbax's choice
     handlers = ocp.type_handlers
     return handlers.create_type_handler_registry(
         (int, handlers.ScalarHandler()), (float, handlers.ScalarHandler()), (np.number, handlers.ScalarHandler()),
