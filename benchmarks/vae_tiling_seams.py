@@ -14,11 +14,11 @@ than a trained VAE, a harder case for the attention.
   python benchmarks/vae_tiling_seams.py --size 1024 --tile 512
   python benchmarks/vae_tiling_seams.py --size 2048 --width_divisor 4   # minutes on CPU
   python benchmarks/vae_tiling_seams.py --size 2048 --tile 512 --width_divisor 4 --skip_whole   # seams only
+  python benchmarks/vae_tiling_seams.py --size 256 --tile 128 --tiny   # seconds on CPU
 
 `--skip_whole` runs the tiled VAE alone and reports its seams (border against interior jumps): for sizes whose
 whole-image run does not fit the machine (at 2048², the whole decoder's mid-block attention alone needs two
 65,536² fp32 matrices, 34 GB).
-  python benchmarks/vae_tiling_seams.py --size 256 --tile 128 --tiny   # seconds on CPU
 
 The last line is one JSON object: value = the decoder's max absolute difference; speedup = whole / tiled time.
 """
