@@ -176,6 +176,12 @@ def _run_subprocess(args, env_extra, cwd=REPO):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _first_error(output: str) -> str:
+    """A failed process's first error line and its output's tail: a fatal abort's native stack would hide it."""
+    errors = [line for line in output.splitlines() if "Error" in line]
+    return f"first error: {errors[0] if errors else None}\n{output[-2000:]}"
+
+
 def _config_flags(data_dir, **extra):
     flags = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, "data.data_dir": data_dir, "total_steps": STEPS,
                                               **extra}.items()]
@@ -202,7 +208,7 @@ def test_eight_devices_and_two_processes_match_one_device(data_dir, tmp_path):
                               coordinator, *flags],
                              {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert all(p.returncode == 0 for p in procs), "\n".join(_first_error(out) for out in outs)
     assert_trees_close(bundle_params(two), bundle_params(one), atol=1e-5)
 
 

@@ -178,6 +178,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = device_batch(next(batches), mesh)
             if compiled is None:  # ahead-of-time: surfaces OOM and compile time before the loop runs
                 compiled = update.lower(state, frozen, batch).compile()
+                if jax.process_count() > 1:
+                    # Processes finish compiling up to minutes apart, and XLA:CPU's gloo reduce-scatter gives
+                    # up after 30 s whatever the collective timeout: start the first step together.
+                    multihost_utils.sync_global_devices("train step compiled")
                 logging.info("step compiled; memory: %s", compiled.memory_analysis())
             state, metrics = compiled(state, frozen, batch)
             # Metrics are read one step late: the host never waits for the step it just dispatched.
