@@ -62,3 +62,29 @@ def student_run(teacher_run, data_dir, tmp_path_factory):
     from tests import tiny_runs
     return tiny_runs.run(student_isc, data_dir, tmp_path_factory.mktemp("student"), total_steps=4,
                          **{"init.teacher": str(teacher_run / "bundle")})
+
+
+# Buckets: a local Cloud Storage emulator (tests/gcs_emulator.py), reached through STORAGE_EMULATOR_HOST alone.
+BUCKET = "smfsr-test"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The emulator, started once per test process with bucket BUCKET. This process and every process a test
+    starts (they inherit the environment) send their gs:// requests to it; nothing leaves the machine."""
+    from smfsr_jax.core import files
+    from tests import gcs_emulator
+    from tests.processes import free_port
+    emulator = gcs_emulator.Emulator(free_port(), [BUCKET])
+    os.environ.update(emulator.env)
+    files.configure_storage()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def bucket_dir(gcs, request):
+    """A fresh gs:// prefix for one test: gs://BUCKET/<test name>-<n>."""
+    import uuid
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
