@@ -6,9 +6,11 @@
     WORKDIR/metrics.jsonl    one JSON object per logged step (TensorBoard events beside it)
     WORKDIR/bundle/          the exported model, written at the end of the run
     WORKDIR/eval/            the evaluator's watch mode: per-step results and its TensorBoard events
+
+WORKDIR may be a bucket URL (gs://...): every name below is joined through core/files.
 """
 
-import os
+from smfsr_jax.core import files
 
 CONFIG = "config.json"
 LOCK = "run.lock"
@@ -19,28 +21,28 @@ EVAL = "eval"
 
 
 def config_path(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG)
+    return files.join(workdir, CONFIG)
 
 
 def lock_path(workdir: str) -> str:
-    return os.path.join(workdir, LOCK)
+    return files.join(workdir, LOCK)
 
 
 def checkpoints_dir(workdir: str) -> str:
-    return os.path.join(workdir, CHECKPOINTS)
+    return files.join(workdir, CHECKPOINTS)
 
 
 def metrics_path(workdir: str) -> str:
-    return os.path.join(workdir, METRICS)
+    return files.join(workdir, METRICS)
 
 
 def bundle_dir(workdir: str) -> str:
-    return os.path.join(workdir, BUNDLE)
+    return files.join(workdir, BUNDLE)
 
 
 def eval_dir(workdir: str) -> str:
-    return os.path.join(workdir, EVAL)
+    return files.join(workdir, EVAL)
 
 
 def is_workdir(path: str) -> bool:
-    return os.path.isfile(config_path(path))
+    return files.is_file(config_path(path))

@@ -3,11 +3,14 @@ readable checkpoint, run the jitted step, log, checkpoint and export the bundle 
 
 Before anything is written to the workdir the data is checked (a missing build fails at once with the
 command that makes it) and the workdir's run lock is taken (one run per workdir). A resume checks that the
-config equals the one the run was started with.
+config equals the one the run was started with. The workdir and the data may be bucket URLs (gs://): process
+0 writes the shared files, every process writes its checkpoint shards, no local disk is shared.
+
+SIGTERM (training/preemption.py) stops the run after a step all processes agree on, with a checkpoint of
+that step and exit status 0; rerunning the same command resumes from it.
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -16,12 +19,12 @@ from absl import logging
 from clu import parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import captions, pipeline
 from smfsr_jax.sampling import bundle
-from smfsr_jax.training import checkpoints, run_lock, sharding, stages, writers
+from smfsr_jax.training import checkpoints, preemption, run_lock, sharding, stages, writers
 from smfsr_jax.training import state as state_lib
 from smfsr_jax.training.stages import common
 
@@ -46,9 +49,7 @@ class ConfigChanged(errors.UserError):
 
 def write_config(config: ml_collections.ConfigDict, path: str):
     if jax.process_index() == 0:
-        with open(path + ".partial", "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        os.replace(path + ".partial", path)
+        files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _flat(tree, prefix=""):
@@ -59,8 +60,7 @@ def _flat(tree, prefix=""):
 
 def config_changes(config: ml_collections.ConfigDict, path: str) -> list[str]:
     """'field: saved -> new' for every field where `config` differs from the config saved at `path`."""
-    with open(path) as f:
-        saved = _flat(json.load(f))
+    saved = _flat(json.loads(files.read_text(path)))
     new = _flat(json.loads(config.to_json_best_effort()))
     def show(flat, key):
         return json.dumps(flat[key]) if key in flat else "(absent)"
@@ -72,7 +72,7 @@ def config_changes(config: ml_collections.ConfigDict, path: str) -> list[str]:
 def check_config(config: ml_collections.ConfigDict, workdir: str, allow_change: bool):
     """A run resuming from checkpoints must have the config it was started with, unless allowed."""
     path = workdir_lib.config_path(workdir)
-    if not (os.path.isfile(path) and checkpoints.finished_steps(workdir_lib.checkpoints_dir(workdir))):
+    if not (files.is_file(path) and checkpoints.finished_steps(workdir_lib.checkpoints_dir(workdir))):
         return
     changes = config_changes(config, path)
     if changes and not allow_change:
@@ -119,24 +119,50 @@ def device_batch(batch: dict, mesh) -> dict:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
-    """Run (or resume) the stage in `config` until config.total_steps; returns the last metrics."""
+    """Run (or resume) the stage in `config` until config.total_steps, or until SIGTERM; returns the last
+    metrics."""
     jax.config.update("jax_threefry_partitionable", True)
     pipeline.check_prepared(config.data.dataset, config.data.split, config.data.data_dir)
     if config.get("holdout") and config.holdout.get("dataset"):  # a stage's held-out set (student_reward)
         pipeline.check_prepared(config.holdout.dataset, config.holdout.split,
                                 config.holdout.get("data_dir") or config.data.data_dir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = files.absolute(workdir)
+    files.makedirs(workdir)
     lock = hold_workdir(workdir)
+    stop = preemption.Preemption()
     try:
         check_config(config, workdir, allow_config_change)
         write_config(config, workdir_lib.config_path(workdir))
-        return _train(config, workdir)
+        return _train(config, workdir, stop)
     finally:
+        stop.close()
         if lock is not None:
             run_lock.release(lock)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+# With several processes, they meet at a barrier once a function is compiled (or, for a Python function that
+# compiles inside, after its first call): they finish compiling up to minutes apart, and XLA:CPU's gloo
+# reduce-scatter gives up after 30 s whatever the collective timeout, so the next collective must start together.
+def _compile_together(jitted, name: str, *args):
+    compiled = jitted.lower(*args).compile()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"{name} compiled")
+    return compiled
+
+
+class _SyncedFirstCall:
+    def __init__(self, fn, name: str):
+        self.fn, self.name, self.called = fn, name, False
+
+    def __call__(self, *args):
+        result = self.fn(*args)
+        if not self.called and jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"{self.name} compiled")
+        self.called = True
+        return result
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Preemption) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
 
@@ -163,25 +189,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = state_lib.jit_train_step(
         state_lib.make_train_step(stage.loss_fn, optimizer, seed=config.seed, ema_decay=config.ema_decay),
         state_shardings, frozen_shardings, mesh)
-    writer = writers.make_writer(workdir)
+    writer = writers.make_run_writer(workdir)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)]
     if config.profile and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start + 10))
+        # The profiler writes through TensorFlow's file system: traces of a bucket workdir stay on this host.
+        profile_dir = files.scratch_dir("profile") if files.is_remote(workdir) else workdir
+        logging.info("profile traces go to %s", profile_dir)
+        hooks.append(periodic_actions.Profile(logdir=profile_dir, num_profile_steps=5, first_profile=start + 10))
 
-    preview = common.make_preview_fn(stage)
-    compiled, pending, last = None, None, {}
-    if stage.evaluate is not None and start == 0:
-        writer.write_scalars(0, stage.evaluate(state.params, frozen, mesh))
+    preview, compiled_preview = common.make_preview_fn(stage), None
+    evaluate = _SyncedFirstCall(stage.evaluate, "held-out evaluation") if stage.evaluate is not None else None
+    compiled, pending, last, stopped_at = None, None, {}, None
+    if evaluate is not None and start == 0:
+        writer.write_scalars(0, evaluate(state.params, frozen, mesh))
     try:
         for step in range(start + 1, config.total_steps + 1):
             batch = device_batch(next(batches), mesh)
             if compiled is None:  # ahead-of-time: surfaces OOM and compile time before the loop runs
-                compiled = update.lower(state, frozen, batch).compile()
-                if jax.process_count() > 1:
-                    # Processes finish compiling up to minutes apart, and XLA:CPU's gloo reduce-scatter gives
-                    # up after 30 s whatever the collective timeout: start the first step together.
-                    multihost_utils.sync_global_devices("train step compiled")
+                compiled = _compile_together(update, "train step", state, frozen, batch)
                 logging.info("step compiled; memory: %s", compiled.memory_analysis())
             state, metrics = compiled(state, frozen, batch)
             # Metrics are read one step late: the host never waits for the step it just dispatched.
@@ -190,14 +216,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = (step, metrics)
             for hook in hooks:
                 hook(step)
-            if stage.evaluate is not None and (step % stage.evaluate_every == 0 or step == config.total_steps):
-                writer.write_scalars(step, stage.evaluate(state.params, frozen, mesh))
+            if evaluate is not None and (step % stage.evaluate_every == 0 or step == config.total_steps):
+                writer.write_scalars(step, evaluate(state.params, frozen, mesh))
             if step % config.image_every == 0:
-                rows = preview(state.params, frozen, batch, jax.random.PRNGKey(step))
+                args = (state.params, frozen, batch, jax.random.PRNGKey(step))
+                compiled_preview = compiled_preview or _compile_together(preview, "preview", *args)
+                rows = compiled_preview(*args)
                 writer.write_images(step, {"lr_sr_hr": multihost_utils.process_allgather(rows, tiled=True)})
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
+            preempted = stop.reached(step)
+            if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
                 raise_if_nonfinite(int(jax.device_get(state.nonfinite_step)))
                 checkpointer.save(step, state, batches.get_state())
+                writer.flush()
+            if preempted:
+                stopped_at = step
+                break
         if pending is not None:
             last = write_metrics(writer, *pending)
             raise_if_nonfinite(int(jax.device_get(state.nonfinite_step)))
@@ -205,8 +238,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.wait()
         checkpointer.close()
         batches.close()
+        writer.flush()
+    if stopped_at is not None:
+        logging.warning("stopped by SIGTERM after step %d of %d; checkpoint %d is in %s: rerun the same command to "
+                        "resume", stopped_at, config.total_steps, stopped_at, workdir_lib.checkpoints_dir(workdir))
+        return last
     export_bundle(stage, state, config, workdir_lib.bundle_dir(workdir))
-    writer.flush()
     return last
 
 

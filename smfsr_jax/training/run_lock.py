@@ -1,9 +1,11 @@
 """One training run per workdir: WORKDIR/run.lock names the run holding it (host, pid, start time).
 
-The lock file is written in full under a temporary name and hard-linked into place, so it appears
-atomically and complete: two runs racing for it cannot both win, and a reader never sees it half-written.
-A lock left by a process that is gone (same host, pid not running) is taken over with a warning; one from
-another host cannot be checked and is reported for the user to remove.
+The lock is created only if absent (core/files.create_exclusive: a hard link locally, a generation
+precondition in a bucket, which has no flock), so of two runs racing for it exactly one wins, and it appears
+complete. A lock left by a process that is gone (same host, pid not running) is taken over with a warning: it
+is deleted only if nobody replaced it since it was read (files.delete_if_unchanged), then created again, so
+of several runs taking it over one wins. A lock from another host cannot be checked and is reported for the
+user to remove.
 """
 
 import json
@@ -13,7 +15,7 @@ import time
 
 from absl import logging
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.core import workdir as workdir_lib
 
 
@@ -31,13 +33,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read(path: str) -> dict | None:
+def _parse(path: str, content: bytes) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
+        return json.loads(content)
+    except ValueError as e:
         raise WorkdirLocked(f"{path}: unreadable run lock ({e}); delete it if no run is using the workdir") from None
 
 
@@ -49,40 +48,27 @@ def acquire(workdir: str) -> str:
     """Take WORKDIR/run.lock for this process; raises WorkdirLocked naming the holder. Returns the lock path."""
     path = workdir_lib.lock_path(workdir)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    staging = f"{path}.{me['pid']}"
-    with open(staging, "w") as f:
-        json.dump(me, f)
-    try:
-        while True:
-            try:
-                os.link(staging, path)
-                return path
-            except FileExistsError:
-                pass
-            holder = _read(path)
-            if holder is None:  # released in the meantime
-                continue
-            if holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1))):
-                raise WorkdirLocked(f"workdir {workdir} is in use by {_describe(holder)}: {path}. Wait for that "
-                                    "run to end, or delete the lock file if it is gone.")
-            # Move the stale lock aside first: of several runs taking it over, one rename succeeds.
-            aside = f"{path}.stale.{me['pid']}"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue
-            moved = _read(aside)
-            if moved != holder:  # another run took it over between our read and our rename: give it back
-                os.rename(aside, path)
-                continue
-            os.remove(aside)
+    while True:
+        if files.create_exclusive(path, json.dumps(me).encode()):
+            return path
+        current = files.read_versioned(path)
+        if current is None:  # released in the meantime
+            continue
+        content, version = current
+        holder = _parse(path, content)
+        if holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1))):
+            raise WorkdirLocked(f"workdir {workdir} is in use by {_describe(holder)}: {path}. Wait for that "
+                                "run to end, or delete the lock file if it is gone.")
+        if files.delete_if_unchanged(path, version):
             logging.warning("took over the run lock of %s, which is no longer running (%s)", _describe(holder), path)
-    finally:
-        os.remove(staging)
 
 
 def release(path: str):
     """Remove the lock if this process holds it."""
-    holder = _read(path)
-    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        os.remove(path)
+    current = files.read_versioned(path)
+    if current is None:
+        return
+    content, version = current
+    holder = _parse(path, content)
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        files.delete_if_unchanged(path, version)
