@@ -117,6 +117,16 @@ def read_text(value) -> str:
     return path(value).read_text()
 
 
+def read_range(value, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file (fewer at its end): one ranged request for a bucket object, so that a
+    reader takes a part of a large file without downloading the rest."""
+    if is_remote(value):
+        return _filesystem(value).cat_file(_key(value), start, end)
+    with open(absolute(value), "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 def write_bytes(value, data: bytes):
     """Write a whole file: readers see the old content or the new one, never a part (module docstring)."""
     if is_remote(value):
@@ -263,19 +273,72 @@ def move(source, destination):
         fs.mv(name, dst + name[len(src):])
 
 
-def copy_tree(source, destination, *, last: Iterable[str] = (), what: str = ""):
-    """Copy a directory, local or remote in either place, with a progress bar on stderr. Files named in `last`
-    (relative paths) are copied after all others, so that a reader who waits for them sees a complete copy."""
+def sizes(value) -> dict[str, int]:
+    """{relative name: size} of every file under a directory (one listing request in a bucket)."""
+    root = absolute(value).rstrip("/")
+    if not is_remote(root):
+        return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+                for d, _, names in os.walk(root) for n in names}
+    key = _key(root)
+    return {name[len(key) + 1:]: int(info["size"])
+            for name, info in _filesystem(root).find(key, detail=True).items()}
+
+
+def copy_file(source, destination, progress=None):
+    """Copy one file between any two places, streamed (a file larger than memory is fine): the destination
+    appears complete or not at all (a local one is written aside and renamed). `progress`: a tqdm bar."""
+    import fsspec.callbacks
+
+    class _Bar(fsspec.callbacks.Callback):
+        def relative_update(self, inc=1):
+            if progress is not None:
+                progress.update(inc)
+
     source, destination = absolute(source), absolute(destination)
-    names = [f[len(source.rstrip("/")) + 1:] for f in walk_files(source)]
-    last = [name for name in last if name in names]
-    ordered = [name for name in names if name not in last] + last
-    total = sum(size(join(source, name)) for name in ordered)
-    with _progress(total, what or f"copying {source} to {destination}") as bar:
+    if is_remote(source) and is_remote(destination) and _filesystem(source) is _filesystem(destination):
+        _filesystem(source).copy(_key(source), _key(destination))  # by the service, nothing downloaded
+        if progress is not None:
+            progress.update(size(source))
+        return
+    if is_remote(destination):
+        if is_remote(source):  # another store: through local scratch
+            with tempfile.TemporaryDirectory(dir=scratch_dir()) as scratch:
+                copy_file(source, os.path.join(scratch, "file"), progress)
+                _filesystem(destination).put_file(os.path.join(scratch, "file"), _key(destination))
+            return
+        _filesystem(destination).put_file(source, _key(destination), callback=_Bar())
+        return
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(destination)}.partial-",
+                                   dir=os.path.dirname(destination))
+    os.close(fd)
+    try:
+        if is_remote(source):
+            _filesystem(source).get_file(_key(source), partial, callback=_Bar())
+        else:
+            with open(source, "rb") as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+                    if progress is not None:
+                        progress.update(len(chunk))
+        os.replace(partial, destination)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
+
+
+def copy_tree(source, destination, *, last: Iterable[str] = (), what: str = ""):
+    """Copy a directory, local or remote in either place, streamed, with a progress bar on stderr. Files named in
+    `last` (relative paths) are copied after all others, so that a reader who waits for them sees a complete
+    copy."""
+    source, destination = absolute(source).rstrip("/"), absolute(destination).rstrip("/")
+    listing = sizes(source)
+    last = [name for name in last if name in listing]
+    ordered = sorted(name for name in listing if name not in last) + last
+    with _progress(sum(listing.values()), what or f"copying {source} to {destination}") as bar:
         for name in ordered:
-            data = read_bytes(join(source, name))
-            write_bytes(join(destination, name), data)
-            bar.update(len(data))
+            copy_file(join(source, name), join(destination, name), bar)
 
 
 def scratch_dir(*parts: str) -> str:
@@ -295,22 +358,20 @@ def stage(value, *, what: str = "") -> str:
         return absolute(value)
     from absl import logging
     source = absolute(value).rstrip("/")
-    files = walk_files(source) if is_dir(source) else [source]
-    listing = {f: size(f) for f in files}
-    key = hashlib.sha256(repr(sorted(listing.items())).encode()).hexdigest()[:16]
+    directory = is_dir(source)
+    listing = sizes(source) if directory else {"": size(source)}
+    key = hashlib.sha256(repr((source, sorted(listing.items()))).encode()).hexdigest()[:16]
     local = os.path.join(scratch_dir("staged", key), os.path.basename(source))
     done = local + ".complete"
     if os.path.exists(done):
         return local
     logging.info("staging %s (%d files, %.1f MiB) to local scratch %s: %s reads local files only", source,
-                 len(files), sum(listing.values()) / 2**20, local, what or "the library")
-    if is_dir(source):
+                 len(listing), sum(listing.values()) / 2**20, local, what or "the library")
+    if directory:
         copy_tree(source, local, what=f"staging {source}")
     else:
-        with _progress(listing[source], f"staging {source}") as bar:
-            data = read_bytes(source)
-            write_bytes(local, data)
-            bar.update(len(data))
+        with _progress(listing[""], f"staging {source}") as bar:
+            copy_file(source, local, bar)
     with open(done, "w"):
         pass
     return local
@@ -325,8 +386,12 @@ def check_writable(directory):
         try:
             write_bytes(probe, b"")
             remove(probe)
+        except FileNotFoundError as e:  # an upload finds no parent only when the bucket itself is missing
+            raise errors.UserError(f"cannot write in the output location {directory}: the bucket "
+                                   f"{_key(directory).split('/')[0]} does not exist") from e
         except Exception as e:  # noqa: BLE001 (fsspec backends raise their own types)
-            raise errors.UserError(f"cannot write in the output location {directory}: {e}") from e
+            reason = " ".join(str(e).split())  # one line: gcsfs puts a 403's reason on a line of its own
+            raise errors.UserError(f"cannot write in the output location {directory}: {reason}") from e
         return
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise errors.UserError(f"the output directory {directory} exists and is not a directory")

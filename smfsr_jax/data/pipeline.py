@@ -36,7 +36,6 @@ import collections
 import ctypes
 import ctypes.util
 import functools
-import glob
 import json
 import os
 
@@ -46,7 +45,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.data import degradation, images
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -65,17 +64,20 @@ def build_command(dataset: str, data_dir: str | None) -> str:
 
 
 def check_prepared(dataset: str, split: str, data_dir: str | None):
-    """Fail at once, naming the directory and the build command, unless `data_dir` holds a prepared build
-    of `dataset` with `split` (TFDS layout: DATA_DIR/name[/config]/version/dataset_info.json)."""
+    """Fail at once, naming the directory and the build command, unless `data_dir` (a folder or a bucket URL)
+    holds a prepared build of `dataset` with `split` (TFDS layout: DATA_DIR/name[/config]/version/dataset_info.json,
+    the file a build writes last)."""
     if not data_dir:
         raise DataNotPrepared(f"no data_dir given for dataset {dataset}; build one with: "
                               f"{build_command(dataset, None)}, then pass --config.data.data_dir=DIR")
-    infos = sorted(glob.glob(os.path.join(glob.escape(data_dir), *dataset.split("/"), "*", "dataset_info.json")))
+    dataset_dir = files.join(data_dir, *dataset.split("/"))
+    versions = files.listdir(dataset_dir) if files.is_dir(dataset_dir) else []
+    infos = [info for info in (files.join(dataset_dir, version, "dataset_info.json") for version in versions)
+             if files.is_file(info)]
     if not infos:
-        problem = "does not exist" if not os.path.isdir(data_dir) else f"holds no prepared {dataset} dataset"
+        problem = "does not exist" if not files.is_dir(data_dir) else f"holds no prepared {dataset} dataset"
         raise DataNotPrepared(f"data_dir {data_dir} {problem}; build it with: {build_command(dataset, data_dir)}")
-    with open(infos[-1]) as f:
-        splits = [s["name"] for s in json.load(f).get("splits", [])]
+    splits = [s["name"] for s in json.loads(files.read_text(infos[-1])).get("splits", [])]
     if split not in splits:
         raise DataNotPrepared(f"{os.path.dirname(infos[-1])}: dataset {dataset} has no split {split!r} "
                               f"(it has {', '.join(splits) or 'none'}); rebuild it with: "
@@ -83,7 +85,8 @@ def check_prepared(dataset: str, split: str, data_dir: str | None):
 
 
 def open_source(dataset: str, split: str, data_dir: str):
-    """`tfds.data_source` of one of the project's datasets ("name" or "name/config")."""
+    """`tfds.data_source` of one of the project's datasets ("name" or "name/config"); a data_dir in a bucket is
+    read in place (ArrayRecord's reader fetches the records it is asked for)."""
     check_prepared(dataset, split, data_dir)
     import tensorflow_datasets as tfds
 
