@@ -1,8 +1,8 @@
 """Released weights -> bundle (sampling/pretrained.py): tiny weights in the published layouts (SMFSR smfsr_q in a
 Hugging Face cache, DiT4SR dit4sr_r1 sharded on disk with the NULL_*.pt beside it, an SD3.5 root with and without
 text encoders), `sr --model` with Hub ids offline, the conversion cache (reuse, rebuild of corrupt entries),
-NULL embeddings found or encoded, lr_key_bug by name, `convert bundle`, the error cases, and the converted
-transformers against the torch reference."""
+NULL embeddings found or encoded, lr_key_bug by name, `convert bundle`, sources, cache and bundle in a bucket, the
+error cases, and the converted transformers against the torch reference."""
 
 import hashlib
 import json
@@ -17,7 +17,9 @@ from PIL import Image
 from smfsr_jax import sr
 from smfsr_jax.convert import __main__ as convert_cli
 from smfsr_jax.convert import common
+from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert.text import load_text_encoders
+from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.models.text import null_prompt_embeddings
 from smfsr_jax.sampling import bundle as bundle_lib
@@ -231,6 +233,51 @@ def test_sharded_dit4sr_r1_null_found_parity_and_corrupt_entries(released, tmp_p
     np.testing.assert_array_equal(rebuilt.null_embeddings[0], released["null"][0])
     leftovers = [p.name for p in (cache / pretrained.BUNDLES_DIR).iterdir() if p.name.startswith(".")]
     assert not leftovers
+
+
+def test_bucket_sources_and_cache(released, bucket_dir, tmp_path, monkeypatch, caplog):
+    """MODEL, BASE and the cache in a bucket: the sources are staged as they are read, the entry is written there
+    (its record last) and reused by the next call."""
+    monkeypatch.setenv(files.SCRATCH_ENV, str(tmp_path / "scratch"))
+    files.copy_tree(released["root"] / "DiT4SR", files.join(bucket_dir, "DiT4SR"))  # NULL_*.pt beside dit4sr_r1
+    files.copy_tree(released["sd35"] / "vae", files.join(bucket_dir, "sd35", "vae"))
+    model, base = files.join(bucket_dir, "DiT4SR", "dit4sr_r1"), files.join(bucket_dir, "sd35")
+    cache = files.join(bucket_dir, "cache")
+    with caplog.at_level(logging.INFO):
+        path = pretrained.load_or_convert(model, base, cache_dir=cache)
+    assert "converting the bundle" in caplog.text and f"staging {model}/" in caplog.text
+    assert path.startswith(files.join(cache, pretrained.BUNDLES_DIR) + "/")
+    assert files.listdir(files.join(cache, pretrained.BUNDLES_DIR)) == [os.path.basename(path)]  # nothing aside
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=pretrained.__name__):
+        assert pretrained.load_or_convert(model, base, cache_dir=cache) == path
+    assert f"using the cached bundle of {model} + {base} at {path}" in caplog.text and "converting" not in caplog.text
+
+    loaded = bundle_lib.load_bundle(path)
+    assert loaded.meta["variant"] == "dit4sr_r1" and not loaded.transformer_config.lr_key_bug
+    for ours, published in zip(loaded.null_embeddings, released["null"]):
+        np.testing.assert_array_equal(ours, published)
+    _, local_params = transformer_convert.load_transformer(released["r1_dir"], lr_key_bug=False)
+    flat_ours, flat_local = common.flatten(loaded.transformer_params), common.flatten(local_params)
+    assert flat_ours.keys() == flat_local.keys()
+    assert all(np.array_equal(flat_ours[k], flat_local[k]) for k in flat_local)
+
+    # An entry without its record (being written, or left by an interrupted write) is absent, not damaged.
+    files.remove(files.join(path, pretrained.ENTRY_RECORD))
+    assert pretrained.entry_problem(path) == "absent"
+
+    # `convert bundle` into the bucket with BASE's text encoders there: converted into DST/text_encoders (the
+    # tokenizers copied, then staged to encode "").
+    files.copy_tree(released["sd35"], base)
+    files.copy_tree(released["root"] / "smfsr" / "smfsr_q", files.join(bucket_dir, "smfsr_q"))
+    dst = files.join(bucket_dir, "bundle")
+    assert convert_cli.main(["bundle", "--model", files.join(bucket_dir, "smfsr_q"), "--base", base,
+                             "--dst", dst]) == 0
+    loaded = bundle_lib.load_bundle(dst)
+    assert loaded.text_encoders_dir == files.join(dst, bundle_lib.TEXT_ENCODERS_DIR)
+    embeds, pooled = null_prompt_embeddings(load_text_encoders(str(released["sd35"])), 256)
+    np.testing.assert_allclose(loaded.null_embeddings[0], embeds, atol=1e-5)
+    np.testing.assert_allclose(loaded.null_embeddings[1], pooled, atol=1e-5)
 
 
 def test_convert_bundle_cli_with_explicit_null_embeddings(released, tmp_path, capsys):

@@ -12,6 +12,9 @@
   python -m smfsr_jax.convert bundle --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
       --dst bundles/smfsr_q [--null_embeddings DIR] [--lr_key_bug true|false]
 
+Every path may be a bucket URL (gs://...): safetensors and torch files there are staged to local scratch as they
+are read (each copy is logged), converted directories are written to the bucket directly.
+
 bundle: a released transformer (--model: smfsr_q, smfsr_f, Teacher, dit4sr_q, dit4sr_f, dit4sr_r1) with Stable
 Diffusion 3.5 Medium (--base), each a directory or a Hugging Face Hub id, written as the model bundle that
 `python -m smfsr_jax.sr --checkpoint` reads (what `sr --model` converts into its cache; text encoders, when --base
@@ -75,7 +78,6 @@ def main(argv=None) -> int:
     def convert():
         if args.kind == "bundle":  # imported here: convert does not import sampling otherwise
             from smfsr_jax.sampling import pretrained
-            pretrained.show_log()
             pretrained.write_bundle(args.model, args.base, args.dst, null_embeddings=args.null_embeddings,
                                     lr_key_bug=args.lr_key_bug)
         else:
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
                 module.convert(args.src, args.dst)
         print(f"wrote {args.dst}", file=sys.stderr)
 
+    errors.show_log()  # conversion, cache use and copies staged from buckets
     return errors.run_cli(convert, debug=args.debug)
 
 

@@ -2,6 +2,10 @@
 
 Pure numpy: torch is never imported. Tensors are read through a memory map so that multi-GB files
 are not loaded whole; bfloat16 comes from ml_dtypes (a jax dependency).
+
+Sources and outputs may be bucket URLs (gs://): a safetensors header is read from the bucket, the file is
+staged to local scratch (core/files.stage) when its first tensor is read; converted directories are read and
+written in place (orbax reaches buckets itself).
 """
 
 import json
@@ -13,7 +17,7 @@ from typing import Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -26,23 +30,23 @@ class CheckpointError(errors.UserError, ValueError):
 
 
 class SafetensorsFile(Mapping):
-    """Read-only mapping key -> np.ndarray over one .safetensors file (memory-mapped, lazy)."""
+    """Read-only mapping key -> np.ndarray over one .safetensors file (memory-mapped, lazy). A file in a bucket
+    is staged when its first tensor is read: names and shapes come from its header alone."""
 
     def __init__(self, path: str):
         self.path = str(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > size - 8:
-                raise CheckpointError(f"{self.path}: truncated safetensors header "
-                                      f"(header says {header_len} bytes, file has {size - 8})")
-            try:
-                header = json.loads(f.read(header_len))
-            except ValueError as e:
-                raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        size = files.size(self.path)
+        raw = files.read_range(self.path, 0, 8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(f"{self.path}: truncated safetensors header "
+                                  f"(header says {header_len} bytes, file has {size - 8})")
+        try:
+            header = json.loads(files.read_range(self.path, 8, 8 + header_len))
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self._entries = header
         self._data_start = 8 + header_len
@@ -54,7 +58,17 @@ class SafetensorsFile(Mapping):
                                       f"but the data section has {data_size} bytes")
             if entry["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if data_size else None
+        self._mmap = None
+        self._has_data = data_size > 0
+        if not files.is_remote(self.path):
+            self._map()
+
+    def _map(self) -> np.memmap | None:
+        """The file's bytes, memory-mapped; a file in a bucket is staged first."""
+        if self._has_data and self._mmap is None:
+            local = files.stage(self.path, what="safetensors' memory map")
+            self._mmap = np.memmap(local, dtype=np.uint8, mode="r")
+        return self._mmap
 
     def shape(self, key: str) -> tuple:
         return tuple(self._entries[key]["shape"])
@@ -63,7 +77,7 @@ class SafetensorsFile(Mapping):
         entry = self._entries[key]
         begin, end = entry["data_offsets"]
         dtype = _DTYPES[entry["dtype"]]
-        buf = self._mmap[self._data_start + begin:self._data_start + end]
+        buf = self._map()[self._data_start + begin:self._data_start + end]
         return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
     def __iter__(self):
@@ -128,23 +142,23 @@ class MergedTensors(Mapping):
 def open_weights(path: str, pattern: str = "*.safetensors") -> Mapping:
     """A .safetensors file, or a directory holding one file or sharded files: those its one
     `*.safetensors.index.json` names (a missing shard is an error), else every .safetensors file."""
-    if os.path.isdir(path):
-        indexes = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
-        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if files.is_dir(path):
+        listing = files.listdir(path)
+        indexes = [n for n in listing if n.endswith(".safetensors.index.json")]
+        names = sorted(n for n in listing if n.endswith(".safetensors"))
         if len(indexes) == 1:
             index = os.path.join(path, indexes[0])
             try:
-                with open(index) as f:
-                    names = sorted(set(json.load(f)["weight_map"].values()))
+                names = sorted(set(json.loads(files.read_text(index))["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-            missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+            missing = [n for n in names if not files.is_file(os.path.join(path, n))]
             if missing:
                 raise CheckpointError(f"{index}: shard(s) {missing} are missing")
         if not names:
             raise CheckpointError(f"{path}: no .safetensors file in this directory")
         return MergedTensors(SafetensorsFile(os.path.join(path, n)) for n in names)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     return SafetensorsFile(path)
 
@@ -272,29 +286,31 @@ def _local_checkpointer():
 
 
 def save_converted(dst: str, config: dict, params, meta: dict | None = None):
-    """Write an orbax checkpoint of `params` under dst/params and the JSON config beside it."""
-    dst = os.path.abspath(dst)
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(dst, CONFIG_NAME), "w") as f:
-        json.dump({"config": config, "meta": meta or {}}, f, indent=2, sort_keys=True)
+    """Write an orbax checkpoint of `params` under dst/params, then the JSON config beside it: a directory with
+    its config is complete (is_converted), locally or in a bucket."""
+    dst = files.absolute(dst)
+    files.makedirs(dst)
+    config_file = os.path.join(dst, CONFIG_NAME)
+    if files.exists(config_file):  # an older conversion: no longer complete while its params are replaced
+        files.remove(config_file)
     with _local_checkpointer() as ckptr:
         ckptr.save(os.path.join(dst, PARAMS_DIR), params, force=True)
+    files.write_text(config_file, json.dumps({"config": config, "meta": meta or {}}, indent=2, sort_keys=True))
 
 
 def is_converted(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(os.path.join(path, CONFIG_NAME))
+    return files.is_dir(os.path.join(path, PARAMS_DIR)) and files.exists(os.path.join(path, CONFIG_NAME))
 
 
 def read_converted_config(path: str) -> tuple[dict, dict]:
     """(config dict, meta dict) of a directory written by save_converted."""
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        record = json.load(f)
+    record = json.loads(files.read_text(os.path.join(path, CONFIG_NAME)))
     return record["config"], record.get("meta", {})
 
 
 def load_converted(path: str, abstract_params=None):
     """Read (config dict, meta dict, params) written by save_converted."""
-    path = os.path.abspath(path)
+    path = files.absolute(path)
     config, meta = read_converted_config(path)
     with _local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract_params)

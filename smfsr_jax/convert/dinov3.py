@@ -22,6 +22,7 @@ from smfsr_jax.convert.common import (CONFIG_NAME, CheckpointError, check_keys, 
                                       is_converted, linear_kernel, load_converted, map_tensors, open_weights,
                                       save_converted, tensor_shape, unflatten)
 from smfsr_jax.convert.torch_pickle import load_state_dict
+from smfsr_jax.core import files
 from smfsr_jax.models.dinov3 import DINOv3Config, abstract_params
 
 HF_MODEL_TYPE = "dinov3_vit"
@@ -83,16 +84,15 @@ def config_from_hf(hf_config: dict, source: str) -> DINOv3Config:
 
 
 def _hf_config_path(path: str) -> str:
-    return os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
+    return os.path.join(path if files.is_dir(path) else os.path.dirname(files.absolute(path)), CONFIG_NAME)
 
 
 def _read_hf_config(path: str, source: str) -> DINOv3Config:
     config_path = _hf_config_path(path)
-    if not os.path.exists(config_path):
+    if not files.exists(config_path):
         raise CheckpointError(f"{source}: Hugging Face DINOv3 weights need their config.json beside them "
                               f"({config_path} is absent)")
-    with open(config_path) as f:
-        return config_from_hf(json.load(f), config_path)
+    return config_from_hf(json.loads(files.read_text(config_path)), config_path)
 
 
 # Original facebookresearch/dinov3 layout.
@@ -218,7 +218,7 @@ def original_to_hf(tensors, config: DINOv3Config) -> dict:
 
 def _open(path: str):
     """(tensors, source name) of a .safetensors file or directory, or of a torch pickle (.pth)."""
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
+    if files.is_file(path) and not path.endswith(".safetensors"):
         return load_state_dict(path), path
     tensors = open_weights(path)
     return tensors, tensors.path
@@ -257,5 +257,5 @@ def load_dinov3(path: str, show_progress: bool = False):
 def convert(src: str, dst: str, show_progress: bool = True) -> DINOv3Config:
     """Convert once to an orbax checkpoint (dst/params + dst/config.json) that load_dinov3 reads back."""
     config, params = load_dinov3(src, show_progress=show_progress)
-    save_converted(dst, dataclasses.asdict(config), params, meta={"source": os.path.abspath(src)})
+    save_converted(dst, dataclasses.asdict(config), params, meta={"source": files.absolute(src)})
     return config

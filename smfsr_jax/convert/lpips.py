@@ -12,7 +12,7 @@ Files are read with convert/torch_pickle (no torch).
 """
 
 import dataclasses
-import glob
+import fnmatch
 import os
 import re
 
@@ -23,6 +23,7 @@ import numpy as np
 from smfsr_jax.convert.common import (CheckpointError, check_keys, check_tree, conv_kernel, is_converted,
                                       load_converted, map_tensors, save_converted, unflatten)
 from smfsr_jax.convert.torch_pickle import load_state_dict
+from smfsr_jax.core import files
 from smfsr_jax.models.lpips import LPIPS, LPIPSConfig
 
 TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -105,8 +106,8 @@ def load_lpips(net: str, trunk_path=None, lin_path=None) -> tuple[LPIPSConfig, d
 
 
 def _find_one(directory: str, pattern: str):
-    matches = sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
-    return matches[0] if matches else None
+    matches = fnmatch.filter(files.listdir(directory), pattern)
+    return os.path.join(directory, matches[0]) if matches else None
 
 
 def load_lpips_from(path, net: str) -> tuple[LPIPSConfig, dict]:
@@ -122,9 +123,9 @@ def load_lpips_from(path, net: str) -> tuple[LPIPSConfig, dict]:
         params = jax.tree.map(np.asarray, params)
         check_tree(path, params, abstract_params(config))
         return config, params
-    if os.path.isfile(path):
+    if files.is_file(path):
         return _load(net, None, path, trunk_beside=False)
-    if not os.path.isdir(path):
+    if not files.is_dir(path):
         raise CheckpointError(f"{path}: no such file or directory")
     lin_file = _find_one(path, LIN_FILES[net]) or _find_one(path, PYIQA_PATTERNS[net])
     if lin_file is None:
@@ -136,6 +137,6 @@ def convert(src: str, dst: str, net: str = "alex") -> LPIPSConfig:
     """Convert `src` (anything load_lpips_from reads) once and write an orbax checkpoint + JSON config to
     `dst`, read back by load_lpips_from."""
     config, params = load_lpips_from(src, net)
-    meta = {"converter": "lpips", "source": os.path.abspath(src)}
+    meta = {"converter": "lpips", "source": files.absolute(src)}
     save_converted(dst, dataclasses.asdict(config), params, meta=meta)
     return config

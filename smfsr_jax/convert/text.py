@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Callable, Mapping
 
 import jax
@@ -34,6 +33,7 @@ from smfsr_jax.convert.common import (CheckpointError, MergedTensors, Safetensor
                                       is_converted, linear_kernel, load_converted, open_weights, progress,
                                       save_converted, tensor_shape, unflatten)
 from smfsr_jax.convert.torch_pickle import load_torch_file
+from smfsr_jax.core import files
 from smfsr_jax.models.text import (CLIP_MAX_LENGTH, TOKENIZER_DIRS, CLIPTextConfig, CLIPTextEncoder, T5Config,
                                    T5Encoder, TextEncoders, config_from_dict, load_tokenizers)
 
@@ -89,21 +89,19 @@ class _Prefixed(Mapping):
 def _open(path: str, prefix: str):
     """(tensors, config.json record or None, source name) of a transformers folder or a single file."""
     record = None
-    if os.path.isdir(path):
+    if files.is_dir(path):
         config_path = os.path.join(path, "config.json")
-        if not os.path.exists(config_path):
+        if not files.exists(config_path):
             raise CheckpointError(f"{path}: no config.json in this transformers folder")
-        with open(config_path) as f:
-            record = json.load(f)
+        record = json.loads(files.read_text(config_path))
         index_path = os.path.join(path, TRANSFORMERS_INDEX)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if files.exists(index_path):
+            shards = sorted(set(json.loads(files.read_text(index_path))["weight_map"].values()))
+            missing = [s for s in shards if not files.exists(os.path.join(path, s))]
             if missing:
                 raise CheckpointError(f"{index_path}: shard(s) {missing} are missing")
             tensors = MergedTensors(SafetensorsFile(os.path.join(path, s)) for s in shards)
-        elif os.path.exists(os.path.join(path, TRANSFORMERS_WEIGHTS)):
+        elif files.exists(os.path.join(path, TRANSFORMERS_WEIGHTS)):
             tensors = SafetensorsFile(os.path.join(path, TRANSFORMERS_WEIGHTS))
         else:
             tensors = open_weights(path)
@@ -324,9 +322,9 @@ def _encoder_sources(root: str) -> list[tuple[str, str, str]]:
     sources = []
     for sub, single_file, kind in SD35_ENCODERS:
         folder, single = os.path.join(root, sub), os.path.join(root, "text_encoders", single_file)
-        if os.path.isdir(folder):
+        if files.is_dir(folder):
             sources.append((sub, folder, kind))
-        elif os.path.exists(single):
+        elif files.exists(single):
             sources.append((sub, single, kind))
         else:
             raise CheckpointError(f"{root}: neither {sub}/ nor text_encoders/{single_file} exists")
@@ -353,16 +351,16 @@ def convert(src: str, dst: str, show_progress: bool = True):
     config) and copy `tokenizer{,_2,_3}`; `load_text_encoders(dst)` reads the result."""
     sources = _encoder_sources(src)
     tokenizer_dirs = [os.path.join(src, name) for name in TOKENIZER_DIRS]
-    missing = [p for p in tokenizer_dirs if not os.path.isdir(p)]
+    missing = [p for p in tokenizer_dirs if not files.is_dir(p)]
     if missing:
         raise CheckpointError(f"{src}: missing tokenizer folder(s) {missing}")
     for sub, path, kind in sources:
         config, params = _load(path, kind, show_progress)
         save_converted(os.path.join(dst, sub), dataclasses.asdict(config), params,
-                       meta={"encoder": kind, "source": os.path.abspath(path)})
+                       meta={"encoder": kind, "source": files.absolute(path)})
         del params  # T5-XXL is 19 GB in fp32: one encoder in memory at a time
     for name, folder in zip(TOKENIZER_DIRS, tokenizer_dirs):
-        shutil.copytree(folder, os.path.join(dst, name), dirs_exist_ok=True)
+        files.copy_tree(folder, os.path.join(dst, name))
 
 
 def load_null_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -372,7 +370,7 @@ def load_null_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     candidates = [(os.path.join(path, NULL_EMBEDS_FILE), os.path.join(path, NULL_POOLED_FILE)),
                   (os.path.join(path, "prompt_embeds", NULL_EMBEDS_FILE),
                    os.path.join(path, "pooled_prompt_embeds", NULL_POOLED_FILE))]
-    found = next((pair for pair in candidates if all(os.path.isfile(p) for p in pair)), None)
+    found = next((pair for pair in candidates if all(files.is_file(p) for p in pair)), None)
     if found is None:
         raise CheckpointError(f"{path}: neither {NULL_EMBEDS_FILE} + {NULL_POOLED_FILE} nor prompt_embeds/"
                               f"{NULL_EMBEDS_FILE} + pooled_prompt_embeds/{NULL_POOLED_FILE}")

@@ -17,6 +17,7 @@ CheckpointError naming the file, so no code from the file is ever run.
 import argparse
 import codecs
 import collections
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -30,6 +31,7 @@ import numpy as np
 
 from smfsr_jax.convert import common
 from smfsr_jax.convert.common import CheckpointError
+from smfsr_jax.core import files
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
@@ -306,21 +308,35 @@ def _load_legacy(path: str):
     return root
 
 
+@contextlib.contextmanager
+def _local_file(path: str):
+    """`path` as a local file: a file in a bucket is staged (zip archives and memory maps need a local file), and a
+    CheckpointError about the staged copy names the bucket URL."""
+    if not files.is_file(path):
+        raise CheckpointError(f"{path}: no such file")
+    if not files.is_remote(path):
+        yield path
+        return
+    local = files.stage(path, what="the torch checkpoint reader")
+    try:
+        yield local
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(local, path)) from None
+
+
 def load_torch_file(path) -> object:
     """Unpickle a torch checkpoint with every tensor as a numpy array.
 
     State dicts come back as (Ordered)dicts of arrays, bare tensors as arrays, TorchScript archives as
     TorchScriptObject trees (see torchscript_state_dict for their parameters).
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    if _is_pickle(path):
-        return _load_legacy(path)
-    if not _is_zip(path):
-        raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
-    with _open_zip(path) as archive:
-        return _load_zip(path, archive, _archive_prefix(path, archive))
+    with _local_file(str(path)) as path:
+        if _is_pickle(path):
+            return _load_legacy(path)
+        if not _is_zip(path):
+            raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+        with _open_zip(path) as archive:
+            return _load_zip(path, archive, _archive_prefix(path, archive))
 
 
 def _script_class_members(archive: zipfile.ZipFile, prefix: str) -> dict:
@@ -359,17 +375,17 @@ def _flatten_script_module(path: str, obj: TorchScriptObject, members: Mapping, 
 
 def torchscript_state_dict(path) -> dict[str, np.ndarray]:
     """{dotted.name: array} of a TorchScript archive's parameters and buffers, as its state_dict()."""
-    path = str(path)
-    if not (os.path.isfile(path) and _is_zip(path)):
-        raise CheckpointError(f"{path}: not a TorchScript (zip) archive")
-    with _open_zip(path) as archive:
-        prefix = _archive_prefix(path, archive)
-        root = _load_zip(path, archive, prefix)
-        if not isinstance(root, TorchScriptObject):
-            raise CheckpointError(f"{path}: a torch.save file, not a TorchScript archive (use load_state_dict)")
-        members = _script_class_members(archive, prefix)
-    out = {}
-    _flatten_script_module(path, root, members, "", out)
+    with _local_file(str(path)) as path:
+        if not _is_zip(path):
+            raise CheckpointError(f"{path}: not a TorchScript (zip) archive")
+        with _open_zip(path) as archive:
+            prefix = _archive_prefix(path, archive)
+            root = _load_zip(path, archive, prefix)
+            if not isinstance(root, TorchScriptObject):
+                raise CheckpointError(f"{path}: a torch.save file, not a TorchScript archive (use load_state_dict)")
+            members = _script_class_members(archive, prefix)
+        out = {}
+        _flatten_script_module(path, root, members, "", out)
     return out
 
 
@@ -397,18 +413,18 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     """The {name: array} state dict of a checkpoint, found inside the usual wrappers
     ({'state_dict': ...}, {'params': ...}, {'model': ...}); DataParallel's 'module.' prefix is dropped when
     every key has it. TorchScript archives give their parameters and buffers."""
-    path = str(path)
-    if os.path.isfile(path) and _is_zip(path):
-        with _open_zip(path) as archive:
-            is_script = any(n.startswith(_archive_prefix(path, archive) + "code/") for n in archive.namelist())
-        if is_script:
-            return torchscript_state_dict(path)
-    obj = load_torch_file(path)
-    state_dict = _find_state_dict(obj)
-    if state_dict is None:
-        found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{path}: no state dict of tensors found (looked at the top level and under "
-                              f"{', '.join(_STATE_DICT_WRAPPER_KEYS)}); top level: {found}")
+    with _local_file(str(path)) as path:
+        if _is_zip(path):
+            with _open_zip(path) as archive:
+                is_script = any(n.startswith(_archive_prefix(path, archive) + "code/") for n in archive.namelist())
+            if is_script:
+                return torchscript_state_dict(path)
+        obj = load_torch_file(path)
+        state_dict = _find_state_dict(obj)
+        if state_dict is None:
+            found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise CheckpointError(f"{path}: no state dict of tensors found (looked at the top level and under "
+                                  f"{', '.join(_STATE_DICT_WRAPPER_KEYS)}); top level: {found}")
     if all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
@@ -421,5 +437,5 @@ def convert_torch_file(src, dst, converter: str, config, convert_state_dict: Cal
     src = os.fspath(src)
     params = convert_state_dict(load_state_dict(src), config, source=src)
     common.save_converted(dst, dataclasses.asdict(config), params,
-                   meta={"converter": converter, "source": os.path.abspath(src)})
+                          meta={"converter": converter, "source": files.absolute(src)})
     return config

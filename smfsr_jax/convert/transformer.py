@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from smfsr_jax.convert import common
+from smfsr_jax.core import files
 from smfsr_jax.models import mmdit
 
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -289,8 +290,7 @@ def _config_from_shapes(tensors, overrides: dict) -> mmdit.MMDiTConfig:
 
 
 def _config_from_diffusers_json(path: str, tensors, overrides: dict) -> mmdit.MMDiTConfig:
-    with open(path) as f:
-        raw = json.load(f)
+    raw = json.loads(files.read_text(path))
     inferred = _config_from_shapes(tensors, {})
     d = raw["num_attention_heads"] * raw["attention_head_dim"]
     if raw.get("caption_projection_dim", d) != d:
@@ -314,7 +314,7 @@ def _config_from_diffusers_json(path: str, tensors, overrides: dict) -> mmdit.MM
 
 def _resolve_dir(path: str) -> str:
     """An SD3.5 root or a model bundle holds the transformer in `transformer/`."""
-    if os.path.isdir(os.path.join(path, "transformer")) and not os.path.exists(os.path.join(path, "config.json")):
+    if files.is_dir(os.path.join(path, "transformer")) and not files.exists(os.path.join(path, "config.json")):
         return os.path.join(path, "transformer")
     return path
 
@@ -326,9 +326,10 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
     `lr_key_bug=False` for dit4sr_r1. Converted directories carry it in their config.
     """
     path = str(path)
-    if os.path.isdir(path):
+    is_dir = files.is_dir(path)
+    if is_dir:
         path = _resolve_dir(path)
-    if os.path.isdir(path) and common.is_converted(path):
+    if is_dir and common.is_converted(path):
         config_dict, _ = common.read_converted_config(path)
         cfg = mmdit.MMDiTConfig.from_dict({**config_dict, **config_overrides})
         abstract = mmdit.abstract_params(cfg)
@@ -339,8 +340,8 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
     source = getattr(tensors, "path", path)
     if any(k.startswith(ORIGINAL_PREFIX) for k in tensors):
         tensors = _OriginalAsDiffusers(tensors)
-    config_json = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if os.path.exists(config_json) and not isinstance(tensors, _OriginalAsDiffusers):
+    config_json = os.path.join(path if is_dir else os.path.dirname(path), "config.json")
+    if files.exists(config_json) and not isinstance(tensors, _OriginalAsDiffusers):
         cfg = _config_from_diffusers_json(config_json, tensors, config_overrides)
     else:
         cfg = _config_from_shapes(tensors, config_overrides)
@@ -351,6 +352,6 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
 def convert(src: str, dst: str, show_progress: bool = True, variant: str = "", **config_overrides):
     """Convert once to an orbax checkpoint + JSON config (records `lr_key_bug` and the variant)."""
     cfg, params = load_transformer(src, show_progress=show_progress, **config_overrides)
-    meta = {"source": os.path.abspath(src), "variant": variant, "lr_key_bug": cfg.lr_key_bug}
+    meta = {"source": files.absolute(src), "variant": variant, "lr_key_bug": cfg.lr_key_bug}
     common.save_converted(dst, cfg.to_dict(), params, meta)
     return cfg

@@ -23,6 +23,7 @@ import numpy as np
 from smfsr_jax.convert.common import (CheckpointError, check_keys, check_tree, conv1x1_as_linear, conv_kernel,
                                       is_converted, linear_kernel, load_converted, map_tensors, open_weights,
                                       save_converted, tensor_shape, unflatten)
+from smfsr_jax.core import files
 from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
 
 ORIGINAL_PREFIX = "first_stage_model."
@@ -184,8 +185,7 @@ def _infer_config(source: str, tensors, layout: str, prefix: str) -> dict:
 
 def _diffusers_config(path: str) -> dict:
     """VAEConfig fields from a diffusers AutoencoderKL config.json; rejects what our network does not have."""
-    with open(path) as f:
-        record = json.load(f)
+    record = json.loads(files.read_text(path))
     problems = []
     if record.get("act_fn", "silu") != "silu":
         problems.append(f"act_fn={record['act_fn']!r} (only silu)")
@@ -209,7 +209,7 @@ def _diffusers_config(path: str) -> dict:
 
 def _resolve_directory(path: str) -> str:
     """A diffusers VAE directory: `path` itself, or its `vae/` subfolder (the SD3.5 root)."""
-    if os.path.isdir(os.path.join(path, "vae")) and not os.path.exists(os.path.join(path, "config.json")):
+    if files.is_dir(os.path.join(path, "vae")) and not files.exists(os.path.join(path, "config.json")):
         return os.path.join(path, "vae")
     return path
 
@@ -223,7 +223,8 @@ def _make_config(source: str, fields: dict, overrides: dict) -> VAEConfig:
 
 def _load(path: str, show_progress: bool, overrides: dict) -> tuple[VAEConfig, dict, str]:
     path = os.fspath(path)
-    if os.path.isdir(path) and is_converted(path):
+    is_dir = files.is_dir(path)
+    if is_dir and is_converted(path):
         record, _, params = load_converted(path)
         config = _make_config(path, record, overrides)
         params = jax.tree.map(np.asarray, params)
@@ -231,12 +232,12 @@ def _load(path: str, show_progress: bool, overrides: dict) -> tuple[VAEConfig, d
         return config, params, "converted"
 
     fields = {}
-    if os.path.isdir(path):
+    if is_dir:
         path = _resolve_directory(path)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if files.exists(os.path.join(path, "config.json")):
             fields = _diffusers_config(os.path.join(path, "config.json"))
         weights = os.path.join(path, DIFFUSERS_WEIGHTS)
-        tensors = open_weights(weights if os.path.exists(weights) else path)
+        tensors = open_weights(weights if files.exists(weights) else path)
     else:
         tensors = open_weights(path)
     source = tensors.path
@@ -268,6 +269,6 @@ def load_vae(path: str, show_progress: bool = False, **config_overrides) -> tupl
 def convert(src: str, dst: str, show_progress: bool = True, **config_overrides) -> VAEConfig:
     """Convert `src` once and write an orbax checkpoint + JSON config to `dst` (read back by load_vae)."""
     config, params, layout = _load(src, show_progress, config_overrides)
-    meta = {"converter": "vae", "source": os.path.abspath(src), "layout": layout}
+    meta = {"converter": "vae", "source": files.absolute(src), "layout": layout}
     save_converted(dst, dataclasses.asdict(config), params, meta=meta)
     return config

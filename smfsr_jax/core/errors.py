@@ -1,4 +1,4 @@
-"""Errors the project raises on purpose, and how the command-line entry points report them.
+"""Errors the project raises on purpose, and how the command-line entry points report them and their progress.
 
 A `UserError` is something the user can fix (a bad checkpoint, input, config, missing weights or data): the
 command prints its message and exits with status 2. A `RunFailure` is a run that could not go on (a
@@ -7,6 +7,7 @@ the command was given --debug; anything else is a bug and keeps its traceback.
 """
 
 import contextlib
+import logging
 import sys
 from typing import Callable
 
@@ -44,3 +45,14 @@ def run_cli(main: Callable[[], int | None], debug: bool = False) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def show_log():
+    """Print the package's progress lines (conversion, cache use, copies staged from buckets) on stderr, for
+    command-line tools that configure no logging; a no-op where a handler is already installed (absl, pytest)."""
+    log = logging.getLogger("smfsr_jax")
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)

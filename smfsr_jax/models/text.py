@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smfsr_jax.core import files
 from smfsr_jax.models.attention import dot_product_attention
 
 CLIP_MAX_LENGTH = 77  # SD3 pads and truncates both CLIP prompts to 77 tokens
@@ -353,12 +354,14 @@ class TextEncoders:
 
 
 def load_tokenizers(root: str):
-    """(CLIP-L, CLIP-G, T5) tokenizers from the SD3.5 diffusers subfolders tokenizer, tokenizer_2, tokenizer_3."""
+    """(CLIP-L, CLIP-G, T5) tokenizers from the SD3.5 diffusers subfolders tokenizer, tokenizer_2, tokenizer_3;
+    in a bucket they are staged (transformers reads local files only)."""
     from transformers import CLIPTokenizer, T5TokenizerFast
     paths = [os.path.join(root, name) for name in TOKENIZER_DIRS]
-    missing = [p for p in paths if not os.path.isdir(p)]
+    missing = [p for p in paths if not files.is_dir(p)]
     if missing:
         raise FileNotFoundError(f"{root}: missing tokenizer folder(s) {missing} (SD3.5 diffusers layout)")
+    paths = [files.stage(p, what="transformers' tokenizers") for p in paths]
     return (CLIPTokenizer.from_pretrained(paths[0]), CLIPTokenizer.from_pretrained(paths[1]),
             T5TokenizerFast.from_pretrained(paths[2]))
 

@@ -17,6 +17,9 @@ Layout (written by `save_bundle`, read by `load_bundle`):
   DIR/text_encoders/            optional copy of a `convert text` directory (T5-XXL is ~19 GB in fp32, so the
                                 default is a reference to the caller's directory instead of a copy)
 
+DIR may be a bucket URL (gs://...). bundle.json is written last (an older one is removed first): a directory with
+it is a complete bundle, locally or in a bucket.
+
 The kind follows the transformer: interval time conditioning is an SMFSR student (cosine-grid sampler), single
 time conditioning a DiT4SR-style teacher (SD3 Euler sampler with CFG). Training saves one at the end of each stage:
 
@@ -26,9 +29,9 @@ time conditioning a DiT4SR-style teacher (SD3 Euler sampler with CFG). Training 
 """
 
 import dataclasses
+import io
 import json
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ import numpy as np
 from smfsr_jax.convert import common
 from smfsr_jax.convert.transformer import load_transformer
 from smfsr_jax.convert.vae import load_vae
+from smfsr_jax.core import files
 from smfsr_jax.models.mmdit import MMDiTConfig
 from smfsr_jax.models.vae import VAEConfig
 
@@ -78,12 +82,23 @@ def _check_embeddings(what: str, embeddings, config: MMDiTConfig) -> tuple[np.nd
 
 def _save_embeddings(path: str, embeddings):
     prompt_embeds, pooled = embeddings
-    np.savez(path, prompt_embeds=prompt_embeds, pooled=pooled)
+    buffer = io.BytesIO()
+    np.savez(buffer, prompt_embeds=prompt_embeds, pooled=pooled)
+    files.write_bytes(path, buffer.getvalue())
 
 
 def _load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as record:
+    with np.load(io.BytesIO(files.read_bytes(path))) as record:
         return record["prompt_embeds"], record["pooled"]
+
+
+def text_encoders_path(path: str, record: dict) -> str | None:
+    """The text encoders directory a bundle record names: its copy inside the bundle at `path`, or the absolute
+    path or bucket URL it references; None without text encoders."""
+    text_encoders = record.get("text_encoders")
+    if text_encoders is None or files.is_remote(text_encoders):
+        return text_encoders
+    return os.path.join(path, text_encoders)  # an absolute local reference stays as it is
 
 
 def save_bundle(dst: str, *, student_config: MMDiTConfig, student_params, autoencoder_config: VAEConfig,
@@ -93,10 +108,10 @@ def save_bundle(dst: str, *, student_config: MMDiTConfig, student_params, autoen
 
     `student_config` may also be a teacher config (single time conditioning). `null_embeddings` and
     `negative_embeddings` are (prompt_embeds (L, joint dim), pooled (pooled dim,)). `text_encoders_dir` (a
-    `python -m smfsr_jax.convert text` output) is referenced by absolute path, or copied with
+    `python -m smfsr_jax.convert text` output) is referenced by absolute path or bucket URL, or copied with
     `copy_text_encoders=True`.
     """
-    dst = os.path.abspath(os.fspath(dst))
+    dst = files.absolute(os.fspath(dst))
     config = student_config
     if not (config.in_channels == config.out_channels == autoencoder_config.latent_channels):
         raise ValueError(f"transformer channels in={config.in_channels}, out={config.out_channels} do not match the "
@@ -107,18 +122,20 @@ def save_bundle(dst: str, *, student_config: MMDiTConfig, student_params, autoen
         if negative_embeddings[0].shape != null_embeddings[0].shape:
             raise ValueError(f"negative_embeddings {negative_embeddings[0].shape} and null_embeddings "
                              f"{null_embeddings[0].shape} must have the same token count")
-    if text_encoders_dir is not None and not os.path.isdir(text_encoders_dir):
+    if text_encoders_dir is not None and not files.is_dir(text_encoders_dir):
         raise FileNotFoundError(f"text_encoders_dir {text_encoders_dir}: no such directory")
 
-    os.makedirs(dst, exist_ok=True)
+    files.makedirs(dst)
+    bundle_file = os.path.join(dst, BUNDLE_FILE)
+    if files.exists(bundle_file):  # an older bundle: no longer complete while its parts are replaced
+        files.remove(bundle_file)
     common.save_converted(os.path.join(dst, TRANSFORMER_DIR), config.to_dict(), student_params,
                           meta={"kind": transformer_kind(config), "lr_key_bug": config.lr_key_bug})
     autoencoder_dir = os.path.join(dst, AUTOENCODER_DIR)
     autoencoder_record = dataclasses.asdict(autoencoder_config)
     if autoencoder_config.kind == "pixel":  # no weights: orbax cannot save an empty tree
-        os.makedirs(autoencoder_dir, exist_ok=True)
-        with open(os.path.join(autoencoder_dir, common.CONFIG_NAME), "w") as f:
-            json.dump({"config": autoencoder_record, "meta": {}}, f, indent=2, sort_keys=True)
+        files.write_text(os.path.join(autoencoder_dir, common.CONFIG_NAME),
+                         json.dumps({"config": autoencoder_record, "meta": {}}, indent=2, sort_keys=True))
     else:
         common.save_converted(autoencoder_dir, autoencoder_record, autoencoder_params)
     _save_embeddings(os.path.join(dst, NULL_EMBEDDINGS_FILE), null_embeddings)
@@ -127,28 +144,26 @@ def save_bundle(dst: str, *, student_config: MMDiTConfig, student_params, autoen
 
     text_encoders = None
     if text_encoders_dir is not None and copy_text_encoders:
-        shutil.copytree(text_encoders_dir, os.path.join(dst, TEXT_ENCODERS_DIR), dirs_exist_ok=True)
+        files.copy_tree(text_encoders_dir, os.path.join(dst, TEXT_ENCODERS_DIR))
         text_encoders = TEXT_ENCODERS_DIR
     elif text_encoders_dir is not None:
-        text_encoders = os.path.abspath(text_encoders_dir)
+        text_encoders = files.absolute(text_encoders_dir)
     record = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "kind": transformer_kind(config),
               "transformer": TRANSFORMER_DIR, "autoencoder": AUTOENCODER_DIR,
               "null_embeddings": NULL_EMBEDDINGS_FILE,
               "negative_embeddings": NEGATIVE_EMBEDDINGS_FILE if negative_embeddings is not None else None,
               "text_encoders": text_encoders, "meta": meta or {}}
-    with open(os.path.join(dst, BUNDLE_FILE), "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+    files.write_text(bundle_file, json.dumps(record, indent=2, sort_keys=True))
     return dst
 
 
 def read_bundle_record(path: str) -> dict:
     """bundle.json of `path`, checked; a clear error when `path` is not a bundle."""
     file = os.path.join(os.fspath(path), BUNDLE_FILE)
-    if not os.path.isfile(file):
+    if not files.is_file(file):
         raise FileNotFoundError(f"{path}: not a model bundle (no {BUNDLE_FILE}); write one with "
                                 "smfsr_jax.sampling.bundle.save_bundle")
-    with open(file) as f:
-        record = json.load(f)
+    record = json.loads(files.read_text(file))
     if record.get("format") != BUNDLE_FORMAT or record.get("version") != BUNDLE_VERSION:
         raise ValueError(f"{file}: format {record.get('format')!r} version {record.get('version')!r}, expected "
                          f"{BUNDLE_FORMAT!r} version {BUNDLE_VERSION}")
@@ -163,7 +178,7 @@ def read_null_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_bundle(path: str, **transformer_overrides) -> Bundle:
     """Read a bundle; `transformer_overrides` replace MMDiTConfig fields (e.g. dtype="bfloat16", attention="cudnn")."""
-    path = os.path.abspath(os.fspath(path))
+    path = files.absolute(os.fspath(path))
     record = read_bundle_record(path)
     transformer_config, transformer_params = load_transformer(os.path.join(path, record["transformer"]),
                                                               **transformer_overrides)
@@ -176,9 +191,7 @@ def load_bundle(path: str, **transformer_overrides) -> Bundle:
     null_embeddings = _load_embeddings(os.path.join(path, record["null_embeddings"]))
     negative_embeddings = (_load_embeddings(os.path.join(path, record["negative_embeddings"]))
                            if record.get("negative_embeddings") else None)
-    text_encoders = record.get("text_encoders")
-    if text_encoders is not None:
-        text_encoders = os.path.join(path, text_encoders)  # absolute references stay as they are
+    text_encoders = text_encoders_path(path, record)
     return Bundle(path=path, transformer_config=transformer_config, transformer_params=transformer_params,
                   autoencoder_config=autoencoder_config, autoencoder_params=autoencoder_params,
                   null_embeddings=null_embeddings, negative_embeddings=negative_embeddings,

@@ -11,7 +11,8 @@ tokenizer{,_2,_3}/. Either may be a Hugging Face Hub id owner/name[/subfolder]:
 
 fetched with huggingface_hub.snapshot_download (only the files used: never BASE's transformer/ or single-file
 checkpoints), from the local Hub cache when offline (HF_HUB_OFFLINE=1), downloaded otherwise. A local path that
-exists wins over a Hub id.
+exists wins over a Hub id. Either may also be a bucket folder (gs://...) in the same layout: its safetensors and
+torch files are staged to local scratch as they are read (core/files.stage, logged).
 
 NULL embeddings (the conditioning without a caption): DiT4SR's NULL_prompt_embeds.pt + NULL_pooled_prompt_embeds.pt
 from `null_embeddings=DIR`, else found beside MODEL or in its parent directory (for a Hub MODEL: its subfolder or
@@ -25,10 +26,12 @@ Cache (`cache_dir`, default $SMFSR_JAX_CACHE, else ~/.cache/smfsr_jax):
   CACHE/text_encoders/<key>/        BASE's text encoders (`convert text` output) + cache_entry.json; the bundles
                                     reference it (save_bundle's text_encoders_dir), so T5-XXL is converted once
 
-The key hashes the resolved path, size and modification time of every source file used, and the options. An
-entry is written into a temporary sibling and renamed into place when complete; cache_entry.json, written last,
-lists its files and sizes. An entry whose record is missing or invalid, whose files do not match the record, or
-whose bundle fails to load is rebuilt, never used.
+The cache may be a bucket URL (gs://...), shared by the hosts of a cluster. The key hashes the resolved path (or
+URL), size and modification time of every source file used, and the options. An entry is written into a temporary
+sibling and renamed into place when complete (in a bucket: its objects moved into place by the service);
+cache_entry.json, written last, lists its files and sizes. An entry whose record is missing or invalid, whose files
+do not match the record, or whose bundle fails to load is rebuilt, never used; in a bucket an entry without its
+record is one still being written, or left by an interrupted write, and counts as absent.
 """
 
 import dataclasses
@@ -39,6 +42,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 
 from tqdm import tqdm
 
@@ -46,6 +50,7 @@ from smfsr_jax.convert import common
 from smfsr_jax.convert import text as text_convert
 from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert import vae as vae_convert
+from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError, as_user_error
 from smfsr_jax.models import text
 from smfsr_jax.sampling import bundle as bundle_lib
@@ -66,16 +71,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*")
 log = logging.getLogger(__name__)
 
 
-def show_log():
-    """Print this module's progress lines (conversion, cache use, NULL source) on stderr, for command-line tools
-    that configure no logging; a no-op where a handler is already installed (absl, pytest)."""
-    log.setLevel(logging.INFO)
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-
-
 # ---------------------------------------------------------------------------------------------- sources
 
 def _model_patterns(prefix: str) -> list[str]:
@@ -88,7 +83,12 @@ def _base_patterns(prefix: str) -> list[str]:
 
 
 def _fetch(what: str, spec: str, patterns) -> tuple[str, str | None]:
-    """(local directory, Hub snapshot root or None) of MODEL or BASE `spec`: a local directory, else a Hub id."""
+    """(directory, Hub snapshot root or None) of MODEL or BASE `spec`: a bucket folder, a local directory, else a
+    Hub id."""
+    if files.is_remote(spec):
+        if not files.is_dir(spec):
+            raise UserError(f"{what} {spec}: no such bucket folder")
+        return files.absolute(spec).rstrip("/"), None
     local = os.path.expanduser(spec)
     if os.path.exists(local):
         if not os.path.isdir(local):
@@ -114,17 +114,17 @@ def _fetch(what: str, spec: str, patterns) -> tuple[str, str | None]:
     return path, root
 
 
-def _files_under(folder: str) -> list[str]:
-    return sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names)
-
-
 def _null_pair(folder: str) -> tuple[str, str] | None:
     pair = tuple(os.path.join(folder, name) for name in NULL_FILES)
-    return pair if all(os.path.isfile(p) for p in pair) else None
+    return pair if all(files.is_file(p) for p in pair) else None
 
 
 def _identity(path: str) -> list:
-    """The key of one source file: resolved path (a Hub snapshot's blob), size and modification time."""
+    """The key of one source file: resolved path (a Hub snapshot's blob) or bucket URL, size and modification
+    time."""
+    if files.is_remote(path):
+        stat = files.path(path).stat()
+        return [path, stat.length, stat.mtime]
     real = os.path.realpath(path)
     stat = os.stat(real)
     return [real, stat.st_size, stat.st_mtime_ns]
@@ -157,14 +157,14 @@ class Plan:
     def text_files(self) -> list[str]:
         if not self.has_text_encoders:
             return []
-        return [p for name in TEXT_DIRS for p in _files_under(os.path.join(self.base_dir, name))]
+        return [p for name in TEXT_DIRS for p in files.walk_files(os.path.join(self.base_dir, name))]
 
     def files(self) -> list[str]:
         """Every source file the bundle is made from."""
-        weights = [os.path.join(self.transformer_dir, n) for n in sorted(os.listdir(self.transformer_dir))
+        weights = [os.path.join(self.transformer_dir, n) for n in files.listdir(self.transformer_dir)
                    if n == common.CONFIG_NAME or n.endswith((".safetensors", ".safetensors.index.json"))]
         vae_dir = os.path.join(self.base_dir, VAE_DIR)
-        vae = [os.path.join(vae_dir, n) for n in sorted(os.listdir(vae_dir))
+        vae = [os.path.join(vae_dir, n) for n in files.listdir(vae_dir)
                if n == common.CONFIG_NAME or n.endswith(".safetensors")]
         return weights + vae + list(self.null_files or ()) + self.text_files()
 
@@ -178,9 +178,9 @@ class Plan:
 
 
 def _transformer_dir(model: str, path: str) -> str:
-    if os.path.isdir(os.path.join(path, TRANSFORMER_DIR)):
+    if files.is_dir(os.path.join(path, TRANSFORMER_DIR)):
         path = os.path.join(path, TRANSFORMER_DIR)
-    names = os.listdir(path)
+    names = files.listdir(path)
     if common.CONFIG_NAME not in names or not any(re.fullmatch(r"diffusion_pytorch_model.*\.safetensors", n)
                                                   for n in names):
         raise UserError(f"MODEL {model}: {path} holds neither {TRANSFORMER_DIR}/ nor {common.CONFIG_NAME} + "
@@ -202,17 +202,17 @@ def resolve(model: str, base: str, *, null_embeddings: str | None = None, lr_key
     named = model_path if os.path.basename(model_path) != TRANSFORMER_DIR else os.path.dirname(model_path)
     variant = os.path.basename(named.rstrip(os.sep))
     base_dir, _ = _fetch("BASE", base, _base_patterns)
-    if not os.path.isdir(os.path.join(base_dir, VAE_DIR)):
+    if not files.is_dir(os.path.join(base_dir, VAE_DIR)):
         raise UserError(f"BASE {base}: {base_dir} has no {VAE_DIR}/ folder (expected the Stable Diffusion 3.5 "
                         "Medium diffusers directory: vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/)")
-    present = [name for name in TEXT_DIRS if os.path.isdir(os.path.join(base_dir, name))]
+    present = [name for name in TEXT_DIRS if files.is_dir(os.path.join(base_dir, name))]
     if present and len(present) < len(TEXT_DIRS):
         missing = [name for name in TEXT_DIRS if name not in present]
         raise UserError(f"BASE {base}: {base_dir} has {', '.join(present)} but not {', '.join(missing)}: give all "
                         "three text encoders with their tokenizers, or none")
 
     if null_embeddings is not None:
-        null_files = _null_pair(os.path.abspath(os.fspath(null_embeddings)))
+        null_files = _null_pair(files.absolute(os.fspath(null_embeddings)))
         if null_files is None:
             raise UserError(f"null_embeddings {null_embeddings}: no {' + '.join(NULL_FILES)} in this directory")
     else:
@@ -255,7 +255,7 @@ def _write(plan: Plan, dst: str, text_encoders_dir: str | None) -> str:
                                    autoencoder_params=vae_params, null_embeddings=null,
                                    text_encoders_dir=text_encoders_dir, meta=plan.meta())
         bar.update()
-    return os.path.abspath(dst)
+    return files.absolute(dst)
 
 
 def write_bundle(model: str, base: str, dst: str, *, null_embeddings: str | None = None,
@@ -265,7 +265,7 @@ def write_bundle(model: str, base: str, dst: str, *, null_embeddings: str | None
     plan = resolve(model, base, null_embeddings=null_embeddings, lr_key_bug=lr_key_bug)
     text_encoders_dir = None
     if plan.has_text_encoders:
-        text_encoders_dir = os.path.join(os.path.abspath(dst), bundle_lib.TEXT_ENCODERS_DIR)
+        text_encoders_dir = os.path.join(files.absolute(dst), bundle_lib.TEXT_ENCODERS_DIR)
         text_convert.convert(plan.base_dir, text_encoders_dir)
     return _write(plan, dst, text_encoders_dir)
 
@@ -273,40 +273,41 @@ def write_bundle(model: str, base: str, dst: str, *, null_embeddings: str | None
 # ---------------------------------------------------------------------------------------------- cache
 
 def cache_root(cache_dir: str | None = None) -> str:
-    return os.path.abspath(os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
-
-
-def _entry_files(entry: str) -> dict[str, int]:
-    return {os.path.relpath(p, entry): os.path.getsize(p) for p in _files_under(entry)}
+    return files.absolute(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 def entry_problem(entry: str) -> str | None:
     """Why the cache entry `entry` cannot be used (absent, no or invalid record, files that differ from the
-    record, a bundle record that cannot be read), or None."""
-    if not os.path.isdir(entry):
+    record, a bundle record that cannot be read), or None. In a bucket an entry without its record is absent."""
+    record_file = os.path.join(entry, ENTRY_RECORD)
+    if not files.is_dir(entry) or (files.is_remote(entry) and not files.exists(record_file)):
         return "absent"
     try:
-        with open(os.path.join(entry, ENTRY_RECORD)) as f:
-            record = json.load(f)
+        record = json.loads(files.read_text(record_file))
     except (OSError, ValueError) as e:
         return f"no valid {ENTRY_RECORD} ({e})"
     if not isinstance(record, dict) or (record.get("format"), record.get("version")) != (ENTRY_FORMAT, ENTRY_VERSION):
         return f"{ENTRY_RECORD} is not a version {ENTRY_VERSION} cache record"
+    present = files.sizes(entry)
     for name, size in record.get("files", {}).items():
-        path = os.path.join(entry, name)
-        if not os.path.isfile(path):
+        if name not in present:
             return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, the record says {size}"
-    if os.path.isfile(os.path.join(entry, bundle_lib.BUNDLE_FILE)):
+        if present[name] != size:
+            return f"{name} has {present[name]} bytes, the record says {size}"
+    if files.is_file(os.path.join(entry, bundle_lib.BUNDLE_FILE)):
         try:
             bundle_record = bundle_lib.read_bundle_record(entry)
         except (OSError, ValueError) as e:
             return str(e)
-        referenced = bundle_record.get("text_encoders")
-        if referenced and entry_problem(os.path.join(entry, referenced)) is not None:
+        referenced = bundle_lib.text_encoders_path(entry, bundle_record)
+        if referenced and entry_problem(referenced) is not None:
             return f"its text encoders {referenced} are not a complete cache entry"
     return None
+
+
+def _entry_record(tmp: str, sources: dict) -> str:
+    record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "sources": sources, "files": files.sizes(tmp)}
+    return json.dumps(record, indent=2, sort_keys=True)
 
 
 def _ensure(entry: str, what: str, build, sources: dict) -> str:
@@ -317,15 +318,22 @@ def _ensure(entry: str, what: str, build, sources: dict) -> str:
         return entry
     if problem != "absent":
         log.warning("the cached %s at %s cannot be used (%s); rebuilding it", what, entry, problem)
+    log.info("converting the %s into %s", what, entry)
+    if files.is_remote(entry):
+        _build_in_bucket(entry, build, sources)
+    else:
+        _build_locally(entry, build, sources)
+    log.info("wrote the cached %s at %s", what, entry)
+    return entry
+
+
+def _build_locally(entry: str, build, sources: dict):
     parent = os.path.dirname(entry)
     os.makedirs(parent, exist_ok=True)
-    log.info("converting the %s into %s", what, entry)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.partial-", dir=parent)
     try:
         build(tmp)
-        record = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "sources": sources, "files": _entry_files(tmp)}
-        with open(os.path.join(tmp, ENTRY_RECORD), "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+        files.write_text(os.path.join(tmp, ENTRY_RECORD), _entry_record(tmp, sources))
         if os.path.lexists(entry):
             discard(entry)
         try:
@@ -335,12 +343,33 @@ def _ensure(entry: str, what: str, build, sources: dict) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote the cached %s at %s", what, entry)
-    return entry
+
+
+def _build_in_bucket(entry: str, build, sources: dict):
+    """No rename in a bucket: the entry's objects are moved into place by the service, then its record written."""
+    tmp = os.path.join(os.path.dirname(entry), f".{os.path.basename(entry)}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        build(tmp)
+        record = _entry_record(tmp, sources)
+        if entry_problem(entry) is None:  # another process completed the same entry first
+            return
+        if files.exists(entry):  # unusable, or left by an interrupted write
+            discard(entry)
+        files.move(tmp, entry)
+        files.write_text(os.path.join(entry, ENTRY_RECORD), record)
+    finally:
+        files.remove_tree(tmp)
 
 
 def discard(entry: str):
-    """Remove a cache entry: renamed aside first, so that no reader sees it half-deleted."""
+    """Remove a cache entry: renamed aside first (in a bucket: its record deleted first), so that no reader sees it
+    half-deleted."""
+    if files.is_remote(entry):
+        record = os.path.join(entry, ENTRY_RECORD)
+        if files.exists(record):
+            files.remove(record)
+        files.remove_tree(entry)
+        return
     aside = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.stale-", dir=os.path.dirname(entry))
     os.replace(entry, aside)
     shutil.rmtree(aside, ignore_errors=True)

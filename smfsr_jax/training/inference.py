@@ -8,12 +8,12 @@ checkpoints and bundles alike.
 """
 
 import json
-import os
 from typing import Optional
 
 import jax
 import ml_collections
 
+from smfsr_jax.core import files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.training import checkpoints, stages
@@ -22,10 +22,9 @@ from smfsr_jax.training.stages import common
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = workdir_lib.config_path(workdir)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"{workdir}: not a training workdir (no {workdir_lib.CONFIG})")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(files.read_text(path)))
 
 
 def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[common.Network] = None,
@@ -49,7 +48,7 @@ def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[
     trainable = jax.device_get(trainable[part] if part else trainable)
     null = network.frozen["null"]
     return bundle_lib.Bundle(
-        path=os.path.abspath(workdir), transformer_config=network.model_config,
+        path=files.absolute(workdir), transformer_config=network.model_config,
         transformer_params=network.params(trainable), autoencoder_config=network.autoencoder_config,
         autoencoder_params=network.frozen["autoencoder"],
         null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]), negative_embeddings=None,

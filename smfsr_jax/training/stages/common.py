@@ -17,6 +17,7 @@ benchmarks and memory estimates lower the step with.
 """
 
 import dataclasses
+import io
 import os
 import zlib
 from typing import Callable, Optional
@@ -28,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from smfsr_jax.convert import transformer as convert_transformer
-from smfsr_jax.core import images, schedules
+from smfsr_jax.core import files, images, schedules
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import mmdit, vae
@@ -140,7 +141,7 @@ def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiT
         prompt, pooled = CaptionEmbeddings.for_dataset(data_config.dataset, data_config.split, data_config.data_dir,
                                                        config.t5_max_length).null
         return {"prompt_embeds": np.asarray(prompt, np.float32), "pooled_prompt_embeds": np.asarray(pooled, np.float32)}
-    with np.load(source) as f:
+    with np.load(io.BytesIO(files.read_bytes(source))) as f:
         return {"prompt_embeds": f["prompt_embeds"].astype(np.float32),
                 "pooled_prompt_embeds": f["pooled_prompt_embeds"].astype(np.float32)}
 
@@ -168,10 +169,10 @@ def is_student(cfg: mmdit.MMDiTConfig) -> Optional[str]:
 
 def weights_path(path: str) -> str:
     """A bundle or converted directory as given; a training workdir (it has checkpoints/) as its exported
-    bundle."""
-    if os.path.isdir(workdir_lib.checkpoints_dir(path)):
+    bundle. Each may be a bucket URL."""
+    if files.is_dir(workdir_lib.checkpoints_dir(path)):
         exported = workdir_lib.bundle_dir(path)
-        if not os.path.isfile(os.path.join(exported, bundle.BUNDLE_FILE)):
+        if not files.is_file(os.path.join(exported, bundle.BUNDLE_FILE)):
             raise FileNotFoundError(f"{path}: a training workdir without an exported bundle ({exported}); "
                                     "let the run finish, or point at a bundle")
         return exported
@@ -257,12 +258,13 @@ def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
 
 
 def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):
-    """The stage's frozen teacher (config.init.teacher); as shapes, the config's architecture at x1000 times."""
+    """The stage's frozen teacher (config.init.teacher: a bundle, converted directory or finished workdir); as
+    shapes, the config's architecture at x1000 times."""
     if abstract:
         cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="single",
                                                                           time_scale=1000.0)
         return cfg, mmdit.abstract_params(cfg)
-    return load_transformer(config.init.teacher, config, is_teacher)
+    return load_transformer(weights_path(config.init.teacher), config, is_teacher)
 
 
 def random_params(model_config: mmdit.MMDiTConfig, seed: int, abstract: bool = False) -> dict:
@@ -350,7 +352,8 @@ def check_null_embeddings(config: ml_collections.ConfigDict, teacher_path: str, 
     caption cache stored them); otherwise this says it cannot check.
     """
     in_use = (np.asarray(null["prompt_embeds"], np.float32), np.asarray(null["pooled_prompt_embeds"], np.float32))
-    if os.path.isfile(os.path.join(teacher_path, bundle.BUNDLE_FILE)):
+    teacher_path = weights_path(teacher_path)
+    if files.is_file(os.path.join(teacher_path, bundle.BUNDLE_FILE)):
         expected, source = bundle.read_null_embeddings(teacher_path), f"the teacher bundle {teacher_path}"
     elif config.text.get("published_null"):
         from smfsr_jax.convert.text import load_null_embeddings

@@ -33,7 +33,7 @@ from smfsr_jax.convert import common as convert_common
 from smfsr_jax.convert import lpips as lpips_convert
 from smfsr_jax.convert import maniqa as maniqa_convert
 from smfsr_jax.convert import musiq as musiq_convert
-from smfsr_jax.core import flow, images
+from smfsr_jax.core import files, flow, images
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.data import degradation, pipeline
 from smfsr_jax.models import clipiqa, maniqa, mmdit, musiq, vae
@@ -91,7 +91,7 @@ def load_rewards(config: ml_collections.ConfigDict, abstract: bool = False):
     specs = [rewards.REWARDS[name] for name in names]
     paths = {spec.name: network_path(config, spec.network) for spec in specs if spec.network}
     missing = [f"{name}: {path or 'no path'}" for name, path in paths.items()
-               if not abstract and (path is None or not os.path.exists(path))]
+               if not abstract and (path is None or not files.exists(path))]
     if missing:
         raise FileNotFoundError(
             "reward network weights not found (" + "; ".join(missing) + "): convert the published weights with "
