@@ -65,6 +65,10 @@ In watch mode process 0 decides which steps to evaluate and when to stop, and wr
 metrics.jsonl. Every process needs the checkpoints and the data; a process that fails leaves the others waiting
 until jax.distributed's heartbeat timeout ends them.
 
+Paths may be bucket URLs (gs://bucket/path) in every mode, mixed with local ones: --sr_dir, --hr_dir, --out,
+--checkpoint, --watch (WORKDIR/eval is then written there), --weights_dir and --<metric>_weights; each results
+file and table is written whole (one upload).
+
 Before any metric network or model is loaded, every mode checks its flags, datasets, the weights of --metrics (all
 missing ones named at once) and that its output directory (--out's, or WORKDIR/eval) can be created and written.
 Exit status: 0; 2 for a problem to fix first (a bad path or value, missing weights, a bad checkpoint or dataset,

@@ -34,7 +34,8 @@ Outputs: OUTPUT/<input stem>.png, 8-bit RGB at 4x the input size; with several s
 A second input with the same stem (a.png, a.jpg) is skipped and reported. For one input file and one seed, an
 --output with an image extension (result.png, result.jpg, ...; not an existing folder) is the output file itself,
 written in the format of its extension and replaced if it exists; it may not be the input. The output folders are
-created and tried with a test file before the model loads; outputs are written under a .partial name and renamed.
+created and tried with a test file before the model loads; outputs are written under a .partial name and renamed
+(in a bucket, uploaded whole).
 --skip_existing skips the images whose outputs exist for every seed, so rerunning an interrupted command
 finishes the folder (an output exists only once complete).
 
@@ -45,6 +46,8 @@ Captions need text encoders in the bundle (with --model: in --base); without the
 Images without a caption use the NULL embeddings. Captions pass SMFSR's caption rule (drop sentences with
 banned words, append the quality suffix) unless --raw_captions.
 
+--input, --output, --captions and --checkpoint may be bucket URLs (gs://bucket/path), in any mix with local paths.
+
 Exit status: 0; 1 when there were inputs but none could be written, or a write failed (the run stops there,
 after the summary of what was written and skipped); 2 for bad arguments, an input, captions file or output that
 cannot be used, or a checkpoint that is not a valid bundle. Errors are one line; --debug shows their tracebacks.
@@ -52,6 +55,7 @@ cannot be used, or a checkpoint that is not a valid bundle. Errors are one line;
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
@@ -60,9 +64,8 @@ import jax
 from PIL import Image
 from tqdm import tqdm
 
-from smfsr_jax.core import distributed
-from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli
-from smfsr_jax.core.files import check_writable
+from smfsr_jax.core import distributed, files
+from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli, show_log
 from smfsr_jax.core.images import is_image_name
 from smfsr_jax.data.images import load_rgb8
 from smfsr_jax.evaluation.io import list_images
@@ -99,42 +102,55 @@ def _seeds_arg(text: str) -> list[int]:
 
 def list_inputs(path: str) -> tuple[list[str], dict[str, str]]:
     """Input file paths in sorted file-name order (a single file is its own list), and {name: why} for a folder's
-    entries that look like inputs but are not image files: directories, links to them and broken links. Other
-    files (captions, notes) are left out silently."""
-    if os.path.isdir(path):
-        others = {}
-        for name in sorted(os.listdir(path)):
-            entry = os.path.join(path, name)
-            if os.path.isdir(entry):
-                others[name] = "a link to a directory" if os.path.islink(entry) else "a directory"
-            elif not os.path.exists(entry):  # listed, so a link whose target is missing
-                others[name] = "a broken link"
+    entries that look like inputs but are not image files: directories, links to them and broken links (in a
+    bucket: folders). Other files (captions, notes) are left out silently."""
+    if files.is_dir(path):
+        if files.is_remote(path):
+            others = {name: "a directory" for name in files.entries(path)[1]}
+        else:
+            others = {}
+            for name in sorted(os.listdir(path)):
+                entry = os.path.join(path, name)
+                if os.path.isdir(entry):
+                    others[name] = "a link to a directory" if os.path.islink(entry) else "a directory"
+                elif not os.path.exists(entry):  # listed, so a link whose target is missing
+                    others[name] = "a broken link"
         return [os.path.join(path, name) for name in list_images(path)], others
-    if os.path.isfile(path):
+    if files.is_file(path):
         return [path], {}
     raise UserError(f"--input {path}: no such file or directory")
 
 
+def real_path(path: str) -> str:
+    """One name per place, to compare inputs with outputs: a local path with its symlinks resolved, a bucket URL
+    without a trailing slash."""
+    path = files.absolute(path)
+    return path.rstrip("/") if files.is_remote(path) else os.path.realpath(path)
+
+
 def input_folder(path: str) -> str:
-    """The real path of the folder the inputs are read from (a single file's folder), symlinks resolved."""
-    return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    """The real path (real_path) of the folder the inputs are read from (a single file's folder)."""
+    return real_path(path if files.is_dir(path) else os.path.dirname(files.absolute(path)))
+
+
+def _read_utf8(path: str) -> str:
+    """A text file's content, its line ends read as \\n (as open() in text mode reads them)."""
+    return io.TextIOWrapper(io.BytesIO(files.read_bytes(path)), encoding="utf-8").read()
 
 
 def load_captions(path: str) -> dict[str, str]:
     """{file name or stem: caption} from a JSON object file or a folder of <stem>.txt files."""
-    if os.path.isdir(path):
+    if files.is_dir(path):
         captions = {}
-        for name in sorted(os.listdir(path)):
+        for name in files.listdir(path):
             stem, ext = os.path.splitext(name)
             if ext.lower() == ".txt":
-                with open(os.path.join(path, name), encoding="utf-8") as f:
-                    captions[stem] = f.read().strip()
+                captions[stem] = _read_utf8(os.path.join(path, name)).strip()
         return captions
-    with open(path, encoding="utf-8") as f:
-        try:
-            captions = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--captions {path}: not valid JSON ({e})") from None
+    try:
+        captions = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--captions {path}: not valid JSON ({e})") from None
     if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
         raise ValueError(f"--captions {path}: expected a JSON object {{file name or stem: caption string}}")
     return captions
@@ -190,8 +206,14 @@ def image_format(path: str) -> str | None:
 
 
 def save_image(image, path: str) -> None:
-    """Write `image` to `path` in the format of its extension, through a .partial name: an interrupted or failed
-    write never leaves a truncated image under the final name."""
+    """Write `image` to `path` in the format of its extension, whole: locally through a .partial name, in a bucket
+    as one upload (all or nothing), so that an interrupted or failed write never leaves a truncated image under
+    the final name."""
+    if files.is_remote(path):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format=image_format(path))
+        files.write_bytes(path, encoded.getvalue())
+        return
     partial = path + ".partial"
     try:
         Image.fromarray(image).save(partial, format=image_format(path))
@@ -214,28 +236,28 @@ def main(argv=None) -> int:
     if args.model is not None and args.base is None:
         parser.error("--model needs --base (the Stable Diffusion 3.5 Medium directory or Hub id)")
     # An --output with an image extension is the output file, unless it is an existing folder (kept as a folder).
-    to_file = is_image_name(args.output) and not os.path.isdir(args.output)
+    to_file = is_image_name(args.output) and not files.is_dir(args.output)
     if to_file:
-        if os.path.isdir(args.input):
+        if files.is_dir(args.input):
             parser.error(f"--output {args.output} names one image file, but --input {args.input} is a folder "
                          "(one output per image): give an output folder")
         if len(args.seeds) > 1:
             parser.error(f"--output {args.output} names one image file, but --seeds gives {len(args.seeds)} seeds "
                          "(one output each): give an output folder")
-        source = os.path.realpath(args.input)
-        if os.path.realpath(args.output) == source:
+        source = real_path(args.input)
+        if real_path(args.output) == source:
             parser.error(f"--output: {args.output} is the input file {source} (real paths compared): the output "
                          "would replace the input; choose another --output")
         if image_format(args.output) is None:
             parser.error(f"--output {args.output}: this Pillow cannot write {os.path.splitext(args.output)[1]} files")
-        folders = {args.seeds[0]: os.path.dirname(os.path.abspath(args.output))}
+        folders = {args.seeds[0]: os.path.dirname(files.absolute(args.output))}
     else:
         several_seeds = len(args.seeds) > 1
         folders = {seed: os.path.join(args.output, f"seed{seed}") if several_seeds else args.output
                    for seed in args.seeds}
         source = input_folder(args.input)
         for folder in folders.values():
-            if os.path.realpath(folder) == source:
+            if real_path(folder) == source:
                 parser.error(f"--output: {folder} is the input folder {source} (real paths compared): the outputs "
                              "would replace the inputs; choose another --output")
 
@@ -248,11 +270,12 @@ def main(argv=None) -> int:
 def super_resolve(args, folders: list[str], output_path) -> int:
     """The run after the argument checks: inputs, captions and output folders are checked before the model loads."""
     distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+    show_log()  # conversion, cache use and copies staged from buckets
     with as_user_error():  # an unreadable input folder or captions file, bad captions JSON
-        files, skipped = list_inputs(args.input)
+        input_files, skipped = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
     for folder in folders:
-        check_writable(folder)
+        files.check_writable(folder)
     tiles = {k: v for k, v in (("tile_size", args.tile_size), ("tile_overlap", args.tile_overlap),
                                ("vae_tile", args.vae_tile)) if v is not None}
     options = dict(dtype=args.dtype, batch_size=args.batch_size, tile_batch=args.tile_batch,
@@ -262,7 +285,6 @@ def super_resolve(args, folders: list[str], output_path) -> int:
             pipeline = SRPipeline.from_checkpoint(args.checkpoint, **options)
         else:
             from smfsr_jax.sampling import pretrained  # huggingface_hub only for released weights
-            pretrained.show_log()
             pipeline = SRPipeline.from_pretrained(
                 args.model, args.base, null_embeddings=args.null_embeddings, cache_dir=args.cache_dir,
                 lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", **options)
@@ -274,9 +296,9 @@ def super_resolve(args, folders: list[str], output_path) -> int:
     # An output name belongs to the first file with its stem in sorted order, decided from the names alone so that
     # every process agrees; process p of n takes the files k with k % n == p.
     first_with_stem = {}
-    for path in files:
+    for path in input_files:
         first_with_stem.setdefault(os.path.splitext(os.path.basename(path))[0], os.path.basename(path))
-    mine = distributed.share(list(enumerate(files)))
+    mine = distributed.share(list(enumerate(input_files)))
     if jax.process_index() > 0:
         skipped = {}  # the folder's entries that are not image files: named once, by process 0
     uncaptioned = []
@@ -305,15 +327,14 @@ def super_resolve(args, folders: list[str], output_path) -> int:
             name = os.path.basename(path)
             stem = os.path.splitext(name)[0]
             if (args.skip_existing and first_with_stem[stem] == name
-                    and all(os.path.isfile(output_path(seed, stem)) for seed in args.seeds)):
-                existing += 1  # finished by an earlier run: outputs are renamed into place only when complete
+                    and all(files.is_file(output_path(seed, stem)) for seed in args.seeds)):
+                existing += 1  # finished by an earlier run: an output appears only when complete (save_image)
                 progress.update(len(args.seeds))
                 continue
             try:
                 if first_with_stem[stem] != name:
                     raise ValueError(f"{path}: same output name {stem}.png as {first_with_stem[stem]}")
-                with open(path, "rb") as f:
-                    pixels, _, _ = load_rgb8(f.read(), path)
+                pixels, _, _ = load_rgb8(files.read_bytes(path), path)
             except (ValueError, OSError) as e:  # BadImage is a ValueError
                 skipped[name] = str(e)
                 progress.update(len(args.seeds))
@@ -329,7 +350,7 @@ def super_resolve(args, folders: list[str], output_path) -> int:
             run(bucket)
     finally:  # the summary so far also when a write fails or the run is interrupted
         progress.close()
-        inputs = f"{len(files)} image files"
+        inputs = f"{len(input_files)} image files"
         if jax.process_count() > 1:
             inputs = f"process {jax.process_index()} of {jax.process_count()}: {len(mine)} of the {inputs}"
         done = f"; {existing} image files already done (--skip_existing)" if existing else ""

@@ -4,7 +4,9 @@ the request features of the real service that the project relies on and the emul
 - `ifGenerationMatch` on uploads and deletes (0: the object must not exist; g: its generation must be g),
   answered with 412 like the service: the run lock's create-if-absent and its stale-lock takeover rely on it;
 - suffix ranges (`Range: bytes=-N`, the last N bytes), which ArrayRecord's reader uses to find a file's index;
-- the atomic object move within a bucket (`.../o/SRC/moveTo/o/DST`), which gcsfs uses to rename.
+- the atomic object move within a bucket (`.../o/SRC/moveTo/o/DST`), which gcsfs uses to rename;
+- an object's generation in the headers of its download (`x-goog-generation`), which TensorStore reads back
+  when it saves a checkpoint with many arrays, and `ifGenerationNotMatch` (304 when unchanged).
 
 `python tests/gcs_emulator.py PORT BUCKET...` serves until killed; the `gcs` fixture (tests/conftest.py)
 starts it as a subprocess and hands tests the environment a user would set: STORAGE_EMULATOR_HOST only.
@@ -72,6 +74,17 @@ def _patch_emulator(counts: collections.Counter):
                 return None
             request._request_handler.headers.replace_header(
                 "range", f"bytes={max(0, size - int(suffix.group(1)))}-")
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            obj = None
+        if obj is not None:
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+            not_match = request.query.get("ifGenerationNotMatch")
+            if not_match and not_match[0] == str(obj["generation"]):
+                response.status = http.HTTPStatus.NOT_MODIFIED
+                return None
         return original_download(request, response, storage, *args, **kwargs)
 
     def move(request, response, storage, *args, **kwargs):

@@ -1,6 +1,7 @@
-"""evaluate.py directory mode, the metric registry and the OSEDiff log format."""
+"""evaluate.py directory mode, the metric registry and the OSEDiff log format; directory mode on a bucket."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smfsr_jax.core import errors
+from smfsr_jax.convert.common import save_converted
+from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
+from smfsr_jax.core import errors, files
 from smfsr_jax.evaluation import psnr_ssim
 from smfsr_jax.evaluation.directory import PairingError, evaluate_directory, image_size, pair_images
 from smfsr_jax.evaluation.io import read_rgb8
@@ -19,7 +22,9 @@ from smfsr_jax.evaluation.metrics import REGISTRY, Metric, MetricSpec, MissingWe
 from smfsr_jax.evaluation.osediff_log import format_log, parse_log, read_log
 from smfsr_jax.core.files import check_writable
 from smfsr_jax.evaluation.results import check_results_path, write_results
+from smfsr_jax.models.lpips import LPIPSConfig
 from tests.conftest import REPO, shared_path
+from tools.make_metric_goldens import random_state_dict
 
 NAMES = ("b_10.png", "b_2.png", "a.png")  # sorted(): a.png, b_10.png, b_2.png
 
@@ -270,3 +275,40 @@ def test_osediff_log_round_trip_and_tolerance():
     assert parsed.images["x.png"].metrics == {"PSNR": 20.0, "FOO-2": 1.5} and parsed.images["x.png"].runtime is None
     assert parsed.summaries[0].means == {"PSNR": 20.0, "FOO-2": 1.5} and parsed.summaries[0].fid is None
     assert format_log(parsed) == other
+
+
+def test_directory_mode_on_buckets(tmp_path, bucket_dir):
+    """SR and HR folders, LPIPS weights (--weights_dir) and --out in a bucket: the local run's scores, the same
+    unreadable image skipped, the results files uploaded whole; an --out in a missing bucket fails first."""
+    sr_dir, hr_dir = _write_pairs(tmp_path, np.random.default_rng(8), size=(64, 96))  # large enough for LPIPS-Alex
+    (sr_dir / "b_2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (sr_dir / "notes.txt").write_text("not an image")
+    config = LPIPSConfig("alex")
+    params = params_from_state_dicts(config, random_state_dict(trunk_shapes(config), 0),
+                                     random_state_dict(lin_shapes(config), 0))
+    save_converted(str(tmp_path / "weights" / "lpips"), dataclasses.asdict(config), params,
+                   meta={"converter": "lpips"})
+    for name in ("sr", "hr", "weights"):
+        files.copy_tree(tmp_path / name, f"{bucket_dir}/{name}")
+    metrics = build_metrics(["psnr", "ssim", "lpips"], weights_dir=str(tmp_path / "weights"))
+    local = evaluate_directory(str(sr_dir), str(hr_dir), metrics, show_progress=False)
+    write_results(local, str(tmp_path / "local.json"))
+
+    out = f"{bucket_dir}/out/r.json"
+    done = _evaluate_py(f"--sr_dir={bucket_dir}/sr", f"--hr_dir={bucket_dir}/hr", "--metrics=psnr,ssim,lpips",
+                        f"--weights_dir={bucket_dir}/weights", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 images, 1 skipped (b_2.png)" in done.stdout
+    remote = json.loads(files.read_text(out))
+    assert remote["per_image"] == local["per_image"] and remote["mean"] == local["mean"]
+    assert remote["skipped"] == {"b_2.png": f"{bucket_dir}/sr/b_2.png: not a readable image"}
+    assert (remote["sr_dir"], remote["hr_dir"]) == (f"{bucket_dir}/sr", f"{bucket_dir}/hr")
+    assert files.read_text(f"{bucket_dir}/out/r.csv") == (tmp_path / "local.csv").read_text()
+    assert files.listdir(f"{bucket_dir}/out") == ["r.csv", "r.json", "r.log", "r.md"]  # no probe file left
+    assert "Skipped sr/b_2.png" in files.read_text(f"{bucket_dir}/out/r.log")
+
+    with pytest.raises(errors.UserError, match="^cannot write in the output location gs://smfsr-no-such-bucket: the "
+                                               "bucket smfsr-no-such-bucket does not exist$"):
+        check_results_path("gs://smfsr-no-such-bucket/r.json")
+    with pytest.raises(FileNotFoundError, match=f"{bucket_dir}/missing: no such directory"):
+        pair_images(f"{bucket_dir}/missing", None, need_reference=False)

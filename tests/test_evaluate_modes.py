@@ -1,4 +1,5 @@
-"""evaluate.py checkpoint and watch modes on the tiny training runs, the paper tables and the seed list."""
+"""evaluate.py checkpoint and watch modes on the tiny training runs (also in a bucket), the paper tables and the seed
+list."""
 
 import dataclasses
 import json
@@ -15,15 +16,16 @@ from skimage import data as skimage_data
 
 from smfsr_jax.convert.common import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.data import build
 from smfsr_jax.evaluation import runner, tables, watch
 from smfsr_jax.evaluation.io import read_rgb8
 from smfsr_jax.evaluation.metrics import MissingWeightsError, build_metrics
 from smfsr_jax.models.lpips import LPIPSConfig
 from smfsr_jax.sr import parse_seeds
-from smfsr_jax.training import writers
+from smfsr_jax.training import checkpoints, writers
 from tests.conftest import REPO
+from tests.test_sampling import make_bundle
 from tools.make_metric_goldens import random_state_dict
 
 DATASET = "paired_sr/custom"
@@ -178,6 +180,46 @@ def test_watch_evaluates_each_checkpoint_once(teacher_run, benchmark_dir, tmp_pa
     assert watch.watch(str(workdir), run, once=True, show_progress=False) == []
     assert watch.watch(str(workdir), run, poll_seconds=0, sleep=no_sleep, show_progress=False) == []
     assert len(writers.read_jsonl(workdir / "eval" / "metrics.jsonl")) == 1
+
+
+def test_checkpoint_mode_with_a_bucket_bundle_and_output(benchmark_dir, tmp_path, bucket_dir):
+    """A gs:// bundle and --out: the local run's SR images (byte for byte), scores and tables, each file uploaded
+    whole."""
+    local_bundle = make_bundle(tmp_path / "bundle")
+    files.copy_tree(local_bundle, f"{bucket_dir}/bundle")
+    run = _run(benchmark_dir, [1, 2])
+    local, remote = tmp_path / "out", f"{bucket_dir}/out"
+    runner.evaluate_model(runner.load_model(local_bundle), run, str(local), show_progress=False)
+    built = runner.evaluate_model(runner.load_model(f"{bucket_dir}/bundle"), run, remote, show_progress=False)
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert [path[len(remote) + 1:] for path in files.walk_files(remote)] == names
+    for name in names:
+        ours, reference = files.read_bytes(f"{remote}/{name}"), (local / name).read_bytes()
+        if name.endswith((".png", ".csv")):
+            assert ours == reference, name
+        elif name.endswith(".json"):
+            ours, reference = json.loads(ours), json.loads(reference)
+            for key in ("per_image", "mean", "count", "datasets"):
+                assert ours.get(key) == reference.get(key), (name, key)
+    assert json.loads(files.read_text(f"{remote}/table3.json")) == json.loads(json.dumps(built["table3"]))
+
+
+def test_watch_on_a_bucket_workdir(teacher_run, benchmark_dir, bucket_dir):
+    """The teacher run copied into a bucket: its step is evaluated once into WORKDIR/eval there (results, state,
+    metrics.jsonl and TensorBoard events)."""
+    workdir = f"{bucket_dir}/teacher"
+    files.copy_tree(teacher_run, workdir)
+    # A local step is complete once renamed into place; in a bucket orbax marks it with this file.
+    files.write_bytes(f"{workdir}/checkpoints/60/{checkpoints.COMMIT_FILE}", b"")
+    run = _run(benchmark_dir, [1], steps=1)
+    assert watch.watch(workdir, run, once=True, show_progress=False) == [60]
+    assert json.loads(files.read_text(f"{workdir}/eval/state.json")) == {"evaluated": [60]}
+    (record,) = writers.read_jsonl(f"{workdir}/eval/metrics.jsonl")
+    table1 = json.loads(files.read_text(f"{workdir}/eval/60/table1.json"))
+    assert record == {"step": 60, f"{DATASET}/psnr": table1["datasets"][DATASET]["mean"]["psnr"],
+                      f"{DATASET}/ssim": table1["datasets"][DATASET]["mean"]["ssim"]}
+    assert any(name.startswith("events.out.tfevents") for name in files.listdir(f"{workdir}/eval"))
+    assert watch.watch(workdir, run, once=True, show_progress=False) == []
 
 
 def test_watch_stops_after_its_time_on_an_unfinished_run(teacher_run, benchmark_dir, tmp_path):

@@ -110,3 +110,9 @@ def test_configure_storage_derives_every_endpoint_from_the_emulator_variable():
     environ = {}
     files.configure_storage(environ)
     assert environ == {"EPATH_USE_TF": "false"}  # no emulator: the real service, through epath's fsspec backend
+
+
+def test_entries_list_one_level(root):
+    for name in ("x.png", "sub/y.png", "sub/deeper/z.png"):
+        files.write_text(files.join(root, "folder", name), "")
+    assert files.entries(files.join(root, "folder")) == (["x.png"], ["sub"])

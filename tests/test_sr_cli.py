@@ -1,8 +1,10 @@
 """`python -m smfsr_jax.sr`: x4 outputs for odd sizes and converted formats, skipped corrupt files, per-seed folders,
 captions (JSON file or .txt folder) with and without text encoders, single-file input and file output, the output
-checked before the model loads, a failed write stopping the run, one-line errors and their exit statuses."""
+checked before the model loads, a failed write stopping the run, one-line errors and their exit statuses; the same
+with a bundle, inputs and outputs in a bucket (the gs:// emulator)."""
 
 import errno
+import io
 import json
 import logging
 import os
@@ -300,3 +302,53 @@ def test_cli_never_writes_where_it_reads(input_dir, tmp_path, capsys):
             sr.main(["--checkpoint", str(tmp_path / "no_model"), *case])
         assert "is the input" in capsys.readouterr().err, case
     assert {p.name: p.read_bytes() for p in input_dir.iterdir()} == before
+
+
+def test_cli_bucket_model_inputs_and_outputs(student_bundle, input_dir, tmp_path, bucket_dir, capsys):
+    """A gs:// bundle, input folder and output folder give the local run's output files byte for byte, with the same
+    corrupt input skipped (and a bucket sub-folder named); --skip_existing sees the bucket's outputs; a gs:// input
+    file to a gs:// output file; input and output URLs are compared before anything loads; a missing bucket is one
+    error line."""
+    local_inputs = tmp_path / "lr"
+    local_inputs.mkdir()
+    for name in ("a_rgb.png", "b_gray.png", "f_corrupt.png", "notes.txt"):
+        (local_inputs / name).write_bytes((input_dir / name).read_bytes())
+    inputs, bundle, out = f"{bucket_dir}/lr", f"{bucket_dir}/bundle", f"{bucket_dir}/sr"
+    files.copy_tree(local_inputs, inputs)
+    files.write_bytes(f"{inputs}/sub/c_gray16.png", (input_dir / "c_gray16.png").read_bytes())
+    files.copy_tree(student_bundle, bundle)
+    options = ["--batch_size", "2", "--seeds", "7"]
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(local_inputs), "--output", str(tmp_path / "sr"),
+                    *options]) == 0
+    capsys.readouterr()
+    assert sr.main(["--checkpoint", bundle, "--input", inputs, "--output", out, *options]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote 2 images to {out} (3 image files x 1 seeds); skipped 2" in captured.out
+    assert "skipped f_corrupt.png: " in captured.err and "skipped sub: a directory" in captured.err
+    assert files.listdir(out) == ["a_rgb.png", "b_gray.png"]
+    for name in ("a_rgb.png", "b_gray.png"):
+        assert files.read_bytes(f"{out}/{name}") == (tmp_path / "sr" / name).read_bytes(), name
+
+    # Both outputs found in the bucket; status 1 as locally: nothing written and the corrupt input not done.
+    assert sr.main(["--checkpoint", bundle, "--input", inputs, "--output", out, *options, "--skip_existing"]) == 1
+    assert "wrote 0 images" in capsys.readouterr().out and files.listdir(out) == ["a_rgb.png", "b_gray.png"]
+
+    result = f"{bucket_dir}/single/result.jpg"
+    assert sr.main(["--checkpoint", bundle, "--input", f"{inputs}/a_rgb.png", "--output", result, *options]) == 0
+    with Image.open(io.BytesIO(files.read_bytes(result))) as image:
+        assert image.format == "JPEG" and image.size == (4 * SMALL[1], 4 * SMALL[0])
+    assert files.listdir(f"{bucket_dir}/single") == ["result.jpg"]  # no .partial, no probe file left
+
+    for case in [("--input", inputs, "--output", f"{inputs}/"),
+                 ("--input", f"{inputs}/a_rgb.png", "--output", inputs),
+                 ("--input", f"{inputs}/a_rgb.png", "--output", f"{inputs}/a_rgb.png")]:
+        with pytest.raises(SystemExit):
+            sr.main(["--checkpoint", str(tmp_path / "no_model"), *case])
+        assert "is the input" in capsys.readouterr().err, case
+    for case, reason in [(("--input", inputs, "--output", "gs://smfsr-no-such-bucket/out"),
+                          "cannot write in the output location gs://smfsr-no-such-bucket/out: the bucket "
+                          "smfsr-no-such-bucket does not exist"),
+                         (("--input", f"{bucket_dir}/missing", "--output", out),
+                          f"--input {bucket_dir}/missing: no such file or directory")]:
+        assert sr.main(["--checkpoint", str(tmp_path / "no_model"), *case]) == 2
+        assert capsys.readouterr().err == f"error: {reason}\n"

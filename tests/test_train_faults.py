@@ -1,18 +1,22 @@
 """Faults a training run must survive: unreadable checkpoints, two runs on one workdir, missing data, a changed
 config on resume, non-finite metrics; and the command line's one-line errors."""
 
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs import teacher_fm
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.data import pipeline
 from smfsr_jax.training import checkpoints, loop, run_lock, writers
 from tests.conftest import REPO
@@ -183,6 +187,28 @@ def test_lock_from_another_host_is_not_taken(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run.lock"]
 
 
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_run_writers_write_tensorboard_events_and_metrics_anywhere(where, tmp_path, request):
+    """The events (scalars and images) read back with TensorBoard's own reader; in a bucket too."""
+    from tensorboard.backend.event_processing import event_accumulator
+    workdir = str(tmp_path / "run") if where == "local" else request.getfixturevalue("bucket_dir")
+    image = np.random.default_rng(0).integers(0, 256, (2, 6, 10, 3), np.uint8)
+    writer = writers.make_run_writer(workdir)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.write_images(1, {"lr_sr_hr": image})
+    writer.write_scalars(2, {"loss": 0.25})
+    writer.flush()
+    assert writers.read_jsonl(files.join(workdir, "metrics.jsonl")) == [{"step": 1, "loss": 0.5},
+                                                                        {"step": 2, "loss": 0.25}]
+    local = files.stage(workdir) if where == "gs" else workdir
+    events = event_accumulator.EventAccumulator(local, size_guidance={event_accumulator.IMAGES: 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+    decoded = [np.asarray(Image.open(io.BytesIO(events.Images(f"lr_sr_hr/image/{i}")[0].encoded_image_string)))
+               for i in range(2)]
+    np.testing.assert_array_equal(np.stack(decoded), image)
+
+
 def test_metrics_jsonl_is_strict_json(tmp_path):
     writer = writers.JsonlWriter(str(tmp_path / "metrics.jsonl"))
     writer.write_scalars(1, {"loss": 0.5, "grad_norm": 1.0})
@@ -209,3 +235,81 @@ def test_run_cli_prints_one_line_and_the_status(capsys):
         errors.run_cli(fails, debug=True)
     with pytest.raises(KeyError):  # a bug keeps its traceback
         errors.run_cli(lambda: {}["x"])
+
+
+def test_lock_in_a_bucket_admits_one_run_and_takes_over_a_dead_ones(bucket_dir, caplog):
+    """A bucket has no flock: the lock is an object created only if absent, and a stale one is deleted only if
+    unchanged since it was read."""
+    results = []
+
+    def take():
+        try:
+            results.append(run_lock.acquire(bucket_dir))
+        except run_lock.WorkdirLocked as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held = [r for r in results if isinstance(r, str)]
+    assert len(held) == 1 and all(f"in use by pid {os.getpid()}" in str(r) for r in results if r not in held)
+    run_lock.release(held[0])
+    assert not files.exists(held[0])
+
+    lock = files.join(bucket_dir, "run.lock")
+    files.write_text(lock, json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "started": "earlier"}))
+    assert run_lock.acquire(bucket_dir) == lock
+    assert json.loads(files.read_text(lock))["pid"] == os.getpid()
+    assert any("took over the run lock" in r.getMessage() for r in caplog.records)
+    run_lock.release(lock)
+    files.write_text(lock, json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    with pytest.raises(run_lock.WorkdirLocked, match="on elsewhere .*delete the lock file"):
+        run_lock.acquire(bucket_dir)
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied", "checkpoints/4/state/manifest.ocdbt"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes"),
+    ValueError('UNAVAILABLE: Error reading "params.x" in OCDBT database at gs://b/run/checkpoints/4/state/: '
+               "Connection refused"),
+    TimeoutError("timed out reading gs://b/run/checkpoints/4/data/metadata"),
+], ids=["permission", "out_of_memory", "unreachable", "timeout"])
+@pytest.mark.parametrize("where", ["metadata", "arrays"])
+def test_a_checkpoint_unreadable_for_the_environment_is_not_moved(two_checkpoints, data_dir, tmp_path, monkeypatch,
+                                                                   error, where):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, workdir)
+    target = (checkpoints, "_saved_shapes") if where == "metadata" else (checkpoints.Checkpointer, "restore")
+    monkeypatch.setattr(*target, _raise(error))
+    with pytest.raises(checkpoints.CheckpointUnreachable, match="checkpoint step 4 could not be read, and not because "
+                                                                "it is damaged.*Nothing was moved"):
+        loop.train(tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=2), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert not (workdir / "run.lock").exists()
+
+
+def test_damage_and_environment_are_told_apart_by_what_the_reads_report():
+    damaged = [  # what the truncated, deleted and emptied-metadata cases above report
+        ValueError('OUT_OF_RANGE: Error reading "params.k" in OCDBT database at local file "/r/4/state/": Requested '
+                   "byte range [838475, 842307) is not valid for value of size 100"),
+        ValueError('FAILED_PRECONDITION: Error reading "params.k" in OCDBT database at local file "/r/4/state/": '
+                   "Truncated Zstd-compressed stream; at byte 0"),
+        checkpoints._BadMetadata("/r/4/data/metadata: Expecting value: line 1 column 1 (char 0)"),
+        FileNotFoundError(2, "No such file or directory", "/r/4/data/metadata"),
+        ValueError('DATA_LOSS: Error reading "params.k": checksum mismatch'),
+    ]
+    environment = [MemoryError(), ConnectionResetError(), ValueError("DEADLINE_EXCEEDED: gs://b/r/4/state"),
+                   ValueError("PERMISSION_DENIED: gs://b/r/4/state"), RuntimeError("something else entirely")]
+    assert all(checkpoints.is_damage(e) for e in damaged)
+    assert not any(checkpoints.is_damage(e) for e in environment)
+    wrapped = RuntimeError("restore failed")
+    wrapped.__cause__ = damaged[0]
+    assert checkpoints.is_damage(wrapped)

@@ -3,6 +3,7 @@
 import pathlib
 
 from smfsr_jax.convert.transformer import load_transformer
+from smfsr_jax.core import files
 from smfsr_jax.training import loop
 
 # Smaller than the demo's tiny configs: 2 blocks of width 32, 32-pixel crops.
@@ -25,7 +26,8 @@ def tiny(module, data_dir, **overrides):
 
 
 def bundle_params(workdir):
-    return load_transformer(pathlib.Path(workdir) / "bundle")[1]
+    """The transformer parameters of WORKDIR/bundle (a local path or a bucket URL)."""
+    return load_transformer(files.join(workdir, "bundle"))[1]
 
 
 def run(module, data_dir, workdir, **overrides):

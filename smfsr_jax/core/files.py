@@ -20,6 +20,7 @@ TensorStore (orbax's arrays) and ArrayRecord's reader (the TFDS records).
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from etils import epath
 from smfsr_jax.core import errors
 
 SCRATCH_ENV = "SMFSR_JAX_SCRATCH"
+log = logging.getLogger(__name__)
 
 
 def configure_storage(environ=os.environ):
@@ -87,6 +89,19 @@ def is_file(value) -> bool:
 def listdir(value) -> list[str]:
     """Names in a directory (or under a bucket prefix), sorted."""
     return sorted(child.name for child in path(value).iterdir())
+
+
+def entries(value) -> tuple[list[str], list[str]]:
+    """(names of the files, names of the folders) directly in a directory or under a bucket prefix, sorted; one
+    listing request in a bucket, whatever lies deeper."""
+    root = absolute(value).rstrip("/")
+    if not is_remote(root):
+        with os.scandir(root) as listing:
+            found = [(entry.name, entry.is_dir()) for entry in listing]
+    else:
+        found = [(info["name"].rstrip("/").rsplit("/", 1)[-1], info["type"] == "directory")
+                 for info in _filesystem(root).ls(_key(root), detail=True)]
+    return sorted(n for n, d in found if not d), sorted(n for n, d in found if d)
 
 
 def walk_files(value) -> list[str]:
@@ -273,15 +288,28 @@ def move(source, destination):
         fs.mv(name, dst + name[len(src):])
 
 
-def sizes(value) -> dict[str, int]:
-    """{relative name: size} of every file under a directory (one listing request in a bucket)."""
+def _listing(value) -> dict[str, tuple[int, str]]:
+    """{relative name: (size, version)} of every file under a directory, or {"": ...} for a file; one listing
+    request in a bucket. The version changes when a file is replaced (GCS: generation; local: mtime)."""
     root = absolute(value).rstrip("/")
     if not is_remote(root):
-        return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
-                for d, _, names in os.walk(root) for n in names}
+        if not os.path.isdir(root):
+            stat = os.stat(root)
+            return {"": (stat.st_size, str(stat.st_mtime_ns))}
+        found = {}
+        for directory, _, names in os.walk(root):
+            for name in names:
+                stat = os.stat(os.path.join(directory, name))
+                found[os.path.relpath(os.path.join(directory, name), root)] = (stat.st_size, str(stat.st_mtime_ns))
+        return found
     key = _key(root)
-    return {name[len(key) + 1:]: int(info["size"])
+    return {name[len(key) + 1:]: (int(info["size"]), str(info.get("generation") or info.get("mtime") or ""))
             for name, info in _filesystem(root).find(key, detail=True).items()}
+
+
+def sizes(value) -> dict[str, int]:
+    """{relative name: size} of every file under a directory (one listing request in a bucket)."""
+    return {name: found[0] for name, found in _listing(value).items()}
 
 
 def copy_file(source, destination, progress=None):
@@ -352,26 +380,25 @@ def scratch_dir(*parts: str) -> str:
 
 def stage(value, *, what: str = "") -> str:
     """A local copy of a bucket directory or file, for a library that reads only local files; a local `value` is
-    returned as it is. The copy lives under `scratch_dir("staged")`, is made once per content (files' names and
-    sizes) and is logged, with a progress bar."""
+    returned as it is. The copy lives under `scratch_dir("staged")`, is made once per version of the files
+    (names, sizes and generations: a replaced file is staged again), is logged and shows a progress bar."""
     if not is_remote(value):
         return absolute(value)
-    from absl import logging
     source = absolute(value).rstrip("/")
-    directory = is_dir(source)
-    listing = sizes(source) if directory else {"": size(source)}
+    listing = _listing(source)
     key = hashlib.sha256(repr((source, sorted(listing.items()))).encode()).hexdigest()[:16]
     local = os.path.join(scratch_dir("staged", key), os.path.basename(source))
     done = local + ".complete"
     if os.path.exists(done):
         return local
-    logging.info("staging %s (%d files, %.1f MiB) to local scratch %s: %s reads local files only", source,
-                 len(listing), sum(listing.values()) / 2**20, local, what or "the library")
-    if directory:
-        copy_tree(source, local, what=f"staging {source}")
-    else:
-        with _progress(listing[""], f"staging {source}") as bar:
+    total = sum(size for size, _ in listing.values())
+    log.info("staging %s (%d files, %.1f MiB) to local scratch %s: %s reads local files only", source,
+             len(listing), total / 2**20, local, what or "the library")
+    if "" in listing:  # a single file
+        with _progress(total, f"staging {source}") as bar:
             copy_file(source, local, bar)
+    else:
+        copy_tree(source, local, what=f"staging {source}")
     with open(done, "w"):
         pass
     return local

@@ -1,7 +1,8 @@
 """Directory mode: score the SR images of a directory, against references of the same names for the
 full-reference metrics. The pairs' image sizes are checked from the file headers before any scoring: a
 pair of different sizes stops the run (every such pair named), or is skipped with skip_mismatched.
-Unreadable and skipped images are named with the reason; means are over the evaluated images."""
+Unreadable and skipped images are named with the reason; means are over the evaluated images. Either directory
+may be in a bucket (gs://...)."""
 
 import os
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.data.images import EXIF_ORIENTATION
 from smfsr_jax.evaluation.io import UnreadableImageError, list_images, read_rgb8
 from smfsr_jax.evaluation.metrics import Metric
@@ -48,7 +49,7 @@ def image_size(path: str) -> tuple[int, int] | None:
     """(width, height) of an image as read_rgb8 decodes it, from the header alone; None when PIL cannot
     parse it (read_rgb8 then decides whether it is readable)."""
     try:
-        with Image.open(path) as image:
+        with files.path(path).open("rb") as f, Image.open(f) as image:
             width, height = image.size
             exif = Image.Exif()
             # info["exif"] is parsed at open; image.getexif() would decode a PNG that has none.

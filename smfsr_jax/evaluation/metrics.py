@@ -7,7 +7,8 @@ one size, uint8 or float in [0, 1]: full-reference ones `(sr, hr)`, no-reference
 `load_<name>(converted_dir)`.
 
 Weights: `--<name>_weights PATH`, or `--weights_dir DIR` holding one entry per metric under its name
-(DIR/lpips, DIR/musiq, ...).
+(DIR/lpips, DIR/musiq, ...). Either may be in a bucket (gs://...): the loaders read it there (staging what they
+can read only from local files).
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from smfsr_jax.convert.lpips import load_lpips_from
-from smfsr_jax.core import errors
+from smfsr_jax.core import errors, files
 from smfsr_jax.evaluation.io import to_unit_float
 from smfsr_jax.evaluation.psnr_ssim import psnr, ssim
 from smfsr_jax.models.lpips import LPIPS
@@ -114,7 +115,7 @@ def weights_path_for(spec: MetricSpec, weights_paths: Mapping[str, str], weights
         return None
     if weights_paths.get(spec.name):
         return weights_paths[spec.name]
-    if weights_dir and os.path.exists(os.path.join(weights_dir, spec.name)):
+    if weights_dir and files.exists(os.path.join(weights_dir, spec.name)):
         return os.path.join(weights_dir, spec.name)
     return None
 

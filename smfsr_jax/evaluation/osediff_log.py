@@ -14,6 +14,8 @@ import dataclasses
 import datetime
 import re
 
+from smfsr_jax.core import files
+
 METRIC_ORDER = ("PSNR", "SSIM", "LPIPS", "DISTS", "CLIPIQA", "NIQE", "MUSIQ", "MANIQA")
 _TIMESTAMP = r"\d{2}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}"
 _METRICS = r"[\w+\-]+: [^;\s]+(?:; [\w+\-]+: [^;\s]+)*"
@@ -122,8 +124,7 @@ def parse_log(text: str) -> OSEDiffLog:
 
 
 def read_log(path) -> OSEDiffLog:
-    with open(path) as f:
-        return parse_log(f.read())
+    return parse_log(files.read_text(path))
 
 
 def format_log(log: OSEDiffLog) -> str:

@@ -1,5 +1,6 @@
-"""Writing one set of scores: x.json plus x.csv, x.md and OSEDiff's per-image log x.log beside it; checking
-before a run that its outputs can be written, and reporting a write that fails part-way."""
+"""Writing one set of scores: x.json plus x.csv, x.md and OSEDiff's per-image log x.log beside it, locally or in a
+bucket (gs://...); checking before a run that its outputs can be written, and reporting a write that fails
+part-way."""
 
 import contextlib
 import csv
@@ -7,8 +8,7 @@ import io
 import json
 import os
 
-from smfsr_jax.core import errors
-from smfsr_jax.core.files import check_writable
+from smfsr_jax.core import errors, files
 from smfsr_jax.evaluation.metrics import REGISTRY
 from smfsr_jax.evaluation.osediff_log import evaluation_log, format_log
 
@@ -36,23 +36,38 @@ def result_paths(out_path: str) -> list[str]:
     return [out_path, f"{stem}.csv", f"{stem}.md", f"{stem}.log"]
 
 
+def _directory(out_path: str) -> str:
+    """The folder of out_path: its bucket prefix, or the absolute local folder."""
+    return os.path.dirname(out_path if files.is_remote(out_path) else os.path.abspath(out_path))
+
+
 def check_results_path(out_path: str):
     """`check_writable` for the directory of write_results' files, none of which may be a directory."""
-    check_writable(os.path.dirname(os.path.abspath(out_path)))
+    files.check_writable(_directory(out_path))
     for path in result_paths(out_path):
-        if os.path.isdir(path):
+        if files.is_dir(path):
             raise errors.UserError(f"{path} is a directory; --out takes the path of the results JSON file")
 
 
 @contextlib.contextmanager
 def writing(path: str, kept: str = ""):
-    """An OSError while writing under `path` becomes a RunFailure naming the file, the OS reason and `kept`
-    (what the run has saved)."""
+    """An OSError while writing under `path` becomes a RunFailure naming the file (a failed rename's target),
+    the OS reason and `kept` (what the run has saved)."""
     try:
         yield
     except OSError as e:
-        raise errors.RunFailure(f"{e.filename or path}: could not write it: {e.strerror or e}"
+        raise errors.RunFailure(f"{e.filename2 or e.filename or path}: could not write it: {e.strerror or e}"
                                 + (f"; {kept}" if kept else "")) from e
+
+
+def write_text(path: str, text: str):
+    """One results file: a single upload in a bucket; a local file is written in place, so that --out may name
+    a device or a pipe (/dev/stdout)."""
+    if files.is_remote(path):
+        files.write_text(path, text)
+        return
+    with open(path, "w", newline="") as f:  # newline="": as is (the csv rows end in \r\n, as csv writes them)
+        f.write(text)
 
 
 def _csv(results: dict) -> str:
@@ -77,11 +92,10 @@ def write_results(results: dict, out_path: str) -> list[str]:
     RunFailure naming the file and those written before it."""
     paths = result_paths(out_path)
     texts = [json.dumps(results, indent=2) + "\n", _csv(results), _markdown(results), _log(results)]
-    directory = os.path.dirname(os.path.abspath(out_path))
+    directory = _directory(out_path)
     with writing(directory):
-        os.makedirs(directory, exist_ok=True)
+        files.makedirs(directory)
     for i, (path, text) in enumerate(zip(paths, texts)):
-        # newline="": written as is (the csv rows end in \r\n, as the csv module writes them)
-        with writing(path, f"written before it: {', '.join(paths[:i]) or 'none'}"), open(path, "w", newline="") as f:
-            f.write(text)
+        with writing(path, f"written before it: {', '.join(paths[:i]) or 'none'}"):
+            write_text(path, text)
     return paths

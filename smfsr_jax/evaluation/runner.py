@@ -7,8 +7,9 @@ index) is sampled with fold_in(PRNGKey(seed), k), so an image's output does not 
 on batching or on the other images. SR images are written as 8-bit PNGs named like the LR file
 (`<stem>.png`); a second LR file with the same stem is skipped and named, as `python -m smfsr_jax.sr` does.
 
-The model is a bundle directory or a training workdir (its latest finished checkpoint, or `step`). A write that
-fails part-way raises a RunFailure naming the file and the per-seed results already written.
+The model is a bundle directory or a training workdir (its latest finished checkpoint, or `step`); it and the output
+directory may be local or in a bucket (gs://...). A write that fails part-way raises a RunFailure naming the file
+and the per-seed results already written.
 
 Devices and processes: SR calls take `batch_size` images per local device (sampling/pipeline.py); metric calls
 take `batch_size` images. With several processes (jax.distributed, core/distributed.py) every process runs
@@ -27,10 +28,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from smfsr_jax.core import distributed, errors
+from smfsr_jax.core import distributed, errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import images as image_io
 from smfsr_jax.data.pipeline import open_source, record_text
@@ -40,6 +40,7 @@ from smfsr_jax.evaluation.metrics import Metric, MissingWeightsError, build_metr
 from smfsr_jax.evaluation.results import write_results, writing
 from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
+from smfsr_jax.sr import save_image
 from smfsr_jax.training import inference
 
 SPLIT = "test"
@@ -122,7 +123,7 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
                   color_fix: str = "adain") -> Iterator[tuple[list[BenchmarkImage], list[np.ndarray]]]:
     """(images, SR images) in chunks of `batch_size`, each SR image written to sr_dir/<name> first."""
     with writing(sr_dir):
-        os.makedirs(sr_dir, exist_ok=True)
+        files.makedirs(sr_dir)
 
     def run(chunk):
         outputs = pipeline([image.lr for image in chunk], seed=seed, steps=steps,
@@ -131,7 +132,7 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
         for image, sr in zip(chunk, outputs):
             path = os.path.join(sr_dir, image.name)
             with writing(path):
-                Image.fromarray(sr).save(path)
+                save_image(sr, path)
         return chunk, outputs
 
     chunk = []
@@ -146,7 +147,7 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
 
 def load_model(path: str, step: Optional[int] = None) -> bundle_lib.Bundle:
     """A model bundle, or a training workdir at `step` (default: its latest finished checkpoint)."""
-    if os.path.isfile(os.path.join(path, bundle_lib.BUNDLE_FILE)):
+    if files.is_file(files.join(path, bundle_lib.BUNDLE_FILE)):
         if step is not None:
             raise ValueError(f"{path} is a model bundle; a step applies to training workdirs only")
         return bundle_lib.load_bundle(path)

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from smfsr_jax.core import files
 from smfsr_jax.evaluation.metrics import REGISTRY
 
 TABLE1_ORDER = ("clipiqa", "musiq", "maniqa", "psnr", "ssim", "lpips")  # the paper's column orders
@@ -174,12 +175,8 @@ def markdown(table: dict) -> str:
 
 
 def write_table(table: dict, out_dir: str) -> list[str]:
-    """out_dir/table<n>.json and .md; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    """out_dir/table<n>.json and .md (out_dir local or in a bucket), each written whole; returns the paths."""
     stem = os.path.join(out_dir, f"table{table['table']}")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(table, f, indent=2)
-        f.write("\n")
-    with open(f"{stem}.md", "w") as f:
-        f.write(markdown(table))
+    files.write_text(f"{stem}.json", json.dumps(table, indent=2) + "\n")
+    files.write_text(f"{stem}.md", markdown(table))
     return [f"{stem}.json", f"{stem}.md"]

@@ -1,19 +1,19 @@
 """Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears
 (`evaluate.py --watch`). Results go to WORKDIR/eval/<step>/, the first seed's dataset means to TensorBoard
-(the "eval" run) and WORKDIR/eval/metrics.jsonl; WORKDIR/eval/state.json remembers the evaluated steps.
+(the "eval" run) and WORKDIR/eval/metrics.jsonl; WORKDIR/eval/state.json remembers the evaluated steps. WORKDIR may be
+in a bucket (gs://...).
 
 With several processes, all run `watch` with the same arguments: process 0's view of the workdir and clock decides
 which steps are evaluated and when to stop, every process takes part in each evaluation (runner.py), and process 0
 alone writes the state, TensorBoard and metrics.jsonl."""
 
 import json
-import os
 import time
 
 import jax
 from absl import logging
 
-from smfsr_jax.core import distributed, errors
+from smfsr_jax.core import distributed, errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import runner
 from smfsr_jax.evaluation.results import writing
@@ -22,32 +22,26 @@ from smfsr_jax.training import checkpoints, inference, stages
 
 
 def _read_state(path: str) -> list[int]:
-    if not os.path.exists(path):
+    if not files.exists(path):
         return []
-    with open(path) as f:
-        try:
-            return [int(step) for step in json.load(f)["evaluated"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise errors.UserError(f"{path}: expected {{\"evaluated\": [steps]}} ({type(e).__name__}: {e}); delete "
-                                   "it to evaluate every checkpoint again") from None
+    try:
+        return [int(step) for step in json.loads(files.read_text(path))["evaluated"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.UserError(f"{path}: expected {{\"evaluated\": [steps]}} ({type(e).__name__}: {e}); delete "
+                               "it to evaluate every checkpoint again") from None
 
 
 def _write_state(path: str, evaluated: list[int]):
-    partial = f"{path}.partial"  # replaced in one step: a killed watcher never leaves half a file
-    with open(partial, "w") as f:
-        json.dump({"evaluated": sorted(evaluated)}, f)
-        f.write("\n")
-    os.replace(partial, path)
+    # Written whole: a killed watcher never leaves half a file.
+    files.write_text(path, json.dumps({"evaluated": sorted(evaluated)}) + "\n")
 
 
 def _eval_writer(workdir: str):
     """TensorBoard events in WORKDIR/eval (the "eval" run beside training's) and WORKDIR/eval/metrics.jsonl."""
-    from clu import metric_writers  # imports TensorFlow (3 s): only watch mode pays for it
+    from smfsr_jax.training import writers  # imports clu and TensorBoard: only watch mode pays for them
 
-    from smfsr_jax.training import writers
-    tensorboard = metric_writers.create_default_writer(workdir, collection=workdir_lib.EVAL, asynchronous=False)
-    return metric_writers.MultiWriter(
-        [tensorboard, writers.JsonlWriter(workdir_lib.metrics_path(workdir_lib.eval_dir(workdir)))])
+    eval_dir = workdir_lib.eval_dir(workdir)
+    return writers.make_writer(eval_dir, workdir_lib.metrics_path(eval_dir))
 
 
 def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, stop_after_seconds: float | None = None,
@@ -57,8 +51,8 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
     config = inference.read_config(workdir)  # also checks that workdir is a training workdir
     eval_dir = workdir_lib.eval_dir(workdir)
     checkpoint_dir = workdir_lib.checkpoints_dir(workdir)
-    os.makedirs(eval_dir, exist_ok=True)
-    state_path = os.path.join(eval_dir, "state.json")
+    files.makedirs(eval_dir)
+    state_path = files.join(eval_dir, "state.json")
     evaluated = _read_state(state_path)
     deadline = None if stop_after_seconds is None else time.monotonic() + stop_after_seconds
     network = writer = None
@@ -66,7 +60,7 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
     try:
         while True:
             # Looked at before listing: once the bundle exists, every checkpoint listed after it is final.
-            run_finished = os.path.isfile(os.path.join(workdir_lib.bundle_dir(workdir), bundle_lib.BUNDLE_FILE))
+            run_finished = files.is_file(files.join(workdir_lib.bundle_dir(workdir), bundle_lib.BUNDLE_FILE))
             pending = [s for s in checkpoints.finished_steps(checkpoint_dir) if s not in evaluated]
             run_finished, pending = distributed.from_process0([run_finished, pending])
             for step in pending:
@@ -84,7 +78,7 @@ def watch(workdir: str, run: runner.BenchmarkRun, *, poll_seconds: float = 60, s
                     logging.warning("step %d was deleted (keep_checkpoints) before it could be evaluated", step)
                     continue
                 logging.info("evaluating step %d of %s", step, workdir)
-                built = runner.evaluate_model(bundle, run, os.path.join(eval_dir, str(step)), show_progress)
+                built = runner.evaluate_model(bundle, run, files.join(eval_dir, str(step)), show_progress)
                 evaluated.append(step)
                 evaluated_now.append(step)
                 if jax.process_index() > 0:
