@@ -14,11 +14,17 @@ Several processes (multi-host): pass --num_processes/--process_id/--coordinator_
 on a cluster where jax.distributed auto-detects them.
 
 WORKDIR holds config.json, checkpoints/<step>/, TensorBoard events, metrics.jsonl and, at the end,
-bundle/ (the model for `python -m smfsr_jax.sr` and for the next stage).
+bundle/ (the model for `python -m smfsr_jax.sr` and for the next stage). WORKDIR, the data_dir and init.* may
+be bucket URLs (gs://...): hosts need share no disk.
 
-Exit status: 0; 2 for a problem to fix first (missing data, a busy workdir, a changed config, unreadable
-checkpoints, bad weights), printed as one line; 1 when training failed (a non-finite loss: no checkpoint
-holds it). --debug shows the traceback. orbax's INFO lines are hidden unless --verbosity is given.
+SIGTERM (a preemption) stops the run after a step all processes agree on, with a checkpoint of it, exit status 0
+and one line naming the step; rerunning the same command resumes from it. A second SIGTERM, or Ctrl-C, stops at
+once.
+
+Exit status: 0 (also when stopped by SIGTERM); 2 for a problem to fix first (missing data, a busy workdir, a
+changed config, unreadable checkpoints, bad weights), printed as one line; 1 when training failed (a non-finite
+loss: no checkpoint holds it; a checkpoint that could not be read for the environment's sake: nothing moved).
+--debug shows the traceback. orbax's INFO lines are hidden unless --verbosity is given.
 """
 
 import os

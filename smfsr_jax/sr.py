@@ -284,7 +284,6 @@ def super_resolve(args, folders: list[str], output_path) -> int:
         if args.model is None:
             pipeline = SRPipeline.from_checkpoint(args.checkpoint, **options)
         else:
-            from smfsr_jax.sampling import pretrained  # huggingface_hub only for released weights
             pipeline = SRPipeline.from_pretrained(
                 args.model, args.base, null_embeddings=args.null_embeddings, cache_dir=args.cache_dir,
                 lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", **options)

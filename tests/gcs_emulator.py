@@ -16,7 +16,6 @@ Request counts by kind are served at /_counts (GET) so that tests can check that
 import collections
 import http
 import logging
-import os
 import re
 import subprocess
 import sys

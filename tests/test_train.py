@@ -1,9 +1,7 @@
-"""train.py on tiny configs: both stages, loss decrease, sharding/process invariance, resume, NaN guard."""
+"""train.py on tiny configs: both stages, loss decrease, resume, NaN guard (sharding, process and preemption
+invariance: tests/test_run_contract.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,7 @@ from smfsr_jax.convert import common
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling.pipeline import SRPipeline
 from smfsr_jax.training import checkpoints, loop, partition, stages, writers
-from tests.conftest import REPO
-from tests.processes import free_port
-from tests.tiny_runs import STEPS, TINY_OVERRIDES, bundle_params, run, tiny
+from tests.tiny_runs import STEPS, bundle_params, tiny
 
 def assert_trees_close(a, b, atol):
     flat_a, flat_b = common.flatten(a), common.flatten(b)
@@ -46,8 +42,15 @@ def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
 
 
 def test_student_steps_from_the_teacher_bundle(teacher_run, student_run):
-    last = [r for r in writers.read_jsonl(student_run / "metrics.jsonl") if "isc_loss" in r][-1]
-    assert last["step"] == 4 and np.isfinite(last["isc_loss"]) and 0.0 <= last["boundary_fraction"] <= 1.0
+    records = [r for r in writers.read_jsonl(student_run / "metrics.jsonl") if "isc_loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # One branch per step (p_boundary 0.6; seed 0 draws boundary, boundary, split, split).
+    assert [r["boundary_fraction"] for r in records] == [1.0, 1.0, 0.0, 0.0]
+    # The student starts as its teacher: before its first update u(z, t, t) is the teacher's v(z, t) exactly (the
+    # boundary loss is rounding, 5e-15 here), and the step moves it (a non-zero gradient, a non-zero loss after).
+    assert records[0]["isc_loss"] < 1e-10 and records[0]["grad_norm"] > 0 and records[1]["isc_loss"] > 1e-12
+    # A teacher-like student is nearly consistent over intervals: the split residual is small but not zero.
+    assert all(0 < r["isc_loss"] < 1e-4 and np.isfinite(r["grad_norm"]) for r in records[2:])
     student = bundle_params(student_run)
     teacher = bundle_params(teacher_run)
     # Frozen weights are bit-identical after training; only control and the interval MLP moved.
@@ -168,48 +171,6 @@ def test_killed_run_resumes_exactly(teacher_run, data_dir, tmp_path, monkeypatch
     monkeypatch.setattr(loop, "data_iterator", original)
     loop.train(config, str(tmp_path))
     assert_trees_close(bundle_params(tmp_path), bundle_params(teacher_run), atol=0.0)
-
-
-def _run_subprocess(args, env_extra, cwd=REPO):
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **env_extra)
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _first_error(output: str) -> str:
-    """A failed process's first error line and its output's tail: a fatal abort's native stack would hide it."""
-    errors = [line for line in output.splitlines() if "Error" in line]
-    return f"first error: {errors[0] if errors else None}\n{output[-2000:]}"
-
-
-def _config_flags(data_dir, **extra):
-    flags = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, "data.data_dir": data_dir, "total_steps": STEPS,
-                                              **extra}.items()]
-    return flags
-
-
-def test_eight_devices_and_two_processes_match_one_device(data_dir, tmp_path):
-    """data x fsdp mesh on 8 fake CPU devices, and 2 processes under jax.distributed (4 devices each), against
-    one device; 20 steps (the sharded runs are the slow part: collectives between fake devices and processes)."""
-    steps = 20
-    one = run(teacher_fm, data_dir, tmp_path / "one", total_steps=steps)
-    flags = _config_flags(data_dir, mesh="(('data',4),('fsdp',2))", total_steps=steps)
-    mesh8 = tmp_path / "mesh8"
-    eight = _run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(mesh8), *flags],
-                            {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    out8 = eight.communicate(timeout=900)[0]
-    assert eight.returncode == 0, out8[-3000:]
-    assert_trees_close(bundle_params(mesh8), bundle_params(one), atol=1e-5)
-
-    two = tmp_path / "two_processes"
-    coordinator = f"localhost:{free_port()}"
-    procs = [_run_subprocess(["train.py", "--config", "configs/teacher_fm.py:tiny", "--workdir", str(two),
-                              "--num_processes", "2", "--process_id", str(i), "--coordinator_address",
-                              coordinator, *flags],
-                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(_first_error(out) for out in outs)
-    assert_trees_close(bundle_params(two), bundle_params(one), atol=1e-5)
 
 
 def test_trainable_masks_match_the_paper_counts():

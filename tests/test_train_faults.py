@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from smfsr_jax.core import errors, files
 from smfsr_jax.data import pipeline
 from smfsr_jax.training import checkpoints, loop, run_lock, writers
 from tests.conftest import REPO
-from tests.test_train import assert_trees_close
+from tests.test_train import DiesAtBatch, assert_trees_close
 from tests.tiny_runs import TINY_OVERRIDES, bundle_params, tiny
 
 STEPS = 4  # checkpoints at steps 2 and 4
@@ -71,6 +72,54 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes(two_che
     # Steps 3-4 were retrained from step 2: the same weights as the uninterrupted run.
     assert checkpoints.finished_steps(str(workdir / "checkpoints")) == [2, 4]
     assert_trees_close(bundle_params(workdir), bundle_params(two_checkpoints), atol=0.0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_in_a_bucket_is_moved_aside_by_the_service(two_checkpoints, data_dir, bucket_dir, gcs):
+    config = tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=2)
+    loop.train(config, bucket_dir)
+    step = files.join(bucket_dir, "checkpoints", "4")
+    arrays = {name: size for name, size in files.sizes(step).items() if "/d/" in f"/{name}"}
+    largest = files.join(step, max(arrays, key=arrays.get))
+    files.write_bytes(largest, files.read_bytes(largest)[:100])  # truncated
+    files.remove_tree(files.join(bucket_dir, "bundle"))
+    before = gcs.counts()
+    loop.train(config, bucket_dir)
+    aside = [name for name in files.listdir(files.join(bucket_dir, "checkpoints")) if name.startswith("4.corrupt-")]
+    assert len(aside) == 1 and files.exists(files.join(bucket_dir, "checkpoints", aside[0], "commit_success.txt"))
+    assert gcs.counts()["move"] - before.get("move", 0) >= len(files.sizes(files.join(bucket_dir, "checkpoints",
+                                                                                        aside[0])))
+    assert checkpoints.finished_steps(files.join(bucket_dir, "checkpoints")) == [2, 4]
+    assert_trees_close(bundle_params(bucket_dir), bundle_params(two_checkpoints), atol=0.0)
+
+
+class SignalsAtBatch(DiesAtBatch):
+    """A data iterator that sends this process `count` SIGTERMs when asked for its n-th batch."""
+
+    def __init__(self, inner, n, count):
+        super().__init__(inner, n)
+        self.signals = count
+
+    def __next__(self):
+        if self.count + 1 == self.n:
+            for _ in range(self.signals):
+                os.kill(os.getpid(), signal.SIGTERM)
+        self.count += 1
+        return next(self.inner)
+
+
+def test_a_second_sigterm_stops_at_once_and_the_checkpoints_stay_readable(two_checkpoints, data_dir, tmp_path,
+                                                                          monkeypatch):
+    config = tiny(teacher_fm, data_dir, total_steps=STEPS, checkpoint_every=2)
+    original, handler = loop.data_iterator, signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(loop, "data_iterator", lambda cfg: SignalsAtBatch(original(cfg), 3, count=2))
+    with pytest.raises(KeyboardInterrupt, match="a second SIGTERM"):
+        loop.train(config, str(tmp_path))
+    assert checkpoints.finished_steps(str(tmp_path / "checkpoints")) == [2]  # step 3 never finished
+    assert signal.getsignal(signal.SIGTERM) is handler and not (tmp_path / "run.lock").exists()
+    monkeypatch.setattr(loop, "data_iterator", original)
+    loop.train(config, str(tmp_path))
+    assert_trees_close(bundle_params(tmp_path), bundle_params(two_checkpoints), atol=0.0)
 
 
 def test_no_readable_checkpoint_stops_with_every_step_named(two_checkpoints, data_dir, tmp_path):
@@ -235,6 +284,13 @@ def test_run_cli_prints_one_line_and_the_status(capsys):
         errors.run_cli(fails, debug=True)
     with pytest.raises(KeyError):  # a bug keeps its traceback
         errors.run_cli(lambda: {}["x"])
+
+    def interrupted():
+        raise KeyboardInterrupt("a second SIGTERM: stopping at once")
+
+    capsys.readouterr()
+    assert errors.run_cli(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted: a second SIGTERM: stopping at once\n"
 
 
 def test_lock_in_a_bucket_admits_one_run_and_takes_over_a_dead_ones(bucket_dir, caplog):

@@ -37,7 +37,8 @@ def as_user_error(what: str = ""):
 
 
 def run_cli(main: Callable[[], int | None], debug: bool = False) -> int:
-    """`main()`'s exit status; the project's own errors become one line on stderr (re-raised with debug)."""
+    """`main()`'s exit status; the project's own errors become one line on stderr (re-raised with debug), and so
+    does an interruption (Ctrl-C, a second SIGTERM during training: status 130, as a shell reports SIGINT)."""
     try:
         return main() or 0
     except (UserError, RunFailure) as e:
@@ -45,6 +46,11 @@ def run_cli(main: Callable[[], int | None], debug: bool = False) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 def show_log():
