@@ -64,7 +64,8 @@ def vae_cases(ae_cfg, dtype, side: int, batch: int, vae_tile: int) -> dict:
             "decode": analyse(lambda p, z: vae_tiling.decode(p, ae_cfg, z, vae_tile), params, latents)}
 
 
-def sr_case(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int) -> dict:
+def sr_function(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int):
+    """(the one-step SR function, its abstract arguments) for `batch` LR images of side `side` / 4."""
     sr = pipeline.make_sr_function(tcfg, ae_cfg, times=tuple(float(t) for t in schedules.cosine_grid(1)),
                                    vae_tile=vae_tile)
     cond = {samplers.CONTEXT: jax.ShapeDtypeStruct((batch, tokens, tcfg.joint_attention_dim), jnp.float32),
@@ -72,7 +73,12 @@ def sr_case(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int) -
     args = (shapes(mmdit.abstract_params(tcfg), dtype), shapes(vae_abstract_params(ae_cfg), dtype),
             jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8), jax.ShapeDtypeStruct((batch, 2), jnp.uint32),
             cond)
-    return {"sr": analyse(sr, *args)}
+    return sr, args
+
+
+def sr_case(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int) -> dict:
+    fn, args = sr_function(tcfg, ae_cfg, tokens, dtype, side, batch, vae_tile)
+    return {"sr": analyse(fn, *args)}
 
 
 def main():

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from smfsr_jax.core import mesh as mesh_lib
+from smfsr_jax.models import attention
 from smfsr_jax.training import sharding
 
 # loss_fn(trainable params, model_state, frozen, batch, rng) -> (loss, (metrics dict of scalars, new model_state));
@@ -108,5 +109,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 def jit_train_step(update: Callable, state_shardings_, frozen_shardings, mesh):
     """jit with explicit shardings; the state is donated, the frozen tree is not."""
-    return jax.jit(update, in_shardings=(state_shardings_, frozen_shardings, mesh_lib.batch_sharding(mesh)),
+    def update_on_mesh(state, frozen, batch):
+        with attention.batch_mesh(mesh):  # fused attention kernels run per device on the batch's split
+            return update(state, frozen, batch)
+
+    return jax.jit(update_on_mesh, in_shardings=(state_shardings_, frozen_shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(state_shardings_, mesh_lib.replicated(mesh)), donate_argnums=(0,))
