@@ -54,25 +54,31 @@ SR_CASES = {"sd35m": (("sr_b1", 128, 1), ("sr_b16", 128, 16), ("sr_tiled", 512, 
             "tiny": (("sr_b1", 8, 1), ("sr_b16", 8, 4), ("sr_tiled", 32, 1))}
 
 
-def sr_cases(variant: str):
+def attention_for(platform):
+    """The attention each platform is lowered with: splash on a TPU, the config's default elsewhere."""
+    return "splash" if platform == "tpu" else None
+
+
+def sr_cases(variant: str, platform=None):
     """(jitted SR function, abstract arguments, description) for each SR case."""
     tiny = variant == "tiny"
     dtype = "bfloat16"
     transformer, autoencoder, tokens = sr_memory.networks(tiny, dtype)
-    transformer = transformer.replace(attention=None)  # the default path of the platform lowered for
+    transformer = transformer.replace(attention=attention_for(platform))
     vae_tile = sr_memory.TINY_VAE_TILE if tiny else vae_tiling.DEFAULT_TILE
     for name, lr_side, batch in SR_CASES[variant]:
         fn, args = sr_memory.sr_function(transformer, autoencoder, tokens, jnp.dtype(dtype), 4 * lr_side, batch,
                                          vae_tile)
         yield fn, args, {"case": name, "batch": batch, "lr_side": lr_side, "resolution": 4 * lr_side, "devices": 1,
                          "dtype": dtype, "attention_config": transformer.attention,
-                         "attention": attention.traced_implementation(
-                             transformer.attention or attention.joint_default(), dtype)}
+                         "attention": attention.traced_implementation(transformer.attention, dtype)}
 
 
-def train_step_case(stage_name: str, variant: str):
+def train_step_case(stage_name: str, variant: str, platform=None):
     """(jitted step, abstract arguments, description) for one stage's default training step."""
     config = CONFIGS[stage_name].get_config(variant)
+    if attention_for(platform):
+        config.model.attention = attention_for(platform)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
     stage = stages.build_stage(config, abstract=True)
@@ -92,8 +98,7 @@ def train_step_case(stage_name: str, variant: str):
     description = {"case": stage_name, "batch": batch, "resolution": side, "devices": devices,
                    "mesh": dict(mesh.shape), "dtype": dtype,
                    "attention_config": config.model.attention,
-                   "attention": attention.traced_implementation(
-                       config.model.attention or attention.joint_default(), dtype)}
+                   "attention": attention.traced_implementation(config.model.attention, dtype)}
     return step, args, description
 
 
@@ -106,9 +111,9 @@ def first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def build_cases(chosen, variant: str) -> list:
-    cases = list(sr_cases(variant)) if "sr" in chosen else []
-    cases += [train_step_case(name, variant) for name in chosen if name != "sr"]
+def build_cases(chosen, variant: str, platform=None) -> list:
+    cases = list(sr_cases(variant, platform)) if "sr" in chosen else []
+    cases += [train_step_case(name, variant, platform) for name in chosen if name != "sr"]
     for _, _, description in cases:
         description["case"] = f"{description['case']}_{variant}"
     return cases
@@ -133,7 +138,7 @@ def main():
     for platform in platforms:
         jax.clear_caches()  # a jitted function keeps its first trace; the attention path depends on the platform
         with attention.target(platform):
-            for step, step_args, description in build_cases(chosen, args.variant):
+            for step, step_args, description in build_cases(chosen, args.variant, platform):
                 start = time.perf_counter()
                 try:
                     export.export(step, platforms=(platform,))(*step_args).mlir_module_serialized

@@ -62,12 +62,6 @@ def resolve_implementation(implementation, dtype):
     return implementation
 
 
-def joint_default():
-    """The MM-DiT's joint attention when its config leaves it unset: splash on a TPU (it lowers there and keeps the
-    2.4k-token score matrix out of HBM), JAX's own choice elsewhere."""
-    return "splash" if _platform() == "tpu" else None
-
-
 def traced_implementation(implementation, dtype) -> str:
     """What a trace on this host runs for `implementation` (None: JAX's choice, the XLA path without a GPU)."""
     return resolve_implementation(implementation, dtype) or ("xla" if jax.default_backend() != "gpu" else "auto")

@@ -59,7 +59,7 @@ class MMDiTConfig:
     time_conditioning: str = "single"  # "single" (teacher) | "interval" (SMFSR student)
     time_scale: float = 1000.0
     dtype: str = "float32"  # compute dtype; params stay fp32
-    attention: Optional[str] = None  # None (splash on a TPU, else JAX's choice) | "xla" | "cudnn" | "splash"
+    attention: Optional[str] = None  # None (JAX's choice) | "xla" | "cudnn" | "splash"
     remat_policy: str = "none"
 
     def __post_init__(self):
@@ -332,8 +332,7 @@ class JointAttention(nn.Module):
             vs.append(self.heads(self.dense("add_v_proj")(context)))
         q, k, v = (checkpoint_name(jnp.concatenate(t, axis=1), "qkv") for t in (qs, ks, vs))
 
-        o = attention.dot_product_attention(
-            q, k, v, implementation=attention.joint_default() if cfg.attention is None else cfg.attention)
+        o = attention.dot_product_attention(q, k, v, implementation=cfg.attention)
         o = checkpoint_name(o.reshape(*o.shape[:2], cfg.hidden_size), "attn_out")
 
         out = self.dense("to_out")(o[:, :n_img])
