@@ -13,7 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.training import partition
+from smfsr_jax.models import text
+from smfsr_jax.sampling import pretrained
+from smfsr_jax.training import partition, stages
+from smfsr_jax.training import state as state_lib
+
+# SR's prompt length: 77 CLIP + 256 T5 tokens, as the released models are sampled (training uses 77 + 77).
+TEXT_TOKENS = text.CLIP_MAX_LENGTH + pretrained.NULL_T5_LENGTH
+
+
+def abstract_stage(config, use_ema: bool = False):
+    """(stage, optimizer, abstract train state) of a stage config as shapes: nothing is loaded or allocated."""
+    stage = stages.build_stage(config, abstract=True)
+    optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
+    state = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, use_ema, m), stage.trainable,
+                           stage.model_state)
+    return stage, optimizer, state
+
 
 def train_batch(null: dict, batch: int, side: int) -> dict:
     """A training batch as shapes: uint8 HR, LR (x4 smaller) and bicubic-upsampled LR crops plus caption

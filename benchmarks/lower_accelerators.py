@@ -11,12 +11,14 @@ Every input is abstract (jax.ShapeDtypeStruct): nothing is allocated. The cases,
   bf16, one step) from 128² LR to 512² at batch 1 and 16; `sr_tiled`: 512² to 2048² (latent tiles, VAE tiles).
   Tiny: the tiny networks at 8² (batch 1 and 4) and 32² LR;
 - `<stage>`: the step train.py runs (`state.jit_train_step`: the config's mesh and sharding rules over all
-  local devices, the state donated) at the config's batch (rounded up to a multiple of the device count).
+  local devices, the state donated) at the config's batch (rounded up to a multiple of the device count);
+  `preview_<stage>`: the run's image preview (4 images) on the same mesh and weights; `holdout_student_reward`:
+  stage 3's held-out evaluation (its crops x seeds split over the mesh).
 One JSON line per (case, platform):
 - `lowered` and, when not, the first line of the error;
-- `attention`: the attention path the trace used. `models.attention` picks cuDNN only on a GPU host, and
-  cuDNN's fused attention cannot be traced without one ("cuDNN is not detected"), so a CUDA export made here
-  uses the XLA path: the lowering check covers everything but that kernel;
+- `attention`: the MM-DiT's attention path in the trace: the configs' default (None), splash on a TPU; on CUDA
+  the XLA path, since the default there, cuDNN's fused attention, cannot be traced without a GPU ("cuDNN is not
+  detected"): the CUDA check covers everything but that kernel;
 - `flops` and `bytes_accessed`: XLA's cost analysis of the lowered (not yet optimised) module, which does not
   depend on the platform; a scan over blocks counts its body once (train_speed.py unrolls for the full count);
 - `collectives`: all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute ops in the module
@@ -43,8 +45,10 @@ from benchmarks import common, sr_memory  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.core import mesh as mesh_lib  # noqa: E402
 from smfsr_jax.models import attention, vae_tiling  # noqa: E402
-from smfsr_jax.training import sharding, stages  # noqa: E402
+from smfsr_jax.training import sharding  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
+from smfsr_jax.training.stages import common as stages_common  # noqa: E402
+from smfsr_jax.training.stages import reward as reward_stage  # noqa: E402
 
 CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan,
            "student_reward": student_reward}
@@ -54,12 +58,13 @@ SR_CASES = {"sd35m": (("sr_b1", 128, 1), ("sr_b16", 128, 16), ("sr_tiled", 512, 
             "tiny": (("sr_b1", 8, 1), ("sr_b16", 8, 4), ("sr_tiled", 32, 1))}
 
 
-def attention_for(platform):
-    """The attention each platform is lowered with: splash on a TPU, the config's default elsewhere."""
-    return "splash" if platform == "tpu" else None
+def attention_for(platform: str):
+    """The MM-DiT attention a platform is lowered with: the default (None: splash on a TPU) except on CUDA, where
+    the default cuDNN kernel cannot be traced without a GPU and the XLA path stands in."""
+    return "xla" if platform == "cuda" else None
 
 
-def sr_cases(variant: str, platform=None):
+def sr_cases(variant: str, platform: str):
     """(jitted SR function, abstract arguments, description) for each SR case."""
     tiny = variant == "tiny"
     dtype = "bfloat16"
@@ -74,32 +79,49 @@ def sr_cases(variant: str, platform=None):
                          "attention": attention.traced_implementation(transformer.attention, dtype)}
 
 
-def train_step_case(stage_name: str, variant: str, platform=None):
-    """(jitted step, abstract arguments, description) for one stage's default training step."""
+def stage_cases(stage_name: str, variant: str, platform: str):
+    """(jitted function, abstract arguments, description) for the functions a run of this stage jits on its mesh:
+    the training step (`<stage>`: the config's batch rounded up to a multiple of the devices), the image preview
+    (`preview_<stage>`) and, for student_reward, the held-out evaluation (`holdout_<stage>`)."""
     config = CONFIGS[stage_name].get_config(variant)
-    if attention_for(platform):
-        config.model.attention = attention_for(platform)
+    config.model.attention = attention_for(platform)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
-    stage = stages.build_stage(config, abstract=True)
-    optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
-    use_ema = config.ema_decay is not None
-    abstract_state = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, use_ema, m),
-                                    stage.trainable, stage.model_state)
+    stage, optimizer, abstract_state = common.abstract_stage(config, use_ema=config.ema_decay is not None)
+    state_shardings = state_lib.state_shardings(abstract_state, mesh, rules)
+    frozen_shardings = sharding.param_shardings(stage.frozen, mesh, rules)
     step = state_lib.jit_train_step(
         state_lib.make_train_step(stage.loss_fn, optimizer, seed=config.seed, ema_decay=config.ema_decay),
-        state_lib.state_shardings(abstract_state, mesh, rules), sharding.param_shardings(stage.frozen, mesh, rules),
-        mesh)
+        state_shardings, frozen_shardings, mesh)
     devices = mesh.devices.size
     batch = -(-config.batch_size // devices) * devices
     side = config.data.degradation.crop_size
-    args = (abstract_state, stage.frozen, common.train_batch(stage.frozen["null"], batch, side))
+    placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    state, frozen = placed(abstract_state, state_shardings), placed(stage.frozen, frozen_shardings)
+    batch_shapes = common.train_batch(stage.frozen["null"], batch, side)
+    batch_shapes = placed(batch_shapes, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), batch_shapes))
     dtype = config.model.dtype
-    description = {"case": stage_name, "batch": batch, "resolution": side, "devices": devices,
-                   "mesh": dict(mesh.shape), "dtype": dtype,
+    description = {"batch": batch, "resolution": side, "devices": devices, "mesh": dict(mesh.shape), "dtype": dtype,
                    "attention_config": config.model.attention,
                    "attention": attention.traced_implementation(config.model.attention, dtype)}
-    return step, args, description
+    yield step, (state, frozen, batch_shapes), {"case": stage_name, **description}
+    preview = stages_common.make_preview_fn(stage, mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    yield preview, (state.params, frozen, batch_shapes, rng), {"case": f"preview_{stage_name}", **description,
+                                                               "batch": 4}
+    if stage_name == "student_reward":
+        reward_fns, _ = reward_stage.load_rewards(config.reward, abstract=True)
+        holdout = reward_stage.holdout_function(config, stage.model_config, stage.autoencoder_config, reward_fns,
+                                                stage.lora, None, mesh)
+        crops = config.holdout.max_crops
+        scale = config.data.degradation.scale
+        data = {"hr": jax.ShapeDtypeStruct((crops, side, side, 3), jnp.uint8),
+                "lr": jax.ShapeDtypeStruct((crops, side // scale, side // scale, 3), jnp.uint8),
+                "lr_up": jax.ShapeDtypeStruct((crops, side, side, 3), jnp.uint8)}
+        data = placed(data, jax.tree.map(lambda _: mesh_lib.replicated(mesh), data))
+        yield holdout, (state.params, frozen, data, None), {"case": f"holdout_{stage_name}", **description,
+                                                            "batch": crops * config.holdout.seeds}
 
 
 def count_collectives(step, args) -> int:
@@ -111,9 +133,9 @@ def first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def build_cases(chosen, variant: str, platform=None) -> list:
+def build_cases(chosen, variant: str, platform: str) -> list:
     cases = list(sr_cases(variant, platform)) if "sr" in chosen else []
-    cases += [train_step_case(name, variant, platform) for name in chosen if name != "sr"]
+    cases += [case for name in chosen if name != "sr" for case in stage_cases(name, variant, platform)]
     for _, _, description in cases:
         description["case"] = f"{description['case']}_{variant}"
     return cases
@@ -129,7 +151,7 @@ def main():
     platforms = [p for p in args.platforms.split(",") if p]
     chosen = [c for c in args.cases.split(",") if c]
     measures = {}  # XLA's estimates of the host lowering (the XLA attention path)
-    for step, step_args, description in build_cases(chosen, args.variant):
+    for step, step_args, description in build_cases(chosen, args.variant, "cpu"):
         cost = step.lower(*step_args).cost_analysis() or {}
         measures[description["case"]] = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
         if args.collectives:

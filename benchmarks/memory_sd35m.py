@@ -30,7 +30,7 @@ import jax  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
-from smfsr_jax.training import partition, stages  # noqa: E402
+from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 DEVICE_BYTES = 141e9
@@ -54,16 +54,12 @@ def main():
         config.regularizer.mode = args.regularizer
     if reward:
         config.reward.seeds, config.reward.method = args.seeds, args.method
-    stage = stages.build_stage(config, abstract=True)
-    loss_fn, trainable, frozen, model_state, parts = (stage.loss_fn, stage.trainable, stage.frozen,
-                                                      stage.model_state, stage.parts)
-    optimizer = state_lib.make_optimizer(config.optimizer, parts)
-    state = jax.eval_shape(lambda p, m: state_lib.create_state(p, optimizer, False, m), trainable, model_state)
+    stage, optimizer, state = common.abstract_stage(config)
     side, b = 512, args.batch
-    batch = common.train_batch(frozen["null"], b, side)
-    step = jax.jit(state_lib.make_train_step(loss_fn, optimizer, seed=0), donate_argnums=(0,))
+    batch = common.train_batch(stage.frozen["null"], b, side)
+    step = jax.jit(state_lib.make_train_step(stage.loss_fn, optimizer, seed=0), donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = step.lower(state, stage.frozen, batch).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -74,7 +70,7 @@ def main():
                       "fits_141GB": peak < DEVICE_BYTES, "batch": b, "resolution": side, "remat": args.remat,
                       "regularizer": args.regularizer if args.stage == "student_gan" else None,
                       **({"seeds": args.seeds, "method": args.method} if reward else {}),
-                      "trainable_params": partition.count(trainable), "arguments_gib": gib(mem.argument_size_in_bytes),
+                      "trainable_params": partition.count(stage.trainable), "arguments_gib": gib(mem.argument_size_in_bytes),
                       "temporaries_gib": gib(mem.temp_size_in_bytes), "compile_seconds": round(seconds, 1),
                       "backend": jax.default_backend()}))
 

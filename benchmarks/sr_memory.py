@@ -35,7 +35,6 @@ from smfsr_jax.models import mmdit, vae, vae_tiling  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers  # noqa: E402
 from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
-TEXT_TOKENS = 77 + 256  # SD3 prompt embeddings: CLIP + T5
 TINY_TEXT_TOKENS = 8
 TINY_VAE_TILE = 32
 
@@ -43,7 +42,8 @@ TINY_VAE_TILE = 32
 def networks(tiny: bool, dtype: str):
     if tiny:
         return (mmdit.MMDiTConfig.tiny_student(dtype=dtype), vae.VAEConfig.tiny(dtype=dtype), TINY_TEXT_TOKENS)
-    return mmdit.MMDiTConfig.smfsr_student(dtype=dtype, attention="xla"), vae.VAEConfig.sd3(dtype=dtype), TEXT_TOKENS
+    return (mmdit.MMDiTConfig.smfsr_student(dtype=dtype), vae.VAEConfig.sd3(dtype=dtype),
+            common.TEXT_TOKENS)
 
 
 def analyse(fn, *args) -> dict:

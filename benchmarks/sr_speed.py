@@ -43,7 +43,7 @@ from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
 from smfsr_jax.core import schedules  # noqa: E402
-from smfsr_jax.models import mmdit, vae  # noqa: E402
+from smfsr_jax.models import attention, mmdit, vae  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
 from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
@@ -275,8 +275,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny networks and images (CPU validation)")
     parser.add_argument("--cases", default="b1,b16,tiled", help=f"comma list of {sorted(CASES)}")
-    parser.add_argument("--attention", choices=("cudnn", "xla"), default=None,
-                        help="MM-DiT attention (default: cudnn on GPU, xla elsewhere)")
+    parser.add_argument("--attention", choices=("cudnn", "xla", "splash"), default=None,
+                        help="MM-DiT attention (default: the platform's, cudnn on a GPU, splash on a TPU, else xla)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="compute and weight dtype of both frameworks")
     parser.add_argument("--tile_batch", type=int, default=None, help="latent tiles per transformer call")
@@ -293,7 +293,7 @@ def main():
         parser.error(f"unknown cases {unknown}; choose from {sorted(CASES)}")
     args.repeats = args.repeats or (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
-    args.attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    args.attention = attention.with_platform_default(args.attention)
     common.enable_compilation_cache(args.compilation_cache)
 
     tcfg, ae_cfg, tokens, tile = networks(args)

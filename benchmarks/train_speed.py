@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import student_gan, student_isc, teacher_fm  # noqa: E402
-from smfsr_jax.models import mmdit  # noqa: E402
-from smfsr_jax.training import partition, stages  # noqa: E402
+from smfsr_jax.models import attention, mmdit  # noqa: E402
+from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan}
@@ -67,15 +67,12 @@ def random_batch(abstract_batch, seed: int):
 
 
 def measure(args, config, batch_size: int, peak: float | None) -> dict:
-    stage = stages.build_stage(config, abstract=True)
-    loss_fn, trainable, frozen, model_state, parts = (stage.loss_fn, stage.trainable, stage.frozen,
-                                                      stage.model_state, stage.parts)
-    optimizer = state_lib.make_optimizer(config.optimizer, parts)
-    update = state_lib.make_train_step(loss_fn, optimizer, seed=0)
+    stage, optimizer, abstract_state = common.abstract_stage(config)
+    trainable, frozen, model_state = stage.trainable, stage.frozen, stage.model_state
+    update = state_lib.make_train_step(stage.loss_fn, optimizer, seed=0)
     side = config.data.degradation.crop_size
     abstract_batch = common.train_batch(frozen["null"], batch_size, side)
     create = jax.jit(lambda p, m: state_lib.create_state(p, optimizer, False, m))
-    abstract_state = jax.eval_shape(create, trainable, model_state)
     flops = step_flops(update, abstract_state, frozen, abstract_batch, args.stage)
 
     step = jax.jit(update, donate_argnums=(0,))
@@ -132,8 +129,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="the stage's tiny config (CPU validation)")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes (default: the config's)")
     parser.add_argument("--remat", choices=sorted(mmdit.REMAT_POLICIES), default=None)
-    parser.add_argument("--attention", choices=("cudnn", "xla"), default=None,
-                        help="MM-DiT attention (default: cudnn on GPU, xla elsewhere)")
+    parser.add_argument("--attention", choices=("cudnn", "xla", "splash"), default=None,
+                        help="MM-DiT attention (default: the platform's, cudnn on a GPU, splash on a TPU, else xla)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (dense bf16)")
@@ -142,7 +139,7 @@ def main():
     args.steps = args.steps or (3 if args.tiny else 20)
     common.enable_compilation_cache(args.compilation_cache)
     config = CONFIGS[args.stage].get_config("tiny" if args.tiny else "sd35m")
-    config.model.attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    config.model.attention = attention.with_platform_default(args.attention)
     if args.remat:
         config.model.remat_policy = args.remat
     batches = [int(b) for b in args.batches.split(",")] if args.batches else [config.batch_size]

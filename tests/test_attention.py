@@ -1,6 +1,11 @@
 """The splash attention path (Pallas, run here in its interpreter) against the XLA path, alone and inside the tiny
 MM-DiT, fp32 and bf16, forward and gradient; its TPU lowering; and the attention switch's platform choice."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +66,35 @@ def test_tiny_mmdit_with_splash_matches_xla(dtype):
     assert worst < TOLERANCE[dtype] * 3  # a gradient sums many rounded products
 
 
+SPLIT_BATCH = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from smfsr_jax.core import mesh as mesh_lib
+    from smfsr_jax.models import attention
+    mesh = mesh_lib.make_mesh([("data", -1)])
+    q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((3, 150, 2, 64)), jnp.float32) for i in range(3))
+    ref = attention.dot_product_attention(q, k, v, implementation="xla")
+
+    def on_mesh(q, k, v):
+        with attention.batch_mesh(mesh):
+            return attention.dot_product_attention(q, k, v, implementation="splash")
+
+    with attention.target("tpu", interpret=True):
+        out = jax.jit(on_mesh)(q, k, v)
+    print(mesh.size, out.shape, float(jnp.abs(out - ref).max() / jnp.abs(ref).max()))
+""")
+
+
+def test_splash_splits_a_batch_that_does_not_fill_the_mesh():
+    # 3 examples on 4 devices (a 4-image preview on 8): padded to 4, one per device under shard_map.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-c", SPLIT_BATCH], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    devices, *shape, difference = result.stdout.split()
+    assert devices == "4" and " ".join(shape) == "(3, 150, 2, 64)"
+    assert float(difference) < TOLERANCE["float32"]
+
+
 def test_splash_lowers_for_tpu_as_a_mosaic_kernel():
     cfg = mmdit.MMDiTConfig.tiny_student(dtype="bfloat16", attention="splash")
     params = jax.eval_shape(lambda: random_mmdit_params(cfg))
@@ -84,6 +118,13 @@ def test_the_switch_follows_the_target_platform():
         assert attention.resolve_implementation("cudnn", jnp.bfloat16) == "cudnn"
         assert attention.resolve_implementation("cudnn", jnp.float32) == "xla"
         assert attention.resolve_implementation("splash", jnp.bfloat16) == "xla"
+    # The MM-DiT's default (None) is the platform's fused kernel.
+    assert attention.traced_implementation(None, jnp.bfloat16) == "xla"
+    for platform, default in (("tpu", "splash"), ("cuda", "cudnn")):
+        with attention.target(platform):
+            assert attention.with_platform_default(None) == default
+            assert attention.traced_implementation(None, jnp.bfloat16) == default
+            assert attention.with_platform_default("xla") == "xla"
     with pytest.raises(ValueError, match="flash"):
         attention.resolve_implementation("flash", jnp.bfloat16)
 

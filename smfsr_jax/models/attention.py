@@ -62,9 +62,17 @@ def resolve_implementation(implementation, dtype):
     return implementation
 
 
+def with_platform_default(implementation):
+    """The MM-DiT's attention: `implementation`, or where it is None the platform's fused kernel (cuDNN on a GPU,
+    splash on a TPU; JAX's own choice for None is the XLA path) and XLA elsewhere."""
+    if implementation is not None:
+        return implementation
+    return {"gpu": "cudnn", "tpu": "splash"}.get(_platform(), "xla")
+
+
 def traced_implementation(implementation, dtype) -> str:
-    """What a trace on this host runs for `implementation` (None: JAX's choice, the XLA path without a GPU)."""
-    return resolve_implementation(implementation, dtype) or ("xla" if jax.default_backend() != "gpu" else "auto")
+    """What a trace of the MM-DiT's attention runs for `implementation` (None: the platform's default)."""
+    return resolve_implementation(with_platform_default(implementation), dtype)
 
 
 def dot_product_attention(q, k, v, *, implementation=None, bias=None, mask=None, scale=None):
@@ -107,14 +115,18 @@ def splash_attention(q, k, v, *, scale=None, interpret: bool = False):
     scale = head_dim ** -0.5 if scale is None else scale
     padded, padded_dim = _round_up(length, LANES), _round_up(head_dim, LANES)
 
-    def to_kernel(x):  # (B, T, H, D) -> (B, H, T', D')
-        x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, padded_dim - head_dim)))
-        return x.transpose(0, 2, 1, 3)
-
     kernel = jax.vmap(_splash_kernel(length, heads, interpret))  # built per trace: it holds that trace's arrays
-    mesh = _batch_mesh.get()
+    mesh, padded_batch = _batch_mesh.get(), batch
     if mesh is not None and mesh.size > 1:
+        # A batch that does not fill the mesh (a 4-image preview on 8 devices) is padded with zeros to a multiple of
+        # it, so every device runs whole examples.
+        padded_batch = _round_up(batch, mesh.size)
         spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
         kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+
+    def to_kernel(x):  # (B, T, H, D) -> (B', H, T', D')
+        x = jnp.pad(x, ((0, padded_batch - batch), (0, padded - length), (0, 0), (0, padded_dim - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
     out = kernel(to_kernel(q * jnp.asarray(scale, q.dtype)), to_kernel(k), to_kernel(v))
-    return out.transpose(0, 2, 1, 3)[:, :length, :, :head_dim].astype(q.dtype)
+    return out.transpose(0, 2, 1, 3)[:batch, :length, :, :head_dim].astype(q.dtype)

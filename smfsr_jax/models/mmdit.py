@@ -59,7 +59,7 @@ class MMDiTConfig:
     time_conditioning: str = "single"  # "single" (teacher) | "interval" (SMFSR student)
     time_scale: float = 1000.0
     dtype: str = "float32"  # compute dtype; params stay fp32
-    attention: Optional[str] = None  # None (JAX's choice) | "xla" | "cudnn" | "splash"
+    attention: Optional[str] = None  # None (cuDNN on a GPU, splash on a TPU, else XLA) | "xla" | "cudnn" | "splash"
     remat_policy: str = "none"
 
     def __post_init__(self):
@@ -319,11 +319,15 @@ class JointAttention(nn.Module):
         qs, ks, vs = [q], [k], [v]
         if cfg.lr_stream:
             q_lr = norm_q(self.heads(self.dense("to_q_control")(to_q(h_lr))))
-            k_lr = self.heads(self.dense("to_k_control")(to_k(h_lr)))
-            if cfg.qk_norm:
-                # The released weights were trained with the LR keys taken from the normalised image keys,
-                # normalised again; `to_k_control` is then unused (XLA drops it).
-                k_lr = norm_k(k) if cfg.lr_key_bug else norm_k(k_lr)
+            # The released weights were trained with the LR keys taken from the normalised image keys, normalised
+            # again: `to_k_control` then holds weights that no output reads, made at init and never traced after.
+            key_bug = cfg.qk_norm and cfg.lr_key_bug
+            if key_bug:
+                k_lr = norm_k(k)
+                if self.is_initializing():
+                    self.dense("to_k_control")(to_k(h_lr))
+            else:
+                k_lr = norm_k(self.heads(self.dense("to_k_control")(to_k(h_lr))))
             v_lr = self.heads(self.dense("to_v_control")(to_v(h_lr)))
             qs, ks, vs = qs + [q_lr], ks + [k_lr], vs + [v_lr]
         if self.with_context:
@@ -332,7 +336,7 @@ class JointAttention(nn.Module):
             vs.append(self.heads(self.dense("add_v_proj")(context)))
         q, k, v = (checkpoint_name(jnp.concatenate(t, axis=1), "qkv") for t in (qs, ks, vs))
 
-        o = attention.dot_product_attention(q, k, v, implementation=cfg.attention)
+        o = attention.dot_product_attention(q, k, v, implementation=attention.with_platform_default(cfg.attention))
         o = checkpoint_name(o.reshape(*o.shape[:2], cfg.hidden_size), "attn_out")
 
         out = self.dense("to_out")(o[:, :n_img])

@@ -198,7 +198,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pre
         logging.info("profile traces go to %s", profile_dir)
         hooks.append(periodic_actions.Profile(logdir=profile_dir, num_profile_steps=5, first_profile=start + 10))
 
-    preview, compiled_preview = common.make_preview_fn(stage), None
+    preview, compiled_preview = common.make_preview_fn(stage, mesh), None
     evaluate = _SyncedFirstCall(stage.evaluate, "held-out evaluation") if stage.evaluate is not None else None
     compiled, pending, last, stopped_at = None, None, {}, None
     if evaluate is not None and start == 0:

@@ -32,7 +32,7 @@ from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.core import files, images, schedules
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.models import lpips as lpips_lib
-from smfsr_jax.models import mmdit, vae
+from smfsr_jax.models import attention, mmdit, vae
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling import bundle, samplers
 from smfsr_jax.training import lora as lora_lib
@@ -403,17 +403,20 @@ def describe(stage: Stage) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Image summaries.
 
-def make_preview_fn(stage: Stage, teacher_steps: int = 8, count: int = 4):
+def make_preview_fn(stage: Stage, mesh=None, teacher_steps: int = 8, count: int = 4):
     """jitted (trainable, frozen, batch, rng) -> (count, S, 3S, 3) uint8 rows of [LR x4 | SR | HR].
 
     The student samples in one step (x = eps - u(eps, 0, 1)); a teacher with `teacher_steps` Euler steps on
-    the SD3 grid, without CFG.
+    the SD3 grid, without CFG. `mesh`: the run's mesh, over which fused attention kernels split the batch.
     """
     model = mmdit.MMDiT(stage.model_config)
     autoencoder = vae.make_autoencoder(stage.autoencoder_config)
 
     def preview(trainable, frozen, batch, rng):
-        batch = {k: v[:count] for k, v in batch.items()}
+        with attention.batch_mesh(mesh):
+            return preview_rows(trainable, frozen, {k: v[:count] for k, v in batch.items()}, rng)
+
+    def preview_rows(trainable, frozen, batch, rng):
         rng_latents, rng_noise = jax.random.split(rng)
         lr = encode_images(stage.autoencoder_config, frozen["autoencoder"], batch["lr_up"], rng_latents)
         context, pooled = text_condition(frozen, batch, lr.shape[0])

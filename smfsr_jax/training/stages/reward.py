@@ -36,7 +36,7 @@ from smfsr_jax.convert import musiq as musiq_convert
 from smfsr_jax.core import files, flow, images
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.data import degradation, pipeline
-from smfsr_jax.models import clipiqa, maniqa, mmdit, musiq, vae
+from smfsr_jax.models import attention, clipiqa, maniqa, mmdit, musiq, vae
 from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.objectives import isc, reconstruction, reward, rewards
 from smfsr_jax.training import lora as lora_lib
@@ -315,28 +315,26 @@ def seed_diversity(samples, seeds: int):
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation.
 
-def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict, lora,
-                  crops: dict):
-    """evaluate(trainable, frozen, mesh) -> {"holdout/...": float} on the fixed held-out crops (module
-    docstring); one compiled function, the crops placed (replicated) once."""
+def holdout_function(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict, lora,
+                     lpips_config, mesh):
+    """jitted (trainable, frozen, crops, lpips_weights) -> {"holdout/...": scalar}, the scores replicated over
+    `mesh`. The crops x seeds samples are split over the mesh (no device repeats another's work)."""
     student = mmdit.MMDiT(student_config)
     autoencoder = vae.make_autoencoder(ae_config)
     score = rewards.combined(reward_fns)
     seeds = config.holdout.seeds
-    lpips_config = lpips_params = None
-    if config.holdout.get("lpips"):
-        lpips_config, lpips_params = load_network("lpips", config.holdout.lpips, config.reward.lpips_net)
+    split = lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh))  # noqa: E731
 
     def evaluate_crops(trainable, frozen, data, lpips_weights):
         rng = jax.random.PRNGKey(config.holdout.seed)
         rng_latents, rng_noise = jax.random.split(rng)
         lr = common.encode_images(ae_config, frozen["autoencoder"], data["lr_up"], rng_latents)
         context, pooled = common.text_condition(frozen, {}, lr.shape[0])
-        repeat = lambda x: jnp.repeat(x, seeds, axis=0)  # noqa: E731
+        repeat = lambda x: split(jnp.repeat(x, seeds, axis=0))  # noqa: E731
         params = common.model_weights(trainable, frozen, lora)
         u_fn = lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, context=repeat(context),  # noqa: E731
                                              pooled=repeat(pooled), lr_latents=repeat(lr))
-        noise = jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:]))
+        noise = split(jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:])))
         samples = autoencoder.apply({"params": frozen["autoencoder"]},
                                     vae.denormalize_latents(flow.one_step(u_fn, noise), ae_config), method="decode")
         samples = images.to_signed(images.from_signed(samples))  # scored as the saved 8-bit images
@@ -356,6 +354,20 @@ def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEC
             out["holdout/lpips_between_seeds"] = distance(samples, shifted).mean()
         return out
 
+    def on_mesh(*args):
+        with attention.batch_mesh(mesh):  # fused attention kernels run per device on the split samples
+            return evaluate_crops(*args)
+
+    return jax.jit(on_mesh, out_shardings=mesh_lib.replicated(mesh))
+
+
+def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig, reward_fns: dict, lora,
+                  crops: dict):
+    """evaluate(trainable, frozen, mesh) -> {"holdout/...": float} on the fixed held-out crops (module
+    docstring); one compiled function, the crops placed (replicated) once."""
+    lpips_config = lpips_params = None
+    if config.holdout.get("lpips"):
+        lpips_config, lpips_params = load_network("lpips", config.holdout.lpips, config.reward.lpips_net)
     placed = {}
 
     def evaluate(trainable, frozen, mesh) -> dict:
@@ -363,7 +375,8 @@ def make_evaluate(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEC
             replicated = mesh_lib.replicated(mesh)
             replicate = lambda tree: sharding.put(tree, jax.tree.map(lambda _: replicated, tree))  # noqa: E731
             placed.update(data=replicate(crops), lpips=None if lpips_params is None else replicate(lpips_params),
-                          compiled=jax.jit(evaluate_crops, out_shardings=replicated))
+                          compiled=holdout_function(config, student_config, ae_config, reward_fns, lora,
+                                                    lpips_config, mesh))
         values = placed["compiled"](trainable, frozen, placed["data"], placed["lpips"])
         return {k: float(v) for k, v in jax.device_get(values).items()}
 
