@@ -31,6 +31,25 @@ def abstract_stage(config, use_ema: bool = False):
     return stage, optimizer, state
 
 
+# Per device: dense bf16 peak and HBM bandwidth from the vendors' pages (NVIDIA's pages list bf16 with 2:4 sparsity,
+# halved here), and the substring of jax's device_kind that names the device.
+ACCELERATORS = {
+    "H100 SXM": {"bf16_tflops": 989.5, "hbm_tb_s": 3.35, "device_kind": "H100",
+                 "source": "https://www.nvidia.com/en-us/data-center/h100/"},
+    "H200": {"bf16_tflops": 989.5, "hbm_tb_s": 4.8, "device_kind": "H200",
+             "source": "https://www.nvidia.com/en-us/data-center/h200/"},
+    "TPU v5p": {"bf16_tflops": 459.0, "hbm_tb_s": 2.765, "device_kind": "TPU v5p",
+                "source": "https://cloud.google.com/tpu/docs/v5p"},
+    "TPU v6e": {"bf16_tflops": 918.0, "hbm_tb_s": 1.638, "device_kind": "TPU v6 lite",
+                "source": "https://cloud.google.com/tpu/docs/v6e"},
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 FLOP/s of a device named like jax's device_kind, None when not in ACCELERATORS."""
+    return next((a["bf16_tflops"] * 1e12 for a in ACCELERATORS.values() if a["device_kind"] in device_kind), None)
+
+
 def train_batch(null: dict, batch: int, side: int) -> dict:
     """A training batch as shapes: uint8 HR, LR (x4 smaller) and bicubic-upsampled LR crops plus caption
     embeddings shaped like the stage's NULL embeddings (`stage.frozen["null"]`)."""

@@ -7,10 +7,10 @@ batch size in `--batches` is AOT-compiled, then `--steps` steps are timed with n
 search, so `--batches 4,8,16,32` finds the largest that fits.
 
 FLOPs come from XLA's cost analysis of a copy of the step lowered with the block scans unrolled
-(`common.flop_counting`); the timed step keeps its scans. The ISC step runs one of two branches per step
-(boundary or interval split, `lax.cond`): both are counted and the executed FLOPs follow the branches the
-timed steps drew (their `boundary_fraction` metric). MFU = executed FLOPs / time / peak, with the peak from
-`--peak_tflops` or the table below for known accelerators (dense bf16).
+(`common.flop_counting`); the timed step keeps its scans. The ISC term (student_isc, student_gan) runs one of two
+branches per step (boundary or interval split, `lax.cond`): both are counted and the executed FLOPs follow the
+branches the timed steps drew (their `boundary_fraction` metric). MFU = executed FLOPs / time / peak, with the peak from
+`--peak_tflops` or `common.ACCELERATORS` (dense bf16).
 
   python benchmarks/train_speed.py --stage student_isc --batches 8,16,24 --attention cudnn
   python benchmarks/train_speed.py --stage student_gan --batches 4,8 --remat full
@@ -38,21 +38,16 @@ from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 
 CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan}
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
-               "TPU v4": 275.0, "TPU v6 lite": 918.0}  # dense bf16 per device
-TARGET_MFU = {"student_isc": 40.0, "student_gan": 30.0}
+TARGET_MFU = {"teacher_fm": 40.0, "student_isc": 40.0, "student_gan": 30.0}
 
 
 def peak_flops(override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    kind = jax.devices()[0].device_kind
-    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
+    return override * 1e12 if override else common.peak_flops(jax.devices()[0].device_kind)
 
 
 def step_flops(update, state, frozen, batch, stage: str) -> dict:
     """{branch: FLOPs of one step}; ISC has 'boundary' and 'split', the other stages 'step'."""
-    branches = {"boundary": True, "split": False} if stage == "student_isc" else {"step": None}
+    branches = {"step": None} if stage == "teacher_fm" else {"boundary": True, "split": False}
     flops = {}
     for name, branch in branches.items():
         with common.flop_counting(branch):
@@ -109,7 +104,7 @@ def measure(args, config, batch_size: int, peak: float | None) -> dict:
         return dict(result, fits=False, reason=str(e).splitlines()[0][:200])
     history = jax.device_get(history)
     losses = np.array([m["loss"] for m in history])
-    if args.stage == "student_isc":
+    if args.stage != "teacher_fm":
         fraction = float(np.mean([m["boundary_fraction"] for m in history]))
         executed = fraction * flops["boundary"] + (1 - fraction) * flops["split"]
         result["boundary_fraction"] = round(fraction, 3)

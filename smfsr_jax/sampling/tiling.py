@@ -88,10 +88,11 @@ def tile_layout(height: int, width: int, tile_size: int = TILE_SIZE, overlap: in
 
 
 def map_in_chunks(fn, chunk: int, *arrays):
-    """fn over the leading axis of `arrays` in chunks of `chunk` rows (padded, one compiled chunk shape)."""
+    """fn over the leading axis of `arrays` in equal chunks of at most `chunk` rows (one compiled chunk shape),
+    padded by fewer rows than there are chunks: 36 tiles at 16 run as 3 x 12, not 3 x 16 with 12 of padding."""
     rows = arrays[0].shape[0]
-    chunk = max(1, min(chunk, rows))
-    count = -(-rows // chunk)
+    count = -(-rows // max(1, min(chunk, rows)))
+    chunk = -(-rows // count)
     padded = [jnp.pad(a, [(0, count * chunk - rows)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
     chunked = [a.reshape((count, chunk) + a.shape[1:]) for a in padded]
     out = jax.lax.map(lambda xs: fn(*xs), tuple(chunked))

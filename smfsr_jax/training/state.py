@@ -78,7 +78,7 @@ def init_state(params, optimizer, use_ema: bool, mesh, rules=sharding.DEFAULT_RU
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+    return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, seed: int,
