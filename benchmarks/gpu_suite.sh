@@ -14,6 +14,9 @@
 #   train_isc    90  benchmarks/train_speed.py --stage student_isc --batches 8,16: MFU, compiled memory
 #   train_gan   100  benchmarks/train_speed.py --stage student_gan --batches 4,8
 #   train_fm     70  benchmarks/train_speed.py --stage teacher_fm --batches 16
+# Compiled memory of the default steps comes with the train_speed lines (`peak_gib`, XLA's memory analysis of the GPU
+# executable, at the default per-device batches ISC 16, GAN 8, teacher 16); stage 3's step is left out for time
+# (benchmarks/memory_sd35m.py --stage student_reward compiles it alone).
 # Results: DIR/results.jsonl (default benchmarks/results/<date>), each step's whole output in DIR/<step>.log.
 #
 # The GPU machine this is made for (a lent H100 or H200; nothing can be downloaded there): Python 3.12 with jax and
