@@ -11,7 +11,7 @@ finished checkpoint, or --step), then score the outputs and build the paper's ta
   python evaluate.py --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
       [--null_embeddings DIR] [--cache_dir DIR] [--lr_key_bug] --datasets ... --data_dir tfds --out results
 --model: released weights (directories or Hugging Face Hub ids, as `python -m smfsr_jax.sr --model`), converted
-once into the cache and evaluated as that bundle (smfsr_jax/sampling/pretrained.py).
+once into the cache and evaluated as that bundle (smfsr_jax/weights/pretrained.py).
 
 Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears.
   python evaluate.py --watch runs/student --datasets paired_sr/drealsr --data_dir tfds --metrics psnr,ssim \
@@ -25,13 +25,8 @@ Unreadable images are skipped, counted and named; means are over the evaluated i
 Directory mode pairs files by name (Python sorted() order); full-reference metrics need --hr_dir with the same
 names and, pair by pair, the same image size. The sizes are read from the file headers before any scoring: pairs
 of different sizes stop the run with a list of all of them, or, with --skip_mismatched, are skipped, counted and
-named as unreadable images are. Outputs, beside --out (x.json):
-  x.json  {"per_image": {file: {metric: score}}, "mean": {metric: score}, "count": evaluated images,
-           "skipped": {file: reason}, "runtime_s": {file: seconds}, "metrics": [...], "sr_dir", "hr_dir"}
-  x.csv   one row per image: image, then one column per metric
-  x.md    mean row and per-image rows (4 decimals), with the better direction per metric
-  x.log   OSEDiff's per-image log format (docs/design.md#osediff-log)
-On DRealSR's OSEDiff outputs, psnr,ssim give means 27.9243 / 0.7835, the published log's values.
+named as unreadable images are. Outputs: --out (x.json) and x.csv, x.md, x.log beside it, laid out in
+smfsr_jax/evaluation/results.py. On DRealSR's OSEDiff outputs, psnr,ssim give means 27.9243 / 0.7835, the published log's values.
 
 Checkpoint mode reads each --datasets set (split test; smfsr_jax/evaluation/runner.py) and, per seed, samples
 image k with fold_in(PRNGKey(seed), k), k its index in file order (docs/design.md#noise-seeding), with the protocol
@@ -44,30 +39,14 @@ NULL prompt). Full-reference metrics are scored only on sets with HR images. Out
   table4.json/.md    with seed 1 and any of seeds 2…7: mean LPIPS-Alex(seed k, seed 1) over images, per k;
                      needs LPIPS weights (--lpips_weights or --weights_dir) even when lpips is not in --metrics
                      (--notable4 skips it); <dataset>/seed<k>_vs_seed1.* hold the per-image distances
---seeds takes a list and ranges: 1, 1,2,5 or 1..20. --max_images N evaluates the first N images of each set;
---process_size below 512 (the protocol) makes small LR images cheaper, for quick runs of tiny models.
 
-Watch mode evaluates every finished checkpoint of WORKDIR exactly once (never one being written), as checkpoint
-mode does, into WORKDIR/eval/<step>/; it writes the first seed's dataset means as scalars "<dataset>/<metric>"
-to TensorBoard (WORKDIR/eval, the "eval" run beside the training curves) and to WORKDIR/eval/metrics.jsonl, and
-remembers the evaluated steps in WORKDIR/eval/state.json, so a restarted watcher skips them. It polls every
---poll_seconds and stops after one pass with --once, when the run has written bundle/ and every finished step
-is evaluated, or once --stop_after_seconds have passed (a running evaluation is finished first). Keep
---max_images small for frequent checkpoints: every evaluation writes its SR images.
-
-Devices and processes (checkpoint and watch mode): an SR call takes --batch_size images per local device, split
-over all of them (a metric call takes --batch_size images). Several processes (hosts) run the same command with
---num_processes N --process_id I --coordinator_address HOST:PORT (process 0's; or --distributed where
-jax.distributed detects the cluster): process p super-resolves and scores the records k with k % N == p (the
-noise index stays k) and writes those SR images; the per-image scores of all processes are gathered and process 0
-alone writes the results files and tables, the same as a one-process run's (up to the timings) and prints them.
-In watch mode process 0 decides which steps to evaluate and when to stop, and writes state, TensorBoard and
-metrics.jsonl. Every process needs the checkpoints and the data; a process that fails leaves the others waiting
-until jax.distributed's heartbeat timeout ends them.
-
-Paths may be bucket URLs (gs://bucket/path) in every mode, mixed with local ones: --sr_dir, --hr_dir, --out,
---checkpoint, --watch (WORKDIR/eval is then written there), --weights_dir and --<metric>_weights; each results
-file and table is written whole (one upload).
+Watch mode writes each step's evaluation to WORKDIR/eval/<step>/ and its means to TensorBoard's "eval" run and
+WORKDIR/eval/metrics.jsonl (smfsr_jax/evaluation/watch.py); it stops after one pass with --once, once the run has
+written bundle/ and every step is evaluated, or after --stop_after_seconds.
+Devices and processes (checkpoint and watch mode): --batch_size images per local device per SR call. Several hosts
+run the same command with --num_processes N --process_id I --coordinator_address HOST:PORT (or --distributed):
+each super-resolves its share, process 0 writes the results as one process would (smfsr_jax/evaluation/runner.py).
+Every path may be a bucket URL (gs://bucket/path), mixed with local ones; each results file is written whole.
 
 Before any metric network or model is loaded, every mode checks its flags, datasets, the weights of --metrics (all
 missing ones named at once) and that its output directory (--out's, or WORKDIR/eval) can be created and written.
@@ -77,7 +56,6 @@ part-way: the line names the file and what was written (directory mode prints th
 the traceback. Flag errors print absl's usage message, with status 1.
 """
 
-import jax
 from absl import app, flags
 
 from smfsr_jax.core import distributed, errors, files
@@ -85,10 +63,11 @@ from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import directory, runner, tables, watch
 from smfsr_jax.evaluation import results as results_lib
 from smfsr_jax.evaluation.metrics import REGISTRY, build_metrics
-from smfsr_jax.sampling import color, pretrained
+from smfsr_jax.sampling import color
 from smfsr_jax.sampling.pipeline import PROCESS_SIZE
 from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import inference
+from smfsr_jax.weights import pretrained
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "clipiqa", "musiq", "maniqa")
 # Flags of one mode only; the benchmark flags belong to checkpoint and watch mode.
@@ -164,15 +143,6 @@ def _check_mode_flags(FLAGS) -> str:
     return mode
 
 
-def _print_tables(built: dict, out_dir: str):
-    if jax.process_index() > 0:  # process 0 writes and prints the tables
-        print(f"process {jax.process_index()}: wrote the SR images of its share in {out_dir}")
-        return
-    for table in built.values():
-        print(tables.markdown(table))
-    print(f"wrote {', '.join(built)} (.json, .md) and the per-seed results in {out_dir}")
-
-
 def _evaluate(FLAGS, mode: str):
     distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     weights_paths = {name: getattr(FLAGS, spec.weights_flag) for name, spec in REGISTRY.items()
@@ -206,19 +176,13 @@ def _evaluate(FLAGS, mode: str):
                     FLAGS.model, FLAGS.base, null_embeddings=FLAGS.null_embeddings, lr_key_bug=FLAGS.lr_key_bug,
                     cache_dir=FLAGS.cache_dir))
     if mode in ("checkpoint", "model"):
-        _print_tables(runner.evaluate_model(bundle, run, FLAGS.out), FLAGS.out)
+        tables.print_tables(runner.evaluate_model(bundle, run, FLAGS.out), FLAGS.out)
     elif mode == "watch":
         steps = watch.watch(FLAGS.watch, run, poll_seconds=FLAGS.poll_seconds,
                             stop_after_seconds=FLAGS.stop_after_seconds, once=FLAGS.once)
         print(f"evaluated steps {steps or 'none'}; outputs in {workdir_lib.eval_dir(FLAGS.watch)}")
     else:
-        results = directory.evaluate_directory(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size, names=names,
-                                               skipped=mismatched)
-        means = "; ".join(f"{REGISTRY[m].log_name}: {v:.4f}" for m, v in results["mean"].items())
-        # Printed before writing: a failed write still shows the scores.
-        print(f"{results['count']} images, {len(results['skipped'])} skipped"
-              + (f" ({', '.join(results['skipped'])})" if results["skipped"] else "") + f" | {means}")
-        print("wrote " + ", ".join(results_lib.write_results(results, FLAGS.out)))
+        directory.score_and_write(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size, names, mismatched, FLAGS.out)
 
 
 def main(argv):

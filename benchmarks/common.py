@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfsr_jax.models import text
-from smfsr_jax.sampling import pretrained
 from smfsr_jax.training import partition, stages
 from smfsr_jax.training import state as state_lib
+from smfsr_jax.weights import pretrained
 
 # SR's prompt length: 77 CLIP + 256 T5 tokens, as the released models are sampled (training uses 77 + 77).
 TEXT_TOKENS = text.CLIP_MAX_LENGTH + pretrained.NULL_T5_LENGTH

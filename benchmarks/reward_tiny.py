@@ -38,7 +38,7 @@ from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.objectives import rewards  # noqa: E402
-from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
+from smfsr_jax.weights import bundle as bundle_lib  # noqa: E402
 
 METHODS = ("nft", "direct")
 

@@ -12,8 +12,9 @@ with python -m smfsr_jax.convert lpips --net vgg / dinov3):
     --config.autoencoder.path=ckpt/vae --config.rec.lpips.weights=ckpt/lpips_vgg \
     --config.disc.backbone=ckpt/dinov3_vits16 --config.data.data_dir=/data/tfds
 
-  Expected: 10K steps at batch 8; the discriminator loss leaves 2.0 within the first hundred steps and
-  settles near 1.5-1.9 while LPIPS on held-out crops falls below the stage-1 student's.
+  Expected (not yet run at this scale: no SD3.5 weights or GPU here): 10K steps at batch 8; the
+  discriminator loss should leave 2.0 within the first hundred steps and settle near 1.5-1.9 while LPIPS on
+  held-out crops falls below the stage-1 student's.
 
 Tiny (CPU, after the tiny student, on the runs/tfds the tiny teacher built; `make demo` runs it): LPIPS-Alex and a 2-layer DINOv3 with fixed random
 weights stand in for the pretrained networks (none exist at this size).

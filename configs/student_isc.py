@@ -18,8 +18,9 @@ Tiny (CPU, after the tiny teacher, on the runs/tfds it built; `make demo` runs b
 
   Expected: 200 steps in ~1.5 min; the ISC loss starts near 1e-3 (the student is the teacher at step 0) and
   stays there. On the held-back photographs the one-step student scores ~20.2 dB and four steps ~19.8 dB,
-  against the 16-step teacher's 19.6 dB (block ratio ~1.05, no mosaic): one step already saturates; see
-  docs/experiments.md, Table 7 in miniature, for how far it is from the teacher's distribution.
+  against the 16-step teacher's 19.6 dB (block ratio ~1.05, no mosaic; one run: the data seed alone moves
+  these by ~1.3 dB); see docs/experiments.md, Table 7 in miniature, for how far it is from the teacher's
+  distribution.
 """
 
 import ml_collections

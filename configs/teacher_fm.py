@@ -14,10 +14,10 @@ Launch (paper settings; SD3.5-M weights and the LSDIR/FFHQ records prepared befo
   (Caption embeddings are read by default: build them first with python -m smfsr_jax.data.captions; a
   missing cache is an error that names the command.)
 
-  Expected: 80K steps at global batch 32 (4x RTX 5880 in the paper; 16 per device fit a 141 GB H200, see
-  the README's memory table, so use two or more, or --config.batch_size=16 on one); the loss (x0-space
-  MSE) falls from ~0.3 to ~0.1 within the first thousand steps; the result is sampled with 40 Euler steps
-  and CFG.
+  Expected (not yet run at this scale: no SD3.5 weights or GPU here): 80K steps at global batch 32 (4x RTX
+  5880 in the paper; 16 per device fit a 141 GB H200, see the README's memory table, so use two or more, or
+  --config.batch_size=16 on one); the loss (x0-space MSE) should fall from ~0.3 to ~0.1 within the first
+  thousand steps; the result is sampled with 40 Euler steps and CFG.
 
 Tiny (CPU, the embedded default; `make demo` runs it). Its data, scikit-image's photographs, is built
 once into runs/tfds (a few seconds; the tiny student configs read it too):

@@ -37,12 +37,12 @@ from smfsr_jax.data import images as image_io
 from smfsr_jax.data.tfds import bundled
 from smfsr_jax.demo import STAGES, bicubic_x4
 from smfsr_jax.evaluation.runner import load_model
-from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.sampling import color
 from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.weights import bundle as bundle_lib
 
 DEMO_BUNDLE = workdir_lib.bundle_dir(os.path.join("workdirs", "demo", STAGES[-1]))  # the Makefile's demo --workdir
-MAX_PIXELS = 512 * 512  # default input cap: 2048² SR outputs, which the VAE decodes in one piece (untiled)
+MAX_PIXELS = 512 * 512  # default input cap: 2048² SR outputs (latent tiles; the VAE in 1024-pixel tiles)
 MAX_SEEDS = 8
 STEPS = (1, 2, 4)
 
@@ -232,7 +232,7 @@ def build_app(upscaler: Upscaler):
                 num_seeds = gr.Slider(1, MAX_SEEDS, value=1, step=1, label="number of seeds", elem_id="num_seeds")
                 steps = gr.Radio(list(STEPS), value=STEPS[0], label="sampling steps")
                 color_fix = gr.Radio(list(color.METHODS), value=color.METHODS[0], label="colour fix")
-                caption = gr.Textbox(label="caption", visible=pipeline.text_encoders_dir is not None)
+                caption = gr.Textbox("", label="caption", visible=pipeline.text_encoders_dir is not None)
                 tile_size = gr.Dropdown([(f"{t} latent ({t * downscale} px)", t) for t in upscaler.tile_sizes()],
                                         value=pipeline.tile_size, label="tile size (for large inputs)")
                 button = gr.Button("Super-resolve x4", variant="primary", elem_id="run")
@@ -243,8 +243,10 @@ def build_app(upscaler: Upscaler):
                 gallery = gr.Gallery(label="seeds", format="png", columns=4, height=300, visible=False,
                                      elem_id="gallery")
                 std_map = gr.Image(label="uncertainty", format="png", height=300, visible=False, elem_id="std")
+        # Every control has a default, so the API takes an image alone: Client(url).predict(handle_file(path),
+        # api_name="/super_resolve").
         button.click(run, inputs=[image, seed, random_seed, num_seeds, steps, color_fix, caption, tile_size],
-                     outputs=[seed, slider, info, files, gallery, std_map])
+                     outputs=[seed, slider, info, files, gallery, std_map], api_name="super_resolve")
     return app
 
 

@@ -31,9 +31,9 @@ from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build, pipeline  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
-from smfsr_jax.sampling import bundle as bundle_lib  # noqa: E402
 from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
 from smfsr_jax.training import loop  # noqa: E402
+from smfsr_jax.weights import bundle as bundle_lib  # noqa: E402
 
 STAGES = ("teacher_fm", "student_isc", "student_gan")  # the order they train in
 HOLDOUT_CROP = 128  # held-back HR crops; LR 32 x 32

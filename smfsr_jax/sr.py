@@ -1,4 +1,4 @@
-r"""Super-resolve images x4 with a model bundle (smfsr_jax/sampling/bundle.py, pipeline.py).
+r"""Super-resolve images x4 with a model bundle (smfsr_jax/weights/bundle.py, smfsr_jax/sampling/pipeline.py).
 
   python -m smfsr_jax.sr --checkpoint bundles/smfsr_q --input LR_DIR --output results/drealsr \
       [--seeds 1,2,3] [--steps 1] [--caption TEXT | --captions FILE_OR_DIR] [--color_fix adain|wavelet|none] \
@@ -10,7 +10,7 @@ r"""Super-resolve images x4 with a model bundle (smfsr_jax/sampling/bundle.py, p
 --checkpoint is a bundle or a training workdir's bundle; --model is a released transformer (smfsr_q, smfsr_f,
 Teacher, dit4sr_q, dit4sr_f, dit4sr_r1) and --base Stable Diffusion 3.5 Medium, each a directory or a Hugging Face
 Hub id, converted once into the cache (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax) and loaded from
-it afterwards (smfsr_jax/sampling/pretrained.py).
+it afterwards (smfsr_jax/weights/pretrained.py).
 
 Inputs: one image file, or every image file directly in a directory (.png .jpg .jpeg .bmp .tif .tiff .webp) in
 Python sorted() order; image k of that order (skipped files keep their place) is sampled with
@@ -54,20 +54,18 @@ cannot be used, or a checkpoint that is not a valid bundle. Errors are one line;
 """
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import sys
 
 import jax
-from PIL import Image
 from tqdm import tqdm
 
 from smfsr_jax.core import distributed, files
 from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli, show_log
 from smfsr_jax.core.images import is_image_name
-from smfsr_jax.data.images import load_rgb8
+from smfsr_jax.data.images import image_format, load_rgb8, save_image
 from smfsr_jax.evaluation.io import list_images
 from smfsr_jax.models import vae_tiling
 from smfsr_jax.sampling import color, tiling
@@ -198,30 +196,6 @@ def _parser() -> argparse.ArgumentParser:
     distributed.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad inputs and failed writes")
     return parser
-
-
-def image_format(path: str) -> str | None:
-    """PIL's format name for `path`'s extension (None when this Pillow cannot write it)."""
-    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
-
-
-def save_image(image, path: str) -> None:
-    """Write `image` to `path` in the format of its extension, whole: locally through a .partial name, in a bucket
-    as one upload (all or nothing), so that an interrupted or failed write never leaves a truncated image under
-    the final name."""
-    if files.is_remote(path):
-        encoded = io.BytesIO()
-        Image.fromarray(image).save(encoded, format=image_format(path))
-        files.write_bytes(path, encoded.getvalue())
-        return
-    partial = path + ".partial"
-    try:
-        Image.fromarray(image).save(partial, format=image_format(path))
-        os.replace(partial, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
 
 
 def main(argv=None) -> int:

@@ -64,6 +64,13 @@ def student_run(teacher_run, data_dir, tmp_path_factory):
                          **{"init.teacher": str(teacher_run / "bundle")})
 
 
+@pytest.fixture(scope="module")
+def student_bundle(tmp_path_factory):
+    """A tiny student bundle with seeded random weights (tests/test_sampling.make_bundle), one per test module."""
+    from tests.test_sampling import make_bundle
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "student")
+
+
 # Buckets: a local Cloud Storage emulator (tests/gcs_emulator.py), reached through STORAGE_EMULATOR_HOST alone.
 BUCKET = "smfsr-test"
 

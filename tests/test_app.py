@@ -197,3 +197,22 @@ def test_browser(upscaler, reference, lr, tmp_path):
     finally:
         driver.quit()
         server.close()
+
+
+def test_the_api_takes_an_image_alone(upscaler, reference, lr, tmp_path):
+    """A new user's first call: only an image, every other input at its default (seed 0, one step)."""
+    pytest.importorskip("gradio", reason="gradio is an app requirement (requirements-app.txt)")
+    gradio_client = pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
+    path = tmp_path / "lr.png"
+    path.write_bytes(png_bytes(lr))
+    port = free_port()
+    server = app.launch(upscaler, port=port, block=False)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        seed, _, _, files, *_ = client.predict(gradio_client.handle_file(str(path)), api_name="/super_resolve")
+    finally:
+        server.close()
+    (output,) = files
+    sr = np.asarray(Image.open(output).convert("RGB"))
+    assert seed == 0 and sr.shape == (4 * LR_SHAPE[0], 4 * LR_SHAPE[1], 3)
+    np.testing.assert_array_equal(sr, reference(lr, seed=0))

@@ -16,9 +16,9 @@ from smfsr_jax.convert.vae import DIFFUSERS_WEIGHTS, checkpoint_shapes, load_vae
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.core import files
 from smfsr_jax.models.vae import VAEConfig
-from smfsr_jax.sampling import bundle
 from smfsr_jax.training import inference
 from smfsr_jax.training.stages import common as stages_common
+from smfsr_jax.weights import bundle
 from tests.test_sampling import random_embeddings, random_params, tiny_config
 
 

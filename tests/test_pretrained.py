@@ -1,4 +1,4 @@
-"""Released weights -> bundle (sampling/pretrained.py): tiny weights in the published layouts (SMFSR smfsr_q in a
+"""Released weights -> bundle (weights/pretrained.py): tiny weights in the published layouts (SMFSR smfsr_q in a
 Hugging Face cache, DiT4SR dit4sr_r1 sharded on disk with the NULL_*.pt beside it, an SD3.5 root with and without
 text encoders), `sr --model` with Hub ids offline, the conversion cache (reuse, rebuild of corrupt entries),
 NULL embeddings found or encoded, lr_key_bug by name, `convert bundle`, sources, cache and bundle in a bucket, the
@@ -22,9 +22,9 @@ from smfsr_jax.convert.text import load_text_encoders
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.models.text import null_prompt_embeddings
-from smfsr_jax.sampling import bundle as bundle_lib
-from smfsr_jax.sampling import pretrained
 from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.weights import bundle as bundle_lib
+from smfsr_jax.weights import pretrained
 from tests.conftest import import_torch
 from tests.test_mmdit import assert_close, dit4sr_state_dict, random_inputs, run_flax
 from tests.test_sampling import lr_crop

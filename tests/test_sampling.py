@@ -10,10 +10,11 @@ import skimage.data
 
 from smfsr_jax.convert import common
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
+from smfsr_jax.core import schedules
 from smfsr_jax.models import mmdit
 from smfsr_jax.models.vae import VAEConfig
-from smfsr_jax.core import schedules
-from smfsr_jax.sampling import bundle, color, pipeline, samplers, tiling
+from smfsr_jax.sampling import color, pipeline, samplers, tiling
+from smfsr_jax.weights import bundle
 from tests.conftest import import_torch
 
 # The tiny SD3 text stack's widths (tests/text_fixtures.py: T5 d_model 96, CLIP projections 32 + 40), so that
@@ -65,11 +66,6 @@ def lr_crop(name: str, height: int, width: int, top: int = 0, left: int = 0) -> 
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     return np.ascontiguousarray(image[top:top + height, left:left + width, :3])
-
-
-@pytest.fixture(scope="module")
-def student_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "student")
 
 
 def small_pipeline(bundle_dir: str, **options) -> pipeline.SRPipeline:

@@ -28,11 +28,6 @@ SMALL, LARGE = (37, 53), (200, 300)
 
 
 @pytest.fixture(scope="module")
-def student_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "student")
-
-
-@pytest.fixture(scope="module")
 def input_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lr")
     Image.fromarray(lr_crop("astronaut", *SMALL)).save(folder / "a_rgb.png")

@@ -25,7 +25,7 @@ from smfsr_jax.evaluation.metrics import build_metrics
 from smfsr_jax.models.lpips import LPIPSConfig
 from tests.conftest import REPO
 from tests.processes import free_port
-from tests.test_sampling import _assert_same_up_to_rounding, lr_crop, make_bundle
+from tests.test_sampling import _assert_same_up_to_rounding, lr_crop
 from tools.make_metric_goldens import random_state_dict
 
 SEED = 3
@@ -33,11 +33,6 @@ SEED = 3
 SIZES = {"a": (32, 32), "b": (32, 32), "c": (32, 32), "d": (32, 32), "e": (32, 32), "f": (32, 40)}
 DATASET = "paired_sr/custom"
 BENCHMARK_NAMES = ("astronaut", "camera", "chelsea", "coffee", "rocket")
-
-
-@pytest.fixture(scope="module")
-def student_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "student")
 
 
 @pytest.fixture(scope="module")

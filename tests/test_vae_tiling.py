@@ -12,7 +12,8 @@ import pytest
 from smfsr_jax.convert.vae import abstract_params
 from smfsr_jax.models import vae_tiling
 from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
-from smfsr_jax.sampling import bundle, pipeline
+from smfsr_jax.sampling import pipeline
+from smfsr_jax.weights import bundle
 from tests.test_sampling import lr_crop, random_embeddings, random_params, tiny_config
 
 # Two levels (downscale 2), the SD3 block structure: compiles in seconds, yet every layer kind is there.

@@ -20,7 +20,7 @@ Diffusion 3.5 Medium (--base), each a directory or a Hugging Face Hub id, writte
 `python -m smfsr_jax.sr --checkpoint` reads (what `sr --model` converts into its cache; text encoders, when --base
 has them, go to DST/text_encoders). NULL embeddings: DiT4SR's NULL_*.pt from --null_embeddings or beside --model,
 else encode("") with --base's text encoders; --lr_key_bug defaults to false for dit4sr_r1, true otherwise
-(smfsr_jax/sampling/pretrained.py).
+(smfsr_jax/weights/pretrained.py).
 
 lpips --src: a directory with torchvision's trunk file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth)
 and the lpips lin heads (alex.pth / vgg.pth), or a pyiqa LPIPS_v0.1_*.pth file.
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     def convert():
         if args.kind == "bundle":  # imported here: convert does not import sampling otherwise
-            from smfsr_jax.sampling import pretrained
+            from smfsr_jax.weights import pretrained
             pretrained.write_bundle(args.model, args.base, args.dst, null_embeddings=args.null_embeddings,
                                     lr_key_bug=args.lr_key_bug)
         else:

@@ -5,14 +5,18 @@ files, unsupported pixel formats, images too small) with `BadImage`, and convert
 grayscale, palette, alpha (dropped), 16-bit PNG (rounded to 8 bits), CMYK JPEG, EXIF-rotated JPEG.
 An 8-bit RGB PNG or JPEG is stored as read; anything converted is stored as a lossless PNG. The
 pipelines then decode stored bytes with `decode_rgb8` (OpenCV, EXIF orientation ignored because it
-was applied at build time).
+was applied at build time). SR outputs are written whole by `save_image`.
 """
 
+import contextlib
 import io
+import os
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+from smfsr_jax.core import files
 
 MIN_SIDE = 16  # below this a crop or an x4 LR is meaningless; such files are skipped
 _PASSTHROUGH_FORMATS = ("PNG", "JPEG")
@@ -106,3 +110,27 @@ def decode_rgb8(data: bytes, name: str = "record") -> np.ndarray:
     if pixels is None or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise BadImage(f"{name}: stored image bytes do not decode to an RGB image")
     return pixels
+
+
+def image_format(path: str) -> str | None:
+    """PIL's format name for `path`'s extension (None when this Pillow cannot write it)."""
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+
+
+def save_image(image, path: str) -> None:
+    """Write `image` to `path` in the format of its extension, whole: locally through a .partial name, in a bucket
+    as one upload (all or nothing), so that an interrupted or failed write never leaves a truncated image under
+    the final name."""
+    if files.is_remote(path):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format=image_format(path))
+        files.write_bytes(path, encoded.getvalue())
+        return
+    partial = path + ".partial"
+    try:
+        Image.fromarray(image).save(partial, format=image_format(path))
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from smfsr_jax.core import errors, files
 from smfsr_jax.data.images import EXIF_ORIENTATION
 from smfsr_jax.evaluation.io import UnreadableImageError, list_images, read_rgb8
-from smfsr_jax.evaluation.metrics import Metric
+from smfsr_jax.evaluation.metrics import REGISTRY, Metric
+from smfsr_jax.evaluation.results import write_results
 
 MAX_NAMES_SHOWN = 20
 
@@ -153,3 +154,14 @@ def evaluate_directory(sr_dir: str, hr_dir: str | None, metrics: dict[str, Metri
             hr_images.append(hr)
         scores.add(readable, sr_images, hr_images)
     return scores.results(sr_dir, reference_dir)
+
+
+def score_and_write(sr_dir: str, hr_dir: str | None, metrics: dict[str, Metric], batch_size: int, names, skipped,
+                    out: str):
+    """Directory mode end to end: score, print the means (before writing, so a failed write still shows them),
+    write `out` and its siblings (results.write_results)."""
+    results = evaluate_directory(sr_dir, hr_dir, metrics, batch_size, names=names, skipped=skipped)
+    means = "; ".join(f"{REGISTRY[m].log_name}: {v:.4f}" for m, v in results["mean"].items())
+    print(f"{results['count']} images, {len(results['skipped'])} skipped"
+          + (f" ({', '.join(results['skipped'])})" if results["skipped"] else "") + f" | {means}")
+    print("wrote " + ", ".join(write_results(results, out)))

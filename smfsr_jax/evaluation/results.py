@@ -1,6 +1,13 @@
 """Writing one set of scores: x.json plus x.csv, x.md and OSEDiff's per-image log x.log beside it, locally or in a
 bucket (gs://...); checking before a run that its outputs can be written, and reporting a write that fails
-part-way."""
+part-way.
+
+  x.json  {"per_image": {file: {metric: score}}, "mean": {metric: score}, "count": evaluated images,
+           "skipped": {file: reason}, "runtime_s": {file: seconds}, "metrics": [...], "sr_dir", "hr_dir"}
+  x.csv   one row per image: image, then one column per metric
+  x.md    mean row and per-image rows (4 decimals), with the better direction per metric
+  x.log   OSEDiff's per-image log format (docs/design.md#osediff-log)
+"""
 
 import contextlib
 import csv

@@ -38,10 +38,9 @@ from smfsr_jax.evaluation import tables
 from smfsr_jax.evaluation.directory import Scores, evaluate_directory
 from smfsr_jax.evaluation.metrics import Metric, MissingWeightsError, build_metrics
 from smfsr_jax.evaluation.results import write_results, writing
-from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
-from smfsr_jax.sr import save_image
 from smfsr_jax.training import inference
+from smfsr_jax.weights import bundle as bundle_lib
 
 SPLIT = "test"
 BENCHMARK_BUILDERS = ("paired_sr", "lq_only")  # the sets with LR images
@@ -132,7 +131,7 @@ def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: 
         for image, sr in zip(chunk, outputs):
             path = os.path.join(sr_dir, image.name)
             with writing(path):
-                save_image(sr, path)
+                image_io.save_image(sr, path)
         return chunk, outputs
 
     chunk = []

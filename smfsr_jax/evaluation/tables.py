@@ -15,6 +15,7 @@ with "–" where the paper reports no number or we computed none (docs/reproduce
 import json
 import os
 
+import jax
 import numpy as np
 
 from smfsr_jax.core import files
@@ -180,3 +181,13 @@ def write_table(table: dict, out_dir: str) -> list[str]:
     files.write_text(f"{stem}.json", json.dumps(table, indent=2) + "\n")
     files.write_text(f"{stem}.md", markdown(table))
     return [f"{stem}.json", f"{stem}.md"]
+
+
+def print_tables(built: dict, out_dir: str):
+    """Process 0 prints the tables it wrote; the others say what they wrote."""
+    if jax.process_index() > 0:
+        print(f"process {jax.process_index()}: wrote the SR images of its share in {out_dir}")
+        return
+    for table in built.values():
+        print(markdown(table))
+    print(f"wrote {', '.join(built)} (.json, .md) and the per-seed results in {out_dir}")

@@ -17,8 +17,8 @@ from smfsr_jax.core import distributed, errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import runner
 from smfsr_jax.evaluation.results import writing
-from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.training import checkpoints, inference, stages
+from smfsr_jax.weights import bundle as bundle_lib
 
 
 def _read_state(path: str) -> list[int]:

@@ -496,6 +496,18 @@ class MMDiT(nn.Module):
                        in_axes=nn.broadcast, length=length)
 
 
+def average_velocity(model: MMDiT, params, *, context, pooled, lr_latents=None):
+    """u(z, r, t) of an interval-conditioned network for fixed conditioning: the argument order of every objective
+    and of `core.flow.one_step` (the samplers' order, (z, lr, cond, t, r), is samplers.student_velocity's)."""
+    return lambda z, r, t: model.apply({"params": params}, z, context=context, pooled=pooled, r=r, t=t,
+                                       lr_latents=lr_latents)
+
+
+def velocity(model: MMDiT, params, *, context, pooled, lr_latents=None):
+    """v(z, t) of a single-time network (a teacher) for fixed conditioning, the objectives' argument order."""
+    return lambda z, t: model.apply({"params": params}, z, context=context, pooled=pooled, t=t, lr_latents=lr_latents)
+
+
 def init_params(config: MMDiTConfig, rng, latent_size: tuple = (8, 8), context_len: int = 4, batch: int = 1):
     """Params for training from scratch: flax default inits, adaLN modulations and proj_out at zero.
 

@@ -42,11 +42,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from smfsr_jax.models import mmdit, text, vae, vae_tiling
-from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.core import images, schedules
-from smfsr_jax.sampling import color, samplers, tiling
 from smfsr_jax.core import mesh as mesh_lib
+from smfsr_jax.models import mmdit, text, vae, vae_tiling
+from smfsr_jax.sampling import color, samplers, tiling
+from smfsr_jax.weights import bundle as bundle_lib
 
 UPSCALE = 4
 PROCESS_SIZE = 512  # upstream --process_size: LR sides below PROCESS_SIZE // UPSCALE are upscaled first
@@ -200,9 +200,9 @@ class SRPipeline:
                         attention: str | None = None, **options):
         """Released weights: MODEL (smfsr_q, dit4sr_r1, ...: a directory or a Hugging Face Hub id such as
         zw121/SMFSR/smfsr_q) with BASE (Stable Diffusion 3.5 Medium), converted once into the cache and loaded
-        from it afterwards (sampling/pretrained.py). null_embeddings: a directory with DiT4SR's NULL_*.pt;
+        from it afterwards (weights/pretrained.py). null_embeddings: a directory with DiT4SR's NULL_*.pt;
         lr_key_bug: overrides the published name's; dtype, attention and options as in `from_checkpoint`."""
-        from smfsr_jax.sampling import pretrained  # huggingface_hub only for released weights
+        from smfsr_jax.weights import pretrained  # huggingface_hub only for released weights
         overrides = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
         loaded = pretrained.load_pretrained(model, base, null_embeddings=null_embeddings, lr_key_bug=lr_key_bug,
                                             cache_dir=cache_dir, **overrides)

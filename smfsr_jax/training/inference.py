@@ -3,7 +3,7 @@
 A checkpoint holds the trainable weights (and optimizer state); the frozen parts come from the stage's
 initial weights named in WORKDIR/config.json. `load_checkpoint` builds only the stage's network (no teacher,
 LPIPS or discriminator), restores just the network's trainable weights of the step and merges the two,
-returning the same fields as a model bundle (sampling/bundle.py), so `SRPipeline(...)` and the evaluator treat
+returning the same fields as a model bundle (weights/bundle.py), so `SRPipeline(...)` and the evaluator treat
 checkpoints and bundles alike.
 """
 
@@ -15,9 +15,9 @@ import ml_collections
 
 from smfsr_jax.core import files
 from smfsr_jax.core import workdir as workdir_lib
-from smfsr_jax.sampling import bundle as bundle_lib
 from smfsr_jax.training import checkpoints, stages
 from smfsr_jax.training.stages import common
+from smfsr_jax.weights import bundle as bundle_lib
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -23,10 +23,10 @@ from smfsr_jax.core import errors, files
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import captions, pipeline
-from smfsr_jax.sampling import bundle
 from smfsr_jax.training import checkpoints, preemption, run_lock, sharding, stages, writers
 from smfsr_jax.training import state as state_lib
 from smfsr_jax.training.stages import common
+from smfsr_jax.weights import bundle
 
 # Batch fields the jitted step reads; the rest (indices, names) stay on the host.
 MODEL_INPUTS = ("hr", "lr", "lr_up", "prompt_embeds", "pooled_prompt_embeds")

@@ -31,12 +31,13 @@ from absl import logging
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.core import files, images, schedules
 from smfsr_jax.core import workdir as workdir_lib
-from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import attention, mmdit, vae
+from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.objectives import isc
-from smfsr_jax.sampling import bundle, samplers
+from smfsr_jax.sampling import samplers
 from smfsr_jax.training import lora as lora_lib
 from smfsr_jax.training import partition
+from smfsr_jax.weights import bundle
 
 # Fields of `config.model` that change how a loaded network runs, not its weights.
 RUNTIME_FIELDS = ("dtype", "attention", "remat_policy", "lr_key_bug")
@@ -146,25 +147,26 @@ def null_embeddings(config: ml_collections.ConfigDict, model_config: mmdit.MMDiT
                 "pooled_prompt_embeds": f["pooled_prompt_embeds"].astype(np.float32)}
 
 
-def load_transformer(path: str, config: ml_collections.ConfigDict, check):
-    """A converted / diffusers / bundle MM-DiT, run with this config's runtime fields; `check(cfg)` returns an
-    error message when the weights are not the kind the stage needs."""
+def load_transformer(path: str, config: ml_collections.ConfigDict, require=None):
+    """A converted / diffusers / bundle MM-DiT, run with this config's runtime fields; `require(cfg, path)` raises
+    when the weights are not the kind the stage needs (`require_teacher`, `require_student`)."""
     cfg, params = convert_transformer.load_transformer(path)
-    problem = check(cfg)
-    if problem:
-        raise ValueError(f"{path}: {problem}")
+    if require is not None:
+        require(cfg, path)
     overrides = {f: config.model[f] for f in RUNTIME_FIELDS if f in config.model}
     return cfg.replace(**overrides), params
 
 
-def is_teacher(cfg: mmdit.MMDiTConfig) -> Optional[str]:
+def require_teacher(cfg: mmdit.MMDiTConfig, source: str):
+    """Raise unless `cfg` is a DiT4SR-style teacher (the LR stream, single time conditioning)."""
     if cfg.time_conditioning != "single" or not cfg.lr_stream:
-        return "not a DiT4SR-style teacher (lr_stream with single time conditioning)"
-    return None
+        raise ValueError(f"{source}: not a DiT4SR-style teacher (lr_stream with single time conditioning)")
 
 
-def is_student(cfg: mmdit.MMDiTConfig) -> Optional[str]:
-    return None if cfg.time_conditioning == "interval" else "not an SMFSR student (interval time conditioning)"
+def require_student(cfg: mmdit.MMDiTConfig, source: str):
+    """Raise unless `cfg` is an SMFSR student (interval time conditioning)."""
+    if cfg.time_conditioning != "interval":
+        raise ValueError(f"{source}: not an SMFSR student (interval time conditioning)")
 
 
 def weights_path(path: str) -> str:
@@ -186,7 +188,7 @@ def load_student(config: ml_collections.ConfigDict, abstract: bool = False):
         cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="interval",
                                                                           time_scale=1000.0)
         return cfg, mmdit.abstract_params(cfg)
-    cfg, params = load_transformer(weights_path(config.init.student), config, is_student)
+    cfg, params = load_transformer(weights_path(config.init.student), config, require_student)
     return runtime_config(cfg, config.model), params
 
 
@@ -264,7 +266,7 @@ def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):
         cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="single",
                                                                           time_scale=1000.0)
         return cfg, mmdit.abstract_params(cfg)
-    return load_transformer(weights_path(config.init.teacher), config, is_teacher)
+    return load_transformer(weights_path(config.init.teacher), config, require_teacher)
 
 
 def random_params(model_config: mmdit.MMDiTConfig, seed: int, abstract: bool = False) -> dict:

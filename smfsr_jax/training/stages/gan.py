@@ -143,17 +143,17 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
         teacher_time, _ = partition.partition(frozen["teacher"], (r"^time_text_embed/",))
         reg_params = partition.merge(frozen.get("teacher_base", frozen["base"]), teacher_time, reg_control)
 
-        def u_fn(z, r, t):
-            return student.apply({"params": student_params}, z, context=context, pooled=pooled, t=t, r=r,
-                                 lr_latents=lr)
+        u_fn = mmdit.average_velocity(student, student_params, context=context, pooled=pooled, lr_latents=lr)
 
-        def velocity(params_, z, t, ctx=context, pool=pooled, lr_=lr):
-            return teacher.apply({"params": params_}, z, context=ctx, pooled=pool, t=t, lr_latents=lr_)
+        def velocity(params_):
+            return mmdit.velocity(teacher, params_, context=context, pooled=pooled, lr_latents=lr)
+
+        twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+        both_branches = mmdit.velocity(teacher, teacher_params, context=twice(null_context, context),
+                                       pooled=twice(null_pooled, pooled), lr_latents=twice(lr, lr))
 
         def teacher_cfg_fn(z, t):  # both branches in one 2B batch
-            twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
-            v = velocity(teacher_params, twice(z, z), twice(t, t), twice(null_context, context),
-                         twice(null_pooled, pooled), twice(lr, lr))
+            v = both_branches(twice(z, z), twice(t, t))
             return flow.cfg_mix(*jnp.split(v, 2), config.vsd.cfg_scale)
 
         # Eq. 14: one-step generation from noise, decoded through the frozen decoder (unclamped).
@@ -162,16 +162,14 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
                                   method="decode")
         x = images.to_signed(batch["hr"])
 
-        isc_loss, isc_metrics = isc.isc_loss(u_fn, lambda z, t: velocity(teacher_params, z, t), hr, keys["isc"],
+        isc_loss, isc_metrics = isc.isc_loss(u_fn, velocity(teacher_params), hr, keys["isc"],
                                              p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
                                              **common.isc_times(config.isc))
         lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
         rec_loss, rec_metrics = reconstruction.reconstruction_loss(x_hat, x, lpips_fn, config.rec.lpips_weight)
         times = dict(t_min=config.vsd.t_min, t_max=config.vsd.t_max)
-        vsd_loss_, vsd_metrics = vsd.vsd_loss(z_hat, teacher_cfg_fn, lambda z, t: velocity(sg(reg_params), z, t),
-                                              keys["vsd"], **times)
-        reg_loss, reg_metrics = vsd.regularizer_loss(lambda z, t: velocity(reg_params, z, t), z_hat, keys["reg"],
-                                                     **times)
+        vsd_loss_, vsd_metrics = vsd.vsd_loss(z_hat, teacher_cfg_fn, velocity(sg(reg_params)), keys["vsd"], **times)
+        reg_loss, reg_metrics = vsd.regularizer_loss(velocity(reg_params), z_hat, keys["reg"], **times)
 
         fake_features = disc_lib.backbone_features(frozen["dinov3"], x_hat, disc_config, rng=keys["aug_fake"])
         fake_logits_g = heads.apply({"params": sg(params["discriminator"]), **model_state}, fake_features)

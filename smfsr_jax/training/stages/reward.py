@@ -237,8 +237,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
         seeded = {"hr": repeat(batch["hr"]), "lr": repeat(batch["lr"])}
 
         def u_of(weights_, cond=conditioning):
-            params = common.model_weights(weights_, frozen, lora)
-            return lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, **cond)
+            return mmdit.average_velocity(student, common.model_weights(weights_, frozen, lora), **cond)
 
         def decode(z):
             return autoencoder.apply({"params": sg(frozen["autoencoder"])}, vae.denormalize_latents(z, ae_config),
@@ -282,8 +281,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
         if config.weights.isc:
             u_student = u_of(trainable, dict(context=context, pooled=pooled, lr_latents=lr))
             teacher_params = sg(common.teacher_params(frozen))
-            teacher_fn = lambda z, t: teacher.apply({"params": teacher_params}, z, context=context,  # noqa: E731
-                                                    pooled=pooled, t=t, lr_latents=lr)
+            teacher_fn = mmdit.velocity(teacher, teacher_params, context=context, pooled=pooled, lr_latents=lr)
             isc_loss, isc_metrics = isc.isc_loss(u_student, teacher_fn, hr, keys["isc"],
                                                  p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
                                                  **common.isc_times(config.isc))
@@ -332,8 +330,8 @@ def holdout_function(config, student_config: mmdit.MMDiTConfig, ae_config: vae.V
         context, pooled = common.text_condition(frozen, {}, lr.shape[0])
         repeat = lambda x: split(jnp.repeat(x, seeds, axis=0))  # noqa: E731
         params = common.model_weights(trainable, frozen, lora)
-        u_fn = lambda z, r, t: student.apply({"params": params}, z, r=r, t=t, context=repeat(context),  # noqa: E731
-                                             pooled=repeat(pooled), lr_latents=repeat(lr))
+        u_fn = mmdit.average_velocity(student, params, context=repeat(context), pooled=repeat(pooled),
+                                      lr_latents=repeat(lr))
         noise = split(jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:])))
         samples = autoencoder.apply({"params": frozen["autoencoder"]},
                                     vae.denormalize_latents(flow.one_step(u_fn, noise), ae_config), method="decode")

@@ -168,17 +168,12 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.M
         student_params = partition.merge(trainable_params, frozen["base"], frozen["own"])
         teacher_params = jax.lax.stop_gradient(partition.merge(frozen["base"], frozen["teacher"]))
 
-        def u_fn(z, r, t):
-            return student.apply({"params": student_params}, z, context=context, pooled=pooled, t=t, r=r,
-                                 lr_latents=lr)
-
-        def teacher_fn(z, t, ctx=context, pool=pooled):
-            return teacher.apply({"params": teacher_params}, z, context=ctx, pooled=pool, t=t, lr_latents=lr)
-
+        u_fn = mmdit.average_velocity(student, student_params, context=context, pooled=pooled, lr_latents=lr)
+        teacher_fn = mmdit.velocity(teacher, teacher_params, context=context, pooled=pooled, lr_latents=lr)
         uncond_fn = None
         if isc_config.get("boundary_cfg") is not None:
             null_ctx, null_pooled = common.text_condition(frozen, {}, hr.shape[0])
-            uncond_fn = lambda z, t: teacher_fn(z, t, null_ctx, null_pooled)  # noqa: E731
+            uncond_fn = mmdit.velocity(teacher, teacher_params, context=null_ctx, pooled=null_pooled, lr_latents=lr)
         loss, metrics = isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
                                      per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
                                      boundary_cfg=isc_config.get("boundary_cfg"), **common.isc_times(isc_config))

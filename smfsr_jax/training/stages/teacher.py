@@ -41,7 +41,7 @@ def initial_weights(config: ml_collections.ConfigDict, abstract: bool = False):
         model_config = mmdit.MMDiTConfig.from_dict(config.model.to_dict())
         return model_config, common.random_params(model_config, config.seed, abstract=True)
     if config.init.get("base"):
-        base_config, params = common.load_transformer(config.init.base, config, lambda cfg: None)
+        base_config, params = common.load_transformer(config.init.base, config)
         if not base_config.lr_stream:
             base_config, params = teacher_from_base(base_config, params)
         return common.runtime_config(base_config, config.model), params
@@ -78,8 +78,7 @@ def make_loss(config, model_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfig)
         hr, lr = common.batch_latents(ae_config, frozen, batch, rng_latents)
         context, pooled = common.text_condition(frozen, batch, hr.shape[0])
         params = partition.merge(trainable_params, frozen["base"], frozen["own"])
-        velocity = lambda z, t: model.apply({"params": params}, z, context=context, pooled=pooled, t=t,  # noqa: E731
-                                            lr_latents=lr)
+        velocity = mmdit.velocity(model, params, context=context, pooled=pooled, lr_latents=lr)
         loss, metrics = flow_matching.teacher_fm_loss(velocity, hr, rng_loss, loss=fm.loss,
                                                       sigma_sampler=fm.sigma_sampler, shift=fm.shift)
         return loss, (metrics, model_state)

@@ -25,7 +25,11 @@ time conditioning a DiT4SR-style teacher (SD3 Euler sampler with CFG). Training 
 
   save_bundle(workdir / "bundle", student_config=cfg, student_params=params, autoencoder_config=vae_cfg,
               autoencoder_params=vae_params, null_embeddings=(null_embeds, null_pooled),
-              text_encoders_dir=config.text_encoders_dir, meta={"stage": 1, "step": step})
+              text_encoders_dir=config.text.encoders,
+              meta={"stage": "student_isc", "step": step, "variant": "sd35m", "tile_size": 64})
+
+(training/loop.py `export_bundle`; `meta` is `stages.common.bundle_meta`: the stage's name, its last step, the
+config variant and the latent tile SR uses by default.)
 """
 
 import dataclasses
@@ -162,7 +166,7 @@ def read_bundle_record(path: str) -> dict:
     file = os.path.join(os.fspath(path), BUNDLE_FILE)
     if not files.is_file(file):
         raise FileNotFoundError(f"{path}: not a model bundle (no {BUNDLE_FILE}); write one with "
-                                "smfsr_jax.sampling.bundle.save_bundle")
+                                "smfsr_jax.weights.bundle.save_bundle")
     record = json.loads(files.read_text(file))
     if record.get("format") != BUNDLE_FORMAT or record.get("version") != BUNDLE_VERSION:
         raise ValueError(f"{file}: format {record.get('format')!r} version {record.get('version')!r}, expected "

@@ -53,7 +53,7 @@ from smfsr_jax.convert import vae as vae_convert
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError, as_user_error
 from smfsr_jax.models import text
-from smfsr_jax.sampling import bundle as bundle_lib
+from smfsr_jax.weights import bundle as bundle_lib
 
 CACHE_ENV = "SMFSR_JAX_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "smfsr_jax")
