@@ -63,21 +63,16 @@ def resolve_implementation(implementation, dtype):
 
 
 def with_platform_default(implementation):
-    """The MM-DiT's attention: `implementation`, or where it is None splash on a TPU (JAX has no fused attention of
-    its own there) and JAX's choice elsewhere, the XLA path; cuDNN stays opt-in until a GPU has measured it."""
-    return "splash" if implementation is None and _platform() == "tpu" else implementation
-
-
-def fused_implementation():
-    """The platform's fused kernel, cuDNN on a GPU and splash on a TPU (None elsewhere): what the speed benchmarks
-    time unless told otherwise."""
-    return {"gpu": "cudnn", "tpu": "splash"}.get(_platform())
+    """The MM-DiT's attention: `implementation`, or where it is None the platform's fused kernel (cuDNN on a GPU,
+    splash on a TPU; JAX's own choice for None is the XLA path) and XLA elsewhere."""
+    if implementation is not None:
+        return implementation
+    return {"gpu": "cudnn", "tpu": "splash"}.get(_platform(), "xla")
 
 
 def traced_implementation(implementation, dtype) -> str:
-    """What a trace of the MM-DiT's attention runs for `implementation` (None: the platform's default; JAX's own
-    choice is the XLA path)."""
-    return resolve_implementation(with_platform_default(implementation), dtype) or "xla"
+    """What a trace of the MM-DiT's attention runs for `implementation` (None: the platform's default)."""
+    return resolve_implementation(with_platform_default(implementation), dtype)
 
 
 def dot_product_attention(q, k, v, *, implementation=None, bias=None, mask=None, scale=None):
