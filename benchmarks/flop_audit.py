@@ -405,21 +405,20 @@ def main():
     variant = "tiny" if args.tiny else "sd35m"
     dtype = "bfloat16"
     tcfg, ae_cfg, tokens = sr_memory.networks(args.tiny, dtype)
+    # SR reads every weight once, in bf16.
+    weights = tree_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                                      (mmdit.abstract_params(tcfg), sr_memory.vae_abstract_params(ae_cfg))))
     lines = []
     for case, batch in (("sr_b1", 1), ("sr_b16", 4 if args.tiny else 16)):
         if case not in chosen:
             continue
         side = 32 if args.tiny else 512
         analytic = sr_analytic(tcfg, ae_cfg, tokens, side, batch)
-        weights = tree_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
-                                          (mmdit.abstract_params(tcfg), sr_memory.vae_abstract_params(ae_cfg))))
         images = batch * side * side * 3 * 2  # uint8 LR (upsampled) in, uint8 SR out
         lines.append(report(case, variant, {"sr": analytic}, {"sr": sr_xla(tcfg, ae_cfg, tokens, side, batch)},
                             weights + images, {"batch": batch, "resolution": side, "dtype": dtype}))
     if "sr_tiled" in chosen:
         side = 128 if args.tiny else 2048
-        weights = tree_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
-                                          (mmdit.abstract_params(tcfg), sr_memory.vae_abstract_params(ae_cfg))))
         lines.append(report("sr_tiled", variant, {"sr": sr_tiled_analytic(tcfg, ae_cfg, tokens, side)}, {},
                             weights + side * side * 3 * 2, {"batch": 1, "resolution": side, "dtype": dtype}))
     for case, module in (("teacher_fm", teacher_fm), ("student_isc", student_isc), ("student_gan", student_gan),
