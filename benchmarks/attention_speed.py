@@ -60,7 +60,7 @@ def main():
     length = args.tokens or (200 if args.tiny else SR_TOKENS)
     heads, head_dim = (2, 64) if args.tiny else (HEADS, HEAD_DIM)
     repeats = args.repeats or (3 if args.tiny else 20)
-    fused = attention.with_platform_default(None)
+    fused = attention.fused_implementation() or "xla"
     runs = {"xla": "xla", fused: attention.resolve_implementation(fused, jnp.bfloat16)}
     results = []
     for batch in batches:

@@ -16,8 +16,8 @@ Every input is abstract (jax.ShapeDtypeStruct): nothing is allocated. The cases,
   stage 3's held-out evaluation (its crops x seeds split over the mesh).
 One JSON line per (case, platform):
 - `lowered` and, when not, the first line of the error;
-- `attention`: the MM-DiT's attention path in the trace: the configs' default (None), splash on a TPU; on CUDA
-  the XLA path, since the default there, cuDNN's fused attention, cannot be traced without a GPU ("cuDNN is not
+- `attention`: the MM-DiT's attention path in the trace: the configs' default (None), splash on a TPU and the
+  XLA path on CUDA; cuDNN's fused attention, opt-in on a GPU, cannot be traced without one ("cuDNN is not
   detected"): the CUDA check covers everything but that kernel;
 - `flops` and `bytes_accessed`: XLA's cost analysis of the lowered (not yet optimised) module, which does not
   depend on the platform; a scan over blocks counts its body once (train_speed.py unrolls for the full count);
@@ -58,18 +58,11 @@ SR_CASES = {"sd35m": (("sr_b1", 128, 1), ("sr_b16", 128, 16), ("sr_tiled", 512, 
             "tiny": (("sr_b1", 8, 1), ("sr_b16", 8, 4), ("sr_tiled", 32, 1))}
 
 
-def attention_for(platform: str):
-    """The MM-DiT attention a platform is lowered with: the default (None: splash on a TPU) except on CUDA, where
-    the default cuDNN kernel cannot be traced without a GPU and the XLA path stands in."""
-    return "xla" if platform == "cuda" else None
-
-
-def sr_cases(variant: str, platform: str):
+def sr_cases(variant: str):
     """(jitted SR function, abstract arguments, description) for each SR case."""
     tiny = variant == "tiny"
     dtype = "bfloat16"
     transformer, autoencoder, tokens = sr_memory.networks(tiny, dtype)
-    transformer = transformer.replace(attention=attention_for(platform))
     vae_tile = sr_memory.TINY_VAE_TILE if tiny else vae_tiling.DEFAULT_TILE
     for name, lr_side, batch in SR_CASES[variant]:
         fn, args = sr_memory.sr_function(transformer, autoencoder, tokens, jnp.dtype(dtype), 4 * lr_side, batch,
@@ -79,12 +72,11 @@ def sr_cases(variant: str, platform: str):
                          "attention": attention.traced_implementation(transformer.attention, dtype)}
 
 
-def stage_cases(stage_name: str, variant: str, platform: str):
+def stage_cases(stage_name: str, variant: str):
     """(jitted function, abstract arguments, description) for the functions a run of this stage jits on its mesh:
     the training step (`<stage>`: the config's batch rounded up to a multiple of the devices), the image preview
     (`preview_<stage>`) and, for student_reward, the held-out evaluation (`holdout_<stage>`)."""
     config = CONFIGS[stage_name].get_config(variant)
-    config.model.attention = attention_for(platform)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
     stage, optimizer, abstract_state = common.abstract_stage(config, use_ema=config.ema_decay is not None)
@@ -133,9 +125,9 @@ def first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def build_cases(chosen, variant: str, platform: str) -> list:
-    cases = list(sr_cases(variant, platform)) if "sr" in chosen else []
-    cases += [case for name in chosen if name != "sr" for case in stage_cases(name, variant, platform)]
+def build_cases(chosen, variant: str) -> list:
+    cases = list(sr_cases(variant)) if "sr" in chosen else []
+    cases += [case for name in chosen if name != "sr" for case in stage_cases(name, variant)]
     for _, _, description in cases:
         description["case"] = f"{description['case']}_{variant}"
     return cases
@@ -151,7 +143,7 @@ def main():
     platforms = [p for p in args.platforms.split(",") if p]
     chosen = [c for c in args.cases.split(",") if c]
     measures = {}  # XLA's estimates of the host lowering (the XLA attention path)
-    for step, step_args, description in build_cases(chosen, args.variant, "cpu"):
+    for step, step_args, description in build_cases(chosen, args.variant):
         cost = step.lower(*step_args).cost_analysis() or {}
         measures[description["case"]] = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
         if args.collectives:
@@ -160,7 +152,7 @@ def main():
     for platform in platforms:
         jax.clear_caches()  # a jitted function keeps its first trace; the attention path depends on the platform
         with attention.target(platform):
-            for step, step_args, description in build_cases(chosen, args.variant, platform):
+            for step, step_args, description in build_cases(chosen, args.variant):
                 start = time.perf_counter()
                 try:
                     export.export(step, platforms=(platform,))(*step_args).mlir_module_serialized

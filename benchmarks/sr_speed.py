@@ -276,7 +276,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny networks and images (CPU validation)")
     parser.add_argument("--cases", default="b1,b16,tiled", help=f"comma list of {sorted(CASES)}")
     parser.add_argument("--attention", choices=("cudnn", "xla", "splash"), default=None,
-                        help="MM-DiT attention (default: the platform's, cudnn on a GPU, splash on a TPU, else xla)")
+                        help="MM-DiT attention (default: the platform's fused kernel, cudnn on a GPU, splash on a TPU, "
+                             "else xla)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="compute and weight dtype of both frameworks")
     parser.add_argument("--tile_batch", type=int, default=None, help="latent tiles per transformer call")
@@ -293,7 +294,7 @@ def main():
         parser.error(f"unknown cases {unknown}; choose from {sorted(CASES)}")
     args.repeats = args.repeats or (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
-    args.attention = attention.with_platform_default(args.attention)
+    args.attention = args.attention or attention.fused_implementation() or "xla"
     common.enable_compilation_cache(args.compilation_cache)
 
     tcfg, ae_cfg, tokens, tile = networks(args)

@@ -125,7 +125,8 @@ def main():
     parser.add_argument("--batches", default=None, help="comma list of batch sizes (default: the config's)")
     parser.add_argument("--remat", choices=sorted(mmdit.REMAT_POLICIES), default=None)
     parser.add_argument("--attention", choices=("cudnn", "xla", "splash"), default=None,
-                        help="MM-DiT attention (default: the platform's, cudnn on a GPU, splash on a TPU, else xla)")
+                        help="MM-DiT attention (default: the platform's fused kernel, cudnn on a GPU, splash on a TPU, "
+                             "else xla)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (dense bf16)")
@@ -134,7 +135,7 @@ def main():
     args.steps = args.steps or (3 if args.tiny else 20)
     common.enable_compilation_cache(args.compilation_cache)
     config = CONFIGS[args.stage].get_config("tiny" if args.tiny else "sd35m")
-    config.model.attention = attention.with_platform_default(args.attention)
+    config.model.attention = args.attention or attention.fused_implementation() or "xla"
     if args.remat:
         config.model.remat_policy = args.remat
     batches = [int(b) for b in args.batches.split(",")] if args.batches else [config.batch_size]

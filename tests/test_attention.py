@@ -118,13 +118,16 @@ def test_the_switch_follows_the_target_platform():
         assert attention.resolve_implementation("cudnn", jnp.bfloat16) == "cudnn"
         assert attention.resolve_implementation("cudnn", jnp.float32) == "xla"
         assert attention.resolve_implementation("splash", jnp.bfloat16) == "xla"
-    # The MM-DiT's default (None) is the platform's fused kernel.
+    # The MM-DiT's default (None): splash on a TPU, the XLA path elsewhere; cuDNN is opt-in.
+    assert attention.with_platform_default(None) == "xla"
     assert attention.traced_implementation(None, jnp.bfloat16) == "xla"
-    for platform, default in (("tpu", "splash"), ("cuda", "cudnn")):
+    for platform, default, fused in (("tpu", "splash", "splash"), ("cuda", "xla", "cudnn")):
         with attention.target(platform):
             assert attention.with_platform_default(None) == default
             assert attention.traced_implementation(None, jnp.bfloat16) == default
+            assert attention.fused_implementation() == fused
             assert attention.with_platform_default("xla") == "xla"
+    assert attention.fused_implementation() is None  # this CPU host
     with pytest.raises(ValueError, match="flash"):
         attention.resolve_implementation("flash", jnp.bfloat16)
 

@@ -59,7 +59,7 @@ class MMDiTConfig:
     time_conditioning: str = "single"  # "single" (teacher) | "interval" (SMFSR student)
     time_scale: float = 1000.0
     dtype: str = "float32"  # compute dtype; params stay fp32
-    attention: Optional[str] = None  # None (cuDNN on a GPU, splash on a TPU, else XLA) | "xla" | "cudnn" | "splash"
+    attention: Optional[str] = None  # None (splash on a TPU, else XLA) | "xla" | "cudnn" | "splash"
     remat_policy: str = "none"
 
     def __post_init__(self):
