@@ -64,7 +64,7 @@ from smfsr_jax.evaluation import directory, runner, tables, watch
 from smfsr_jax.evaluation import results as results_lib
 from smfsr_jax.evaluation.metrics import REGISTRY, build_metrics
 from smfsr_jax.sampling import color
-from smfsr_jax.sampling.pipeline import PROCESS_SIZE
+from smfsr_jax.sampling.settings import PROCESS_SIZE, SRSettings
 from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import inference
 from smfsr_jax.weights import pretrained
@@ -167,8 +167,9 @@ def _evaluate(FLAGS, mode: str):
                 benchmarks=benchmarks, seeds=seeds, metrics=metrics,
                 diversity_metric=(runner.diversity_metric(metrics, seeds, weights_paths, FLAGS.weights_dir)
                                   if FLAGS.table4 else None),
-                batch_size=FLAGS.batch_size, steps=FLAGS.steps, color_fix=FLAGS.color_fix, captions=FLAGS.captions,
-                process_size=FLAGS.process_size)
+                settings=SRSettings(steps=FLAGS.steps, color_fix=FLAGS.color_fix, batch_size=FLAGS.batch_size,
+                                    process_size=FLAGS.process_size),
+                captions=FLAGS.captions)
             if mode == "checkpoint":
                 bundle = runner.load_model(FLAGS.checkpoint, FLAGS.step)
             elif mode == "model":  # released weights: the bundle converted once into the cache

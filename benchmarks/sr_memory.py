@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
-from smfsr_jax.core import schedules  # noqa: E402
 from smfsr_jax.models import mmdit, vae, vae_tiling  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers  # noqa: E402
+from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
 from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
 TINY_TEXT_TOKENS = 8
@@ -66,8 +66,7 @@ def vae_cases(ae_cfg, dtype, side: int, batch: int, vae_tile: int) -> dict:
 
 def sr_function(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int):
     """(the one-step SR function, its abstract arguments) for `batch` LR images of side `side` / 4."""
-    sr = pipeline.make_sr_function(tcfg, ae_cfg, times=tuple(float(t) for t in schedules.cosine_grid(1)),
-                                   vae_tile=vae_tile)
+    sr = pipeline.make_sr_function(tcfg, ae_cfg, SRSettings(steps=1, vae_tile=vae_tile).resolve(tcfg, ae_cfg))
     cond = {samplers.CONTEXT: jax.ShapeDtypeStruct((batch, tokens, tcfg.joint_attention_dim), jnp.float32),
             samplers.POOLED: jax.ShapeDtypeStruct((batch, tcfg.pooled_projection_dim), jnp.float32)}
     args = (shapes(mmdit.abstract_params(tcfg), dtype), shapes(vae_abstract_params(ae_cfg), dtype),

@@ -42,9 +42,9 @@ from smfsr_jax.convert import common as convert_common  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
-from smfsr_jax.core import schedules  # noqa: E402
 from smfsr_jax.models import attention, mmdit, vae  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
+from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
 from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
 # name -> (LR side, batch); the SR side is 4x, the preprocessed LR has the SR size.
@@ -72,7 +72,7 @@ def networks(args):
 
 def jax_functions(tcfg, ae_cfg, tile):
     """(SR function of SRPipeline, one-step transformer function), both jitted, params as arguments."""
-    sr = pipeline.make_sr_function(tcfg, ae_cfg, times=tuple(float(t) for t in schedules.cosine_grid(1)), **tile)
+    sr = pipeline.make_sr_function(tcfg, ae_cfg, SRSettings(steps=1, **tile).resolve(tcfg, ae_cfg))
     network = mmdit.MMDiT(tcfg)
 
     @jax.jit

@@ -29,7 +29,7 @@ from smfsr_jax import demo  # noqa: E402
 from smfsr_jax.data import build  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
-from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
+from smfsr_jax.sampling.runner import SRPipeline  # noqa: E402
 from smfsr_jax.training import loop  # noqa: E402
 
 STEPS = (1, 16)

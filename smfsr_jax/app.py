@@ -11,8 +11,8 @@ Controls: seed (or a random one, shown afterwards), number of seeds N (seeds see
 with a per-pixel standard-deviation map across them: where the model is uncertain), sampling steps, colour fix,
 caption (bundles with text encoders only) and latent tile size (the bundle's training size by default).
 
-Requests queue one at a time (concurrency limit 1): SRPipeline compiles one function per sampler setting, tile
-and input shape and reuses it across requests, so two requests never compile the same shape twice. The first
+Requests queue one at a time (concurrency limit 1): the SR core compiles one function per settings value (steps,
+colour fix, tile) and input shape and reuses it across requests, so two requests never compile the same shape twice. The first
 request at a new shape or setting reports its time as including compilation; later ones the time per image.
 Inputs above --max_pixels are refused before they are decoded; unreadable or truncated files get a message in the
 page. `Upscaler` is the page's logic without the UI (tests/test_app.py).
@@ -38,8 +38,10 @@ from smfsr_jax.data.tfds import bundled
 from smfsr_jax.demo import STAGES, bicubic_x4
 from smfsr_jax.evaluation.runner import load_model
 from smfsr_jax.sampling import color
-from smfsr_jax.sampling.pipeline import SRPipeline
-from smfsr_jax.weights import bundle as bundle_lib
+from smfsr_jax.sampling.model import SRModel
+from smfsr_jax.sampling.pipeline import processed_size
+from smfsr_jax.sampling.runner import SRInput, super_resolve
+from smfsr_jax.sampling.settings import SRSettings, positional_grid
 
 DEMO_BUNDLE = workdir_lib.bundle_dir(os.path.join("workdirs", "demo", STAGES[-1]))  # the Makefile's demo --workdir
 MAX_PIXELS = 512 * 512  # default input cap: 2048² SR outputs (latent tiles; the VAE in 1024-pixel tiles)
@@ -59,40 +61,39 @@ class Result:
 
 
 class Upscaler:
-    """Encoded image -> checked 8-bit RGB -> SR for several seeds, with one SRPipeline per tile size.
+    """Encoded image -> checked 8-bit RGB -> SR for several seeds, through the batch runner (sampling/runner.py).
 
-    The pipelines share one device copy of the parameters; SRPipeline's compiled functions are cached per
-    setting (pipeline.make_sr_function) and jit caches them per shape, so repeated requests reuse them.
+    One SRModel holds the parameters on the devices for every request; a request's settings (steps, colour fix,
+    tile size) select a compiled function, cached per settings (pipeline.make_sr_function) and per shape, so
+    repeated requests reuse it.
     """
 
-    def __init__(self, bundle: bundle_lib.Bundle, max_pixels: int = MAX_PIXELS, **options):
-        """options: SRPipeline constructor options (process_size, tile_batch, ...) for every tile size."""
-        self.bundle, self.max_pixels, self.options = bundle, max_pixels, options
-        self.default = SRPipeline.from_bundle(bundle, **options)
-        self._pipelines = {self.default.tile_size: self.default}
-        self._compiled = set()  # (tile size, processed size, time grid, CFG, colour fix) run before
+    def __init__(self, model: SRModel, max_pixels: int = MAX_PIXELS, **settings):
+        """settings: SRSettings fields (process_size, tile_batch, ...) for every request."""
+        self.model, self.max_pixels = model, max_pixels
+        self.settings = SRSettings(**settings)
+        self.default = self.request_settings()
+        self._compiled = set()  # (settings, processed size) run before
 
     @classmethod
-    def from_checkpoint(cls, path: str, max_pixels: int = MAX_PIXELS, **options) -> "Upscaler":
+    def from_checkpoint(cls, path: str, max_pixels: int = MAX_PIXELS, **settings) -> "Upscaler":
         """A bundle directory or a training workdir (its latest finished checkpoint)."""
-        return cls(load_model(path), max_pixels, **options)
+        return cls(SRModel(load_model(path)), max_pixels, **settings)
+
+    def request_settings(self, steps: int | None = None, color_fix: str | None = None,
+                         tile_size: int | None = None) -> SRSettings:
+        """The resolved settings of a request; None keeps the server's (a tile's overlap follows the tile)."""
+        changes = {name: value for name, value in (("steps", steps), ("color_fix", color_fix),
+                                                   ("tile_size", tile_size)) if value is not None}
+        return dataclasses.replace(self.settings, **changes).resolve(
+            self.model.transformer_config, self.model.autoencoder_config, self.model.trained_tile)
 
     def tile_sizes(self) -> list[int]:
         """Latent tile sides offered: halves to doubles of the default that the positional grid allows."""
-        config, default = self.default.transformer_config, self.default.tile_size
-        patch, largest = config.patch_size, config.patch_size * config.pos_embed_max_size
+        patch, largest = self.model.transformer_config.patch_size, positional_grid(self.model.transformer_config)
+        default = self.default.tile_size
         candidates = (default // 2, default * 3 // 4, default, default * 3 // 2, default * 2)
         return sorted({t for t in candidates if t % patch == 0 and patch <= t <= largest})
-
-    def pipeline(self, tile_size: int | None = None) -> SRPipeline:
-        """The pipeline of a latent tile size (default: the bundle's), built on first use."""
-        tile_size = tile_size or self.default.tile_size
-        if tile_size not in self._pipelines:
-            # device_put of arrays already on the mesh copies nothing, so every tile size shares the parameters.
-            shared = dataclasses.replace(self.bundle, transformer_params=self.default.transformer_params,
-                                         autoencoder_params=self.default.autoencoder_params)
-            self._pipelines[tile_size] = SRPipeline.from_bundle(shared, **{**self.options, "tile_size": tile_size})
-        return self._pipelines[tile_size]
 
     def read(self, data: bytes, name: str) -> tuple[np.ndarray, str | None]:
         """(pixels (H, W, 3) uint8, conversion note or None) of an encoded image.
@@ -115,21 +116,29 @@ class Upscaler:
 
     def __call__(self, image: np.ndarray, seeds: list[int], steps: int | None = None, color_fix: str = "adain",
                  caption: str | None = None, tile_size: int | None = None, progress=None) -> Result:
-        """SR of `image` for each seed (image index 0, as SRPipeline(image, seed=s)); progress(done, total, text)."""
-        pipeline = self.pipeline(tile_size)
-        height, width = pipeline.processed_size(*image.shape[:2])
-        times, guidance_scale = pipeline.sampler_settings(steps)  # steps=None and its default compile once
-        key = (pipeline.tile_size, (height, width), tuple(times.tolist()), guidance_scale, color_fix)
+        """SR of `image` for each seed (noise index 0, as SRPipeline(image, seed=s)); progress(done, total, text)."""
+        settings = self.request_settings(steps, color_fix, tile_size)  # steps=None and its default compile once
+        height, width = processed_size(*image.shape[:2], settings, self.model.autoencoder_config.downscale)
+        key = (settings, (height, width))
         compiling = key not in self._compiled
-        outputs, seconds = [], []
-        for i, seed in enumerate(seeds):
+        outputs, finished = [], []
+
+        def report(done: int):
             if progress is not None:
-                text = (f"compiling for {width}x{height} (first run at this size and setting), seed {seed}"
-                        if compiling and i == 0 else f"seed {seed}")
-                progress(i, len(seeds), text)
-            start = time.perf_counter()
-            outputs.append(pipeline(image, seed=seed, steps=steps, caption=caption, color_fix=color_fix))
-            seconds.append(time.perf_counter() - start)
+                text = (f"compiling for {width}x{height} (first run at this size and setting), seed {seeds[0]}"
+                        if compiling and done == 0 else f"seed {seeds[done]}")
+                progress(done, len(seeds), text)
+
+        def keep(_, seed, sr):
+            outputs.append(sr)
+            finished.append(time.perf_counter())
+            if len(outputs) < len(seeds):
+                report(len(outputs))
+
+        report(0)
+        start = time.perf_counter()
+        super_resolve(self.model, settings, [SRInput(0, image, caption)], seeds, keep)
+        seconds = list(np.diff([start] + finished))  # per seed
         self._compiled.add(key)
         compile_seconds = seconds.pop(0) if compiling else None
         std = np.stack(outputs).astype(np.float32).std(axis=0).mean(axis=-1) if len(outputs) > 1 else None
@@ -183,8 +192,8 @@ def build_app(upscaler: Upscaler):
     """The Gradio page around `upscaler`."""
     import gradio as gr
 
-    pipeline = upscaler.default
-    downscale = pipeline.autoencoder_config.downscale
+    model = upscaler.model
+    downscale = model.autoencoder_config.downscale
     outputs_dir = tempfile.TemporaryDirectory(prefix="smfsr_app_")  # Gradio copies the PNGs into its own cache
 
     def run(path, seed, random_seed, num_seeds, steps, color_fix, caption, tile_size, progress=gr.Progress()):
@@ -217,7 +226,7 @@ def build_app(upscaler: Upscaler):
                 gr.Image(value=std_image(result.std) if several else None, label=std_label, visible=several))
 
     with gr.Blocks(title="SMFSR x4", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## SMFSR x4 super-resolution\nModel: `{upscaler.bundle.path}` ({pipeline.kind}). "
+        gr.Markdown(f"## SMFSR x4 super-resolution\nModel: `{model.path}` ({model.kind}). "
                     f"Inputs up to {upscaler.max_pixels:,} pixels.")
         with gr.Row():
             with gr.Column(scale=1):
@@ -232,9 +241,9 @@ def build_app(upscaler: Upscaler):
                 num_seeds = gr.Slider(1, MAX_SEEDS, value=1, step=1, label="number of seeds", elem_id="num_seeds")
                 steps = gr.Radio(list(STEPS), value=STEPS[0], label="sampling steps")
                 color_fix = gr.Radio(list(color.METHODS), value=color.METHODS[0], label="colour fix")
-                caption = gr.Textbox("", label="caption", visible=pipeline.text_encoders_dir is not None)
+                caption = gr.Textbox("", label="caption", visible=model.text_encoders_dir is not None)
                 tile_size = gr.Dropdown([(f"{t} latent ({t * downscale} px)", t) for t in upscaler.tile_sizes()],
-                                        value=pipeline.tile_size, label="tile size (for large inputs)")
+                                        value=upscaler.default.tile_size, label="tile size (for large inputs)")
                 button = gr.Button("Super-resolve x4", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="bicubic x4 | SR", format="png", elem_id="slider")

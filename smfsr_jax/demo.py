@@ -31,7 +31,7 @@ from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build, pipeline  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
-from smfsr_jax.sampling.pipeline import SRPipeline  # noqa: E402
+from smfsr_jax.sampling.runner import SRPipeline  # noqa: E402
 from smfsr_jax.training import loop  # noqa: E402
 from smfsr_jax.weights import bundle as bundle_lib  # noqa: E402
 
@@ -61,7 +61,7 @@ def tiny_pipeline(bundle_dir: str, lr_side: int, batch_size: int) -> SRPipeline:
 
 def token_pixels(sr: SRPipeline) -> int:
     """Image pixels per transformer token along a side: the grid `block_ratio` looks at."""
-    return sr.autoencoder_config.downscale * sr.transformer_config.patch_size
+    return sr.model.autoencoder_config.downscale * sr.model.transformer_config.patch_size
 
 
 def train_stage(module, workdir: str, data_dir: str, steps: dict, **init) -> str:

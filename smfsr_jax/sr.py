@@ -1,4 +1,4 @@
-r"""Super-resolve images x4 with a model bundle (smfsr_jax/weights/bundle.py, smfsr_jax/sampling/pipeline.py).
+r"""Super-resolve images x4 with a model bundle (smfsr_jax/weights/bundle.py, smfsr_jax/sampling/runner.py).
 
   python -m smfsr_jax.sr --checkpoint bundles/smfsr_q --input LR_DIR --output results/drealsr \
       [--seeds 1,2,3] [--steps 1] [--caption TEXT | --captions FILE_OR_DIR] [--color_fix adain|wavelet|none] \
@@ -23,7 +23,7 @@ Entries of an input folder that are directories (or links to them) or broken lin
 other files without an image extension (captions, notes) are ignored.
 
 Devices and processes: a batch holds --batch_size images of one preprocessed size per device and is split over
-every local device (sampling/pipeline.py), so --batch_size 1 keeps all devices busy once a size has that many
+every local device (sampling/runner.py), so --batch_size 1 keeps all devices busy once a size has that many
 images. Several processes (hosts), each with its devices: start each with --num_processes N --process_id I
 --coordinator_address HOST:PORT (process 0's; or --distributed where jax.distributed detects the cluster).
 Process p takes the files k with k % N == p of the sorted list (the noise index stays k, so the union of the
@@ -69,7 +69,9 @@ from smfsr_jax.data.images import image_format, load_rgb8, save_image
 from smfsr_jax.evaluation.io import list_images
 from smfsr_jax.models import vae_tiling
 from smfsr_jax.sampling import color, tiling
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.model import SRModel
+from smfsr_jax.sampling.runner import SRInput, super_resolve
+from smfsr_jax.sampling.settings import SRSettings
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -238,10 +240,10 @@ def main(argv=None) -> int:
     def output_path(seed: int, stem: str) -> str:
         return args.output if to_file else os.path.join(folders[seed], stem + ".png")
 
-    return run_cli(lambda: super_resolve(args, list(folders.values()), output_path), args.debug)
+    return run_cli(lambda: run(args, list(folders.values()), output_path), args.debug)
 
 
-def super_resolve(args, folders: list[str], output_path) -> int:
+def run(args, folders: list[str], output_path) -> int:
     """The run after the argument checks: inputs, captions and output folders are checked before the model loads."""
     distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
     show_log()  # conversion, cache use and copies staged from buckets
@@ -252,16 +254,18 @@ def super_resolve(args, folders: list[str], output_path) -> int:
         files.check_writable(folder)
     tiles = {k: v for k, v in (("tile_size", args.tile_size), ("tile_overlap", args.tile_overlap),
                                ("vae_tile", args.vae_tile)) if v is not None}
-    options = dict(dtype=args.dtype, batch_size=args.batch_size, tile_batch=args.tile_batch,
-                   caption_rule=not args.raw_captions, **tiles)
-    with as_user_error():  # not a bundle, bad tile settings
+    settings = SRSettings(steps=args.steps, guidance_scale=args.guidance_scale, color_fix=args.color_fix,
+                          batch_size=args.batch_size, tile_batch=args.tile_batch, caption_rule=not args.raw_captions,
+                          **tiles)
+    with as_user_error():  # not a bundle, bad tile settings, CFG for a student
         if args.model is None:
-            pipeline = SRPipeline.from_checkpoint(args.checkpoint, **options)
+            model = SRModel.from_checkpoint(args.checkpoint, dtype=args.dtype)
         else:
-            pipeline = SRPipeline.from_pretrained(
+            model = SRModel.from_pretrained(
                 args.model, args.base, null_embeddings=args.null_embeddings, cache_dir=args.cache_dir,
-                lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", **options)
-    if (args.caption is not None or args.captions) and pipeline.text_encoders_dir is None:
+                lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", dtype=args.dtype)
+        settings = settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
+    if (args.caption is not None or args.captions) and model.text_encoders_dir is None:
         raise UserError(f"{'--caption' if args.caption is not None else '--captions'} needs text encoders, and "
                         + (f"--base {args.base} has none (text_encoder{{,_2,_3}}/ + tokenizer{{,_2,_3}}/)"
                            if args.model else f"the bundle {args.checkpoint} has none"))
@@ -278,24 +282,19 @@ def super_resolve(args, folders: list[str], output_path) -> int:
     written = existing = 0
     progress = tqdm(total=len(mine) * len(args.seeds), unit="image", desc="sr")
 
-    def run(batch):
+    def write(item: SRInput, seed: int, image):
         nonlocal written
-        for seed in args.seeds:
-            outputs = pipeline([pixels for _, _, pixels, _ in batch], seed=seed, steps=args.steps,
-                               caption=[caption for _, _, _, caption in batch], color_fix=args.color_fix,
-                               indices=[index for index, _, _, _ in batch], guidance_scale=args.guidance_scale)
-            for (_, stem, _, _), image in zip(batch, outputs):
-                path = output_path(seed, stem)
-                try:
-                    save_image(image, path)
-                except OSError as e:  # a full disk, a folder removed under the run: the later writes would fail too
-                    raise RunFailure(f"writing {path}: {e.strerror or e}; the run stopped there "
-                                     f"({written} images written before it are kept)") from e
-                written += 1
-            progress.update(len(batch))
+        path = output_path(seed, item.tag)
+        try:
+            save_image(image, path)
+        except OSError as e:  # a full disk, a folder removed under the run: the later writes would fail too
+            raise RunFailure(f"writing {path}: {e.strerror or e}; the run stopped there "
+                             f"({written} images written before it are kept)") from e
+        written += 1
+        progress.update(1)
 
-    pending = {}  # preprocessed size -> [(index, stem, pixels, caption)], run when a call's batch is collected
-    try:
+    def inputs():
+        nonlocal existing
         for index, path in mine:
             name = os.path.basename(path)
             stem = os.path.splitext(name)[0]
@@ -315,19 +314,17 @@ def super_resolve(args, folders: list[str], output_path) -> int:
             caption = args.caption if args.caption is not None else captions.get(name, captions.get(stem))
             if args.captions and caption is None:
                 uncaptioned.append(name)
-            size = pipeline.processed_size(*pixels.shape[:2])
-            pending.setdefault(size, []).append((index, stem, pixels, caption))
-            if len(pending[size]) == pipeline.call_batch_size:
-                run(pending.pop(size))
-        for bucket in pending.values():
-            run(bucket)
+            yield SRInput(index, pixels, caption, tag=stem)
+
+    try:
+        super_resolve(model, settings, inputs(), args.seeds, write)
     finally:  # the summary so far also when a write fails or the run is interrupted
         progress.close()
-        inputs = f"{len(input_files)} image files"
+        counted = f"{len(input_files)} image files"
         if jax.process_count() > 1:
-            inputs = f"process {jax.process_index()} of {jax.process_count()}: {len(mine)} of the {inputs}"
+            counted = f"process {jax.process_index()} of {jax.process_count()}: {len(mine)} of the {counted}"
         done = f"; {existing} image files already done (--skip_existing)" if existing else ""
-        print(f"wrote {written} images to {args.output} ({inputs} x {len(args.seeds)} seeds){done}; "
+        print(f"wrote {written} images to {args.output} ({counted} x {len(args.seeds)} seeds){done}; "
               f"skipped {len(skipped)}", flush=True)  # before the error line on stderr, also through a pipe
         for name, reason in skipped.items():
             print(f"  skipped {name}: {reason}", file=sys.stderr)

@@ -18,7 +18,8 @@ from PIL import Image
 from smfsr_jax import app
 from smfsr_jax.core import errors
 from smfsr_jax.data.images import BadImage
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.pipeline import make_sr_function
+from smfsr_jax.sampling.runner import SRPipeline
 from tests.conftest import REPO
 from tests.processes import free_port
 from tests.test_sampling import lr_crop, make_bundle
@@ -76,17 +77,20 @@ def test_compiles_once_per_shape_and_shares_parameters(bundle_dir, lr):
     upscaler = app.Upscaler.from_checkpoint(bundle_dir, process_size=PROCESS_SIZE)
     first = upscaler(lr, [0])
     assert first.compile_seconds is not None and first.seconds_per_image is None
-    sr_function = upscaler.default._sr_function(*upscaler.default.sampler_settings(1), "adain")
+    model = upscaler.model
+    sr_function = make_sr_function(model.transformer_config, model.autoencoder_config,
+                                   upscaler.request_settings(steps=1), model.mesh)
     compiled = sr_function._cache_size()
     again = upscaler(lr, [1, 2], steps=1)  # steps=1 is the student's default: the same function and shape
     assert again.compile_seconds is None and again.seconds_per_image > 0
     assert sr_function._cache_size() == compiled
     assert 32 in upscaler.tile_sizes() and upscaler.default.tile_size in upscaler.tile_sizes()
-    tiled = upscaler.pipeline(32)
-    assert tiled.tile_size == 32 and upscaler.pipeline(32) is tiled
-    for shared, own in zip(jax.tree.leaves(tiled.transformer_params),
-                           jax.tree.leaves(upscaler.default.transformer_params)):
-        assert shared is own
+    tiled = upscaler.request_settings(tile_size=32)
+    assert (tiled.tile_size, tiled.tile_overlap) == (32, 12)  # the overlap follows the tile
+    parameters = jax.tree.leaves(model.transformer_params)
+    tiled_output = upscaler(lr, [0], tile_size=32)
+    assert tiled_output.compile_seconds is not None  # another setting compiles once ...
+    assert all(a is b for a, b in zip(jax.tree.leaves(upscaler.model.transformer_params), parameters))  # ... no copy
 
 
 def test_std_image_has_a_scale():

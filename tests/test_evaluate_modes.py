@@ -22,6 +22,7 @@ from smfsr_jax.evaluation import runner, tables, watch
 from smfsr_jax.evaluation.io import read_rgb8
 from smfsr_jax.evaluation.metrics import MissingWeightsError, build_metrics
 from smfsr_jax.models.lpips import LPIPSConfig
+from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.sr import parse_seeds
 from smfsr_jax.training import checkpoints, writers
 from tests.conftest import REPO
@@ -52,7 +53,7 @@ def benchmark_dir(tmp_path_factory):
 
 def _run(benchmark_dir, seeds, metrics=("psnr", "ssim"), **options) -> runner.BenchmarkRun:
     return runner.BenchmarkRun([runner.BenchmarkSet(DATASET, benchmark_dir)], seeds, build_metrics(metrics),
-                                 **{**SAMPLING, **options})
+                                 settings=SRSettings(**{**SAMPLING, **options}))
 
 
 def test_checkpoint_mode_on_bundle_and_workdir(student_run, benchmark_dir, tmp_path):

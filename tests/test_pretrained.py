@@ -22,7 +22,7 @@ from smfsr_jax.convert.text import load_text_encoders
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.models.text import null_prompt_embeddings
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.runner import SRPipeline
 from smfsr_jax.weights import bundle as bundle_lib
 from smfsr_jax.weights import pretrained
 from tests.conftest import import_torch
@@ -169,7 +169,7 @@ def test_sr_cli_hub_ids_convert_once_then_reuse_the_cache(released, lr_dir, tmp_
 
     # The positional grid (32 latent pixels) caps SMFSR's 64/24 tiles: the largest tile, with 3/8 overlap.
     pipeline = SRPipeline.from_bundle(loaded)
-    assert (pipeline.tile_size, pipeline.tile_overlap) == (32, 12)
+    assert (pipeline.settings.tile_size, pipeline.settings.tile_overlap) == (32, 12)
 
     # The student's layout mapping, against the torch reference.
     torch = import_torch()

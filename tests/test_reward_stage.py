@@ -14,7 +14,7 @@ from smfsr_jax.convert.common import flatten, save_converted
 from smfsr_jax.core import errors
 from smfsr_jax.evaluation.scoring import load_musiq
 from smfsr_jax.models import musiq
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.runner import SRPipeline
 from smfsr_jax.training import checkpoints, inference, loop, writers
 from smfsr_jax.training.stages import reward as reward_stage
 from tests.test_train import DiesAtBatch, assert_trees_close

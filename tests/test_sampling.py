@@ -2,6 +2,8 @@
 latent tiling, colour correction vs a torch reimplementation of StableSR's colorfix, bundles and the SR pipeline
 (seeding independent of batching, teacher bundles)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,10 @@ from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.core import schedules
 from smfsr_jax.models import mmdit
 from smfsr_jax.models.vae import VAEConfig
-from smfsr_jax.sampling import color, pipeline, samplers, tiling
+from smfsr_jax.sampling import color, pipeline, samplers, settings, tiling
+from smfsr_jax.sampling.model import SRModel
+from smfsr_jax.sampling.runner import SRPipeline
+from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.weights import bundle
 from tests.conftest import import_torch
 
@@ -68,9 +73,9 @@ def lr_crop(name: str, height: int, width: int, top: int = 0, left: int = 0) -> 
     return np.ascontiguousarray(image[top:top + height, left:left + width, :3])
 
 
-def small_pipeline(bundle_dir: str, **options) -> pipeline.SRPipeline:
+def small_pipeline(bundle_dir: str, **options) -> SRPipeline:
     """process_size 128: 32² LR inputs become 128² (16² latents), so runs cost milliseconds."""
-    return pipeline.SRPipeline.from_checkpoint(bundle_dir, process_size=128, **options)
+    return SRPipeline.from_checkpoint(bundle_dir, process_size=128, **options)
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -417,12 +422,40 @@ def test_seeds_are_per_image_and_independent_of_batching(student_bundle):
         one_at_a_time(images[0], guidance_scale=4.0)
 
 
+def test_settings_own_the_defaults_and_key_the_compiled_function(student_bundle, tmp_path):
+    student = SRModel.from_checkpoint(student_bundle)
+    teacher = SRModel.from_checkpoint(make_bundle(tmp_path / "teacher", kind="teacher"))
+
+    def resolve(model, trained_tile=None, **chosen):
+        return SRSettings(**chosen).resolve(model.transformer_config, model.autoencoder_config, trained_tile)
+
+    defaults = resolve(student)
+    assert (defaults.steps, defaults.guidance_scale, defaults.tile_size, defaults.tile_overlap) == (1, 1.0, 64, 24)
+    assert (resolve(teacher).steps, resolve(teacher).guidance_scale) == (40, 8.0)
+    # An explicit default is the same settings value, so the same compiled function.
+    assert resolve(student, steps=1, tile_size=64) == defaults and resolve(student, tile_overlap=24) == defaults
+    make = functools.partial(pipeline.make_sr_function, student.transformer_config, student.autoencoder_config)
+    assert make(resolve(student, steps=1)) is make(defaults) and make(resolve(student, steps=2)) is not make(defaults)
+    # The trained tile is the default, capped by the positional grid; the overlap follows the tile.
+    grid = settings.positional_grid(student.transformer_config)
+    assert (resolve(student, trained_tile=32).tile_size, resolve(student, trained_tile=32).tile_overlap) == (32, 12)
+    assert resolve(student, trained_tile=10 * grid).tile_size == grid
+    for chosen, message in (({"tile_size": grid + 2}, "positional"), ({"tile_overlap": 64}, "tile_overlap"),
+                            ({"guidance_scale": 2.0}, "teacher"), ({"color_fix": "histogram"}, "color_fix"),
+                            ({"vae_tile": 12}, "vae_tile"), ({"batch_size": 0}, "batch_size"),
+                            ({"steps": 0}, "steps")):
+        with pytest.raises(ValueError, match=message):
+            resolve(student, **chosen)
+    with pytest.raises(ValueError, match="resolve"):
+        make(SRSettings())
+
+
 def test_teacher_bundle_uses_the_teacher_sampler(tmp_path):
     path = make_bundle(tmp_path / "teacher", kind="teacher", negative_embeddings=random_embeddings(9))
     teacher = small_pipeline(path)
-    assert teacher.kind == "teacher"
-    times, guidance = teacher.sampler_settings()
-    np.testing.assert_array_equal(times, schedules.sd3_sampling_sigmas(pipeline.TEACHER_STEPS))
-    assert guidance == pipeline.TEACHER_GUIDANCE
+    assert teacher.model.kind == "teacher"
+    np.testing.assert_array_equal(teacher.settings.times("teacher"),
+                                  schedules.sd3_sampling_sigmas(settings.TEACHER_STEPS))
+    assert teacher.settings.guidance_scale == settings.TEACHER_GUIDANCE
     out = teacher(lr_crop("astronaut", 32, 40, 200, 200), seed=1, steps=2, guidance_scale=3.0)
     assert out.shape == (128, 160, 3) and out.dtype == np.uint8

@@ -18,7 +18,7 @@ from smfsr_jax import sr
 from smfsr_jax.convert.common import CheckpointError
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.runner import SRPipeline
 from tests.test_sampling import _assert_same_up_to_rounding, lr_crop, make_bundle
 from tests.text_fixtures import write_tiny_sd35_root
 
@@ -92,6 +92,21 @@ def test_cli_x4_outputs_converted_inputs_and_corrupt_file(student_bundle, input_
     assert all(p.stat().st_mtime_ns == kept[p] for p in kept if p.name == "a_rgb.png")
     _assert_same_up_to_rounding(read_png(multi / "seed8" / "b_gray.png"), before)
     assert not (multi / "seed8" / "b_gray.png.partial").exists()
+
+
+def test_cli_and_library_run_the_same_batches(student_bundle, tmp_path):
+    """The CLI and SRPipeline share the batch runner: the same images, seed, indices and batch size give the same
+    outputs bit for bit, mixed sizes included (the runner groups them by size the same way for both)."""
+    images = [lr_crop("astronaut", 32, 32), lr_crop("coffee", 24, 40), lr_crop("chelsea", 32, 32)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    assert sr.main(["--checkpoint", student_bundle, "--input", str(folder), "--output", str(tmp_path / "out"),
+                    "--batch_size", "2", "--seeds", "5"]) == 0
+    library = SRPipeline.from_checkpoint(student_bundle, batch_size=2)(images, seed=5)
+    for i, expected in enumerate(library):
+        np.testing.assert_array_equal(read_png(tmp_path / "out" / f"{i}.png"), expected)
 
 
 def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path, capsys):
@@ -205,7 +220,7 @@ def test_cli_checks_the_output_before_the_model(input_dir, tmp_path, capsys, mon
     def bad_bundle(*args, **kwargs):
         raise CheckpointError("transformer.safetensors: missing key x_embedder.proj.weight")
 
-    monkeypatch.setattr(sr.SRPipeline, "from_checkpoint", bad_bundle)
+    monkeypatch.setattr(sr.SRModel, "from_checkpoint", bad_bundle)
     assert sr.main([*no_model, "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "error: transformer.safetensors: missing key x_embedder.proj.weight\n"
     with pytest.raises(CheckpointError):

@@ -23,6 +23,7 @@ from smfsr_jax.data import build
 from smfsr_jax.evaluation import runner
 from smfsr_jax.evaluation.metrics import build_metrics
 from smfsr_jax.models.lpips import LPIPSConfig
+from smfsr_jax.sampling.settings import SRSettings
 from tests.conftest import REPO
 from tests.processes import free_port
 from tests.test_sampling import _assert_same_up_to_rounding, lr_crop
@@ -133,7 +134,7 @@ def test_checkpoint_mode_on_two_processes_matches_one_process(student_bundle, be
     metrics = build_metrics(["psnr", "ssim"], {"lpips": lpips})
     run = runner.BenchmarkRun([runner.BenchmarkSet(DATASET, benchmark_dir)], [1, 2], metrics,
                               diversity_metric=runner.diversity_metric(metrics, [1, 2], {"lpips": lpips}),
-                              batch_size=2, process_size=128)
+                              settings=SRSettings(batch_size=2, process_size=128))
     runner.evaluate_model(runner.load_model(student_bundle), run, str(one), show_progress=False)
 
     outs = _processes([str(REPO / "evaluate.py"), f"--checkpoint={student_bundle}", f"--datasets={DATASET}",

@@ -11,7 +11,7 @@ import pytest
 from configs import student_isc, teacher_fm
 from smfsr_jax.convert import common
 from smfsr_jax.objectives import isc
-from smfsr_jax.sampling.pipeline import SRPipeline
+from smfsr_jax.sampling.runner import SRPipeline
 from smfsr_jax.training import checkpoints, loop, partition, stages, writers
 from tests.tiny_runs import STEPS, bundle_params, tiny
 
@@ -36,7 +36,7 @@ def test_teacher_loss_falls_and_bundle_is_written(teacher_run):
     # SR tiles at the training crop's latent size (32-pixel crops, downscale 4) with 3/8 overlap by default.
     assert record["meta"]["tile_size"] == 8
     sr = SRPipeline.from_checkpoint(str(teacher_run / "bundle"))
-    assert (sr.tile_size, sr.tile_overlap) == (8, 3)
+    assert (sr.settings.tile_size, sr.settings.tile_overlap) == (8, 3)
     assert json.loads((teacher_run / "config.json").read_text())["stage"] == "teacher_fm"
     assert checkpoints.finished_steps(str(teacher_run / "checkpoints")) == [STEPS]
 

@@ -12,7 +12,7 @@ import pytest
 from smfsr_jax.convert.vae import abstract_params
 from smfsr_jax.models import vae_tiling
 from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
-from smfsr_jax.sampling import pipeline
+from smfsr_jax.sampling.runner import SRPipeline
 from smfsr_jax.weights import bundle
 from tests.test_sampling import lr_crop, random_embeddings, random_params, tiny_config
 
@@ -160,9 +160,9 @@ def test_pipeline_with_tiled_vae_matches_whole(tmp_path):
                               autoencoder_config=CONFIG, autoencoder_params=random_vae_params(CONFIG),
                               null_embeddings=random_embeddings(1))
     image = lr_crop("astronaut", 12, 20, 100, 180)  # -> 48 x 80 pixels, 24 x 40 latents
-    outputs = [pipeline.SRPipeline.from_checkpoint(path, process_size=48, vae_tile=tile)(image, seed=0)
+    outputs = [SRPipeline.from_checkpoint(path, process_size=48, vae_tile=tile)(image, seed=0)
                for tile in (32, 0)]
     diff = np.abs(outputs[0].astype(np.int32) - outputs[1].astype(np.int32))
     assert outputs[0].shape == (48, 80, 3) and diff.max() <= 1 and np.mean(diff > 0) < 1e-2
     with pytest.raises(ValueError, match="vae_tile"):
-        pipeline.SRPipeline.from_checkpoint(path, vae_tile=3)
+        SRPipeline.from_checkpoint(path, vae_tile=3)

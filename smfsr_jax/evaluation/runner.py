@@ -11,8 +11,8 @@ The model is a bundle directory or a training workdir (its latest finished check
 directory may be local or in a bucket (gs://...). A write that fails part-way raises a RunFailure naming the file
 and the per-seed results already written.
 
-Devices and processes: SR calls take `batch_size` images per local device (sampling/pipeline.py); metric calls
-take `batch_size` images. With several processes (jax.distributed, core/distributed.py) every process runs
+Devices and processes: SR goes through the batch runner (sampling/runner.py), `batch_size` images per local
+device per call; metric calls take `batch_size` images. With several processes (jax.distributed, core/distributed.py) every process runs
 `evaluate_model` with the same arguments: process p of n super-resolves, writes and scores the records k with
 k % n == p, the per-image scores, runtimes and skipped records of all processes are gathered (process_allgather,
 so no shared filesystem is needed for them), and process 0 alone writes the results files and tables, the same
@@ -24,7 +24,7 @@ import functools
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -38,7 +38,9 @@ from smfsr_jax.evaluation import tables
 from smfsr_jax.evaluation.directory import Scores, evaluate_directory
 from smfsr_jax.evaluation.metrics import Metric, MissingWeightsError, build_metrics
 from smfsr_jax.evaluation.results import write_results, writing
-from smfsr_jax.sampling.pipeline import PROCESS_SIZE, SRPipeline
+from smfsr_jax.sampling.model import SRModel
+from smfsr_jax.sampling.runner import SRInput, super_resolve
+from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.training import inference
 from smfsr_jax.weights import bundle as bundle_lib
 
@@ -117,33 +119,6 @@ class BenchmarkSet:
             yield BenchmarkImage(index, output_name, lr, hr, caption or None)
 
 
-def super_resolve(pipeline: SRPipeline, images: Iterable[BenchmarkImage], seed: int, sr_dir: str, *,
-                  batch_size: int, steps: Optional[int] = None,
-                  color_fix: str = "adain") -> Iterator[tuple[list[BenchmarkImage], list[np.ndarray]]]:
-    """(images, SR images) in chunks of `batch_size`, each SR image written to sr_dir/<name> first."""
-    with writing(sr_dir):
-        files.makedirs(sr_dir)
-
-    def run(chunk):
-        outputs = pipeline([image.lr for image in chunk], seed=seed, steps=steps,
-                           caption=[image.caption for image in chunk], color_fix=color_fix,
-                           indices=[image.index for image in chunk])
-        for image, sr in zip(chunk, outputs):
-            path = os.path.join(sr_dir, image.name)
-            with writing(path):
-                image_io.save_image(sr, path)
-        return chunk, outputs
-
-    chunk = []
-    for image in images:
-        chunk.append(image)
-        if len(chunk) == batch_size:
-            yield run(chunk)
-            chunk = []
-    if chunk:
-        yield run(chunk)
-
-
 def load_model(path: str, step: Optional[int] = None) -> bundle_lib.Bundle:
     """A model bundle, or a training workdir at `step` (default: its latest finished checkpoint)."""
     if files.is_file(files.join(path, bundle_lib.BUNDLE_FILE)):
@@ -174,16 +149,14 @@ def diversity_metric(metrics: dict[str, Metric], seeds, weights_paths=None, weig
 
 @dataclasses.dataclass
 class BenchmarkRun:
-    """What checkpoint and watch mode evaluate: benchmark sets x seeds, the metrics and the sampler settings."""
+    """What checkpoint and watch mode evaluate: benchmark sets x seeds, the metrics and the SR settings (their
+    batch_size is also the metric calls')."""
     benchmarks: list[BenchmarkSet]
     seeds: list[int]
     metrics: dict[str, Metric]
     diversity_metric: Metric | None = None  # LPIPS for Table 4 (`diversity_metric()`); None: no Table 4
-    batch_size: int = 8
-    steps: int | None = None
-    color_fix: str = "adain"
+    settings: SRSettings = SRSettings(batch_size=8)
     captions: bool = True
-    process_size: int = PROCESS_SIZE
 
 
 def _gathered(metrics: dict[str, Metric], per_image: dict, runtimes: dict, skipped: dict) -> Scores:
@@ -196,7 +169,7 @@ def _gathered(metrics: dict[str, Metric], per_image: dict, runtimes: dict, skipp
     return merged
 
 
-def _super_resolve_and_score(pipeline, benchmark: BenchmarkSet, seed: int, run: BenchmarkRun, sr_dir: str,
+def _super_resolve_and_score(model: SRModel, benchmark: BenchmarkSet, seed: int, run: BenchmarkRun, sr_dir: str,
                              show_progress: bool) -> tuple[dict, list[str]]:
     """(results of the whole set, the SR images this process wrote): process p of n super-resolves and scores
     the records k with k % n == p, then the scores of all processes are gathered."""
@@ -205,15 +178,30 @@ def _super_resolve_and_score(pipeline, benchmark: BenchmarkSet, seed: int, run: 
     indices = distributed.share(range(benchmark.count))
     progress = tqdm(total=len(indices), desc=f"{benchmark.dataset} seed {seed}", unit="image", file=sys.stderr,
                     disable=not show_progress)
+    with writing(sr_dir):
+        files.makedirs(sr_dir)
+    unscored = []  # (image, SR) written and waiting for a metric call of batch_size images
+
+    def score():
+        scores.add([image.name for image, _ in unscored], [sr for _, sr in unscored],
+                   [image.hr for image, _ in unscored])
+        unscored.clear()
+
+    def write(item: SRInput, _, sr: np.ndarray):
+        path = os.path.join(sr_dir, item.tag.name)
+        with writing(path):
+            image_io.save_image(sr, path)
+        unscored.append((item.tag, sr))
+        if len(unscored) == run.settings.batch_size:
+            score()
+        progress.update(1)
+
     began = time.perf_counter()
-    for chunk, outputs in super_resolve(pipeline, benchmark.images(skipped, run.captions, indices), seed, sr_dir,
-                                        batch_size=pipeline.call_batch_size, steps=run.steps,
-                                        color_fix=run.color_fix):
-        for start in range(0, len(chunk), run.batch_size):  # metric calls of batch_size images
-            part = chunk[start:start + run.batch_size]
-            scores.add([image.name for image in part], outputs[start:start + run.batch_size],
-                       [image.hr for image in part])
-        progress.update(len(chunk))
+    inputs = (SRInput(image.index, image.lr, image.caption, tag=image)
+              for image in benchmark.images(skipped, run.captions, indices))
+    super_resolve(model, run.settings, inputs, [seed], write)
+    if unscored:
+        score()
     progress.update(len(skipped))
     progress.close()
     written = sorted(scores.per_image)
@@ -229,11 +217,12 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
 
     Returns {"table1": ..., ["table3": ..., "table4": ...]} as written (smfsr_jax/evaluation/tables.py).
     """
-    pipeline = SRPipeline.from_bundle(bundle, batch_size=run.batch_size, process_size=run.process_size)
-    times, guidance_scale = pipeline.sampler_settings(run.steps)
+    model = SRModel(bundle)
+    settings = run.settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
     setup = {"checkpoint": bundle.path, "kind": bundle.kind, "stage": bundle.meta.get("stage"),
-             "step": bundle.meta.get("step"), "sampling_steps": len(times) - 1, "guidance_scale": guidance_scale,
-             "color_fix": run.color_fix, "captions": run.captions, "process_size": run.process_size}
+             "step": bundle.meta.get("step"), "sampling_steps": settings.steps,
+             "guidance_scale": settings.guidance_scale, "color_fix": settings.color_fix, "captions": run.captions,
+             "process_size": settings.process_size}
     results, diversity, written = {}, {}, []
     writes = jax.process_index() == 0  # the results and tables; every process writes the SR images of its share
     try:
@@ -243,7 +232,7 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
             own_images = {}  # seed -> the SR images this process wrote
             for seed in run.seeds:
                 sr_dir = os.path.join(dataset_dir, f"seed{seed}")
-                by_seed[seed], own_images[seed] = _super_resolve_and_score(pipeline, benchmark, seed, run, sr_dir,
+                by_seed[seed], own_images[seed] = _super_resolve_and_score(model, benchmark, seed, run, sr_dir,
                                                                            show_progress)
                 if writes:
                     write_results(by_seed[seed], f"{sr_dir}.json")
@@ -257,7 +246,7 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
                     # Each process compares the images it wrote (a process may not see the others' files).
                     names = sorted(set(own_images[k]) & set(own_images[reference_seed]))
                     own = evaluate_directory(os.path.join(dataset_dir, f"seed{k}"), reference_dir, lpips,
-                                             run.batch_size, show_progress=False, names=names)
+                                             run.settings.batch_size, show_progress=False, names=names)
                     distances = _gathered(lpips, own["per_image"], own["runtime_s"], own["skipped"]).results(
                         own["sr_dir"], own["hr_dir"])
                     if writes:

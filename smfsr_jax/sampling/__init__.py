@@ -4,7 +4,10 @@
   or teacher Euler), `student_velocity` / `teacher_velocity` (CFG in one 2B batch) around an MM-DiT apply function.
 - `tiling`: 64/24 latent tiles with upstream's Gaussian blend, batched through the network in equal chunks.
 - `color`: AdaIN and wavelet colour correction with 8-bit truncation.
-- `pipeline`: `SRPipeline` (LR preprocessing, per-image seeds, captions, decode); CLI `python -m smfsr_jax.sr`.
+- `settings`: `SRSettings`, every sampling, tiling, batching and output setting with its default (one frozen value).
+- `model`: `SRModel`, a model loaded for SR (device parameters, text embeddings and encoders).
+- `pipeline`: the SR function (LR preprocessing, per-image seeds, encode, sample, decode, colour fix).
+- `runner`: `super_resolve`, the batch runner every entry point uses, and `SRPipeline` for images in memory.
 
 The sampling grids (the student's cosine grid, the teacher's SD3 shift-3 sigmas) are in `core/schedules.py`; model
 bundles and released weights in `weights/`.

@@ -3,7 +3,7 @@
 A checkpoint holds the trainable weights (and optimizer state); the frozen parts come from the stage's
 initial weights named in WORKDIR/config.json. `load_checkpoint` builds only the stage's network (no teacher,
 LPIPS or discriminator), restores just the network's trainable weights of the step and merges the two,
-returning the same fields as a model bundle (weights/bundle.py), so `SRPipeline(...)` and the evaluator treat
+returning the same fields as a model bundle (weights/bundle.py), so `SRModel(...)` (the SR core) and the evaluator treat
 checkpoints and bundles alike.
 """
 

@@ -1,4 +1,4 @@
-"""A model bundle: everything `SRPipeline.from_checkpoint` needs, in one directory.
+"""A model bundle: everything `SRModel.from_checkpoint` (sampling/model.py) needs, in one directory.
 
 Layout (written by `save_bundle`, read by `load_bundle`):
 

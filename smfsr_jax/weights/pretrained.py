@@ -1,4 +1,4 @@
-"""Released weights -> a model bundle (bundle.py), converted once into a cache (`SRPipeline.from_pretrained`).
+"""Released weights -> a model bundle (bundle.py), converted once into a cache (`SRModel.from_pretrained`).
 
 MODEL is a released transformer in its published layout: SMFSR's smfsr_q, smfsr_f or Teacher, DiT4SR's
 dit4sr_q, dit4sr_f or dit4sr_r1; a directory holding transformer/, or holding config.json +
