@@ -10,8 +10,7 @@ finished checkpoint, or --step), then score the outputs and build the paper's ta
       --data_dir tfds --seeds 1..20 --metrics psnr,ssim,lpips,musiq,maniqa,clipiqa --weights_dir weights --out results
   python evaluate.py --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
       [--null_embeddings DIR] [--cache_dir DIR] [--lr_key_bug] --datasets ... --data_dir tfds --out results
---model: released weights (directories or Hugging Face Hub ids, as `python -m smfsr_jax.sr --model`), converted
-once into the cache and evaluated as that bundle (smfsr_jax/weights/pretrained.py).
+--model: released weights (as `python -m smfsr_jax.sr --model`), converted once into the cache, evaluated as a bundle.
 
 Watch mode: follow a training workdir and evaluate each finished checkpoint once, as it appears.
   python evaluate.py --watch runs/student --datasets paired_sr/drealsr --data_dir tfds --metrics psnr,ssim \
@@ -26,7 +25,7 @@ Directory mode pairs files by name (Python sorted() order); full-reference metri
 names and, pair by pair, the same image size. The sizes are read from the file headers before any scoring: pairs
 of different sizes stop the run with a list of all of them, or, with --skip_mismatched, are skipped, counted and
 named as unreadable images are. Outputs: --out (x.json) and x.csv, x.md, x.log beside it, laid out in
-smfsr_jax/evaluation/results.py. On DRealSR's OSEDiff outputs, psnr,ssim give means 27.9243 / 0.7835, the published log's values.
+smfsr_jax/evaluation/results.py. On DRealSR's OSEDiff outputs, psnr,ssim give 27.9243 / 0.7835, as the log.
 
 Checkpoint mode reads each --datasets set (split test; smfsr_jax/evaluation/runner.py) and, per seed, samples
 image k with fold_in(PRNGKey(seed), k), k its index in file order (docs/design.md#noise-seeding), with the protocol
@@ -40,14 +39,13 @@ NULL prompt). Full-reference metrics are scored only on sets with HR images. Out
                      needs LPIPS weights (--lpips_weights or --weights_dir) even when lpips is not in --metrics
                      (--notable4 skips it); <dataset>/seed<k>_vs_seed1.* hold the per-image distances
 
-Watch mode writes each step's evaluation to WORKDIR/eval/<step>/ and its means to TensorBoard's "eval" run and
-WORKDIR/eval/metrics.jsonl (smfsr_jax/evaluation/watch.py); it stops after one pass with --once, once the run has
-written bundle/ and every step is evaluated, or after --stop_after_seconds.
+Watch mode writes each step's evaluation to WORKDIR/eval/<step>/, its means to TensorBoard's "eval" run and to
+WORKDIR/eval/metrics.jsonl; it stops with --once, after --stop_after_seconds, or once bundle/ exists and all is done.
 Devices and processes (checkpoint and watch mode): --batch_size images per local device per SR call. Several hosts
 run the same command with --num_processes N --process_id I --coordinator_address HOST:PORT (or --distributed):
 each super-resolves its share, process 0 writes the results as one process would (smfsr_jax/evaluation/runner.py).
+Compiled SR functions are kept in --cache_dir (default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax) as `sr` keeps them.
 Every path may be a bucket URL (gs://bucket/path), mixed with local ones; each results file is written whole.
-
 Before any metric network or model is loaded, every mode checks its flags, datasets, the weights of --metrics (all
 missing ones named at once) and that its output directory (--out's, or WORKDIR/eval) can be created and written.
 Exit status: 0; 2 for a problem to fix first (a bad path or value, missing weights, a bad checkpoint or dataset,
@@ -58,7 +56,7 @@ the traceback. Flag errors print absl's usage message, with status 1.
 
 from absl import app, flags
 
-from smfsr_jax.core import distributed, errors, files
+from smfsr_jax.core import cache, distributed, errors, files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.evaluation import directory, runner, tables, watch
 from smfsr_jax.evaluation import results as results_lib
@@ -72,9 +70,9 @@ from smfsr_jax.weights import pretrained
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "clipiqa", "musiq", "maniqa")
 # Flags of one mode only; the benchmark flags belong to checkpoint and watch mode.
 _BENCHMARK_FLAGS = ("datasets", "data_dir", "seeds", "steps", "color_fix", "captions", "max_images", "process_size",
-                    "table4") + tuple(name for name, *_ in distributed.FLAGS)
+                    "table4", "cache_dir") + tuple(name for name, *_ in distributed.FLAGS)
 _MODE_FLAGS = {"sr_dir": ("hr_dir", "skip_mismatched"), "checkpoint": ("step",) + _BENCHMARK_FLAGS,
-               "model": ("base", "null_embeddings", "cache_dir", "lr_key_bug") + _BENCHMARK_FLAGS,
+               "model": ("base", "null_embeddings", "lr_key_bug") + _BENCHMARK_FLAGS,
                "watch": ("poll_seconds", "stop_after_seconds", "once") + _BENCHMARK_FLAGS}
 
 
@@ -91,8 +89,8 @@ def _define_flags():
     flags.DEFINE_string("base", None, "with --model: the Stable Diffusion 3.5 Medium directory or Hub id")
     flags.DEFINE_string("null_embeddings", None, "with --model: directory of DiT4SR's NULL_*.pt (default: found "
                                                  "beside --model, else encode(\"\") with --base's text encoders)")
-    flags.DEFINE_string("cache_dir", None, "with --model: conversion cache (default $SMFSR_JAX_CACHE, else "
-                                           "~/.cache/smfsr_jax)")
+    flags.DEFINE_string("cache_dir", None, "released weights' conversions (--model) and compiled functions "
+                                           "(default $SMFSR_JAX_CACHE, else ~/.cache/smfsr_jax)")
     flags.DEFINE_bool("lr_key_bug", None, "with --model: double-normalised LR keys (default: false for dit4sr_r1, "
                                           "else true)")
     flags.mark_flags_as_mutual_exclusive(["sr_dir", "checkpoint", "model", "watch"], required=True)
@@ -158,6 +156,7 @@ def _evaluate(FLAGS, mode: str):
                                                       FLAGS.skip_mismatched)
         else:
             seeds = parse_seeds(FLAGS.seeds)
+            cache.enable_compilation_cache(FLAGS.cache_dir)
             benchmarks = [runner.BenchmarkSet(d, FLAGS.data_dir, FLAGS.max_images) for d in FLAGS.datasets]
             if mode == "watch":
                 inference.read_config(FLAGS.watch)  # a training workdir, checked before writing in it
@@ -182,6 +181,8 @@ def _evaluate(FLAGS, mode: str):
         steps = watch.watch(FLAGS.watch, run, poll_seconds=FLAGS.poll_seconds,
                             stop_after_seconds=FLAGS.stop_after_seconds, once=FLAGS.once)
         print(f"evaluated steps {steps or 'none'}; outputs in {workdir_lib.eval_dir(FLAGS.watch)}")
+    if mode != "sr_dir":
+        print(cache.describe_compilations())
     else:
         directory.score_and_write(FLAGS.sr_dir, FLAGS.hr_dir, metrics, FLAGS.batch_size, names, mismatched, FLAGS.out)
 

@@ -1,6 +1,7 @@
 r"""A web app for x4 super-resolution with a model bundle or training workdir (Gradio, requirements-app.txt).
 
-  python -m smfsr_jax.app [--checkpoint BUNDLE_OR_WORKDIR] [--host 127.0.0.1] [--port 7860] [--max_pixels N]
+  python -m smfsr_jax.app [--checkpoint BUNDLE_OR_WORKDIR] [--host 127.0.0.1] [--port 7860] [--max_pixels N] \
+      [--cache_dir DIR]
 
 Without --checkpoint it serves the embedded default, the one-step GAN-refined student that `make demo` trains
 (workdirs/demo/student_gan/bundle). A workdir serves its latest finished checkpoint (evaluation/runner.py
@@ -12,8 +13,10 @@ with a per-pixel standard-deviation map across them: where the model is uncertai
 caption (bundles with text encoders only) and latent tile size (the bundle's training size by default).
 
 Requests queue one at a time (concurrency limit 1): the SR core compiles one function per settings value (steps,
-colour fix, tile) and input shape and reuses it across requests, so two requests never compile the same shape twice. The first
-request at a new shape or setting reports its time as including compilation; later ones the time per image.
+colour fix, tile) and input shape and reuses it across requests, so two requests never compile the same shape
+twice. Compiled functions are also kept on disk (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax), so
+a restarted server reads them instead of compiling. The first request at a new shape or setting reports its time
+as including compilation (or reading the compiled function); later ones the time per image.
 Inputs above --max_pixels are refused before they are decoded; unreadable or truncated files get a message in the
 page. `Upscaler` is the page's logic without the UI (tests/test_app.py).
 """
@@ -31,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from smfsr_jax.core import errors
+from smfsr_jax.core import cache, errors
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import images as image_io
 from smfsr_jax.data.tfds import bundled
@@ -58,6 +61,7 @@ class Result:
     std: np.ndarray | None  # (4H, 4W) float32 std across seeds in 8-bit levels (mean over RGB); None for one seed
     seconds_per_image: float | None  # without compilation; None when the only image compiled
     compile_seconds: float | None  # the first image of a new shape or setting, compilation included; else None
+    compilation: str | None = None  # with compile_seconds: what compiled and what was read from the cache
 
 
 class Upscaler:
@@ -136,6 +140,7 @@ class Upscaler:
                 report(len(outputs))
 
         report(0)
+        counts = cache.compilation_counts()
         start = time.perf_counter()
         super_resolve(self.model, settings, [SRInput(0, image, caption)], seeds, keep)
         seconds = list(np.diff([start] + finished))  # per seed
@@ -143,7 +148,8 @@ class Upscaler:
         compile_seconds = seconds.pop(0) if compiling else None
         std = np.stack(outputs).astype(np.float32).std(axis=0).mean(axis=-1) if len(outputs) > 1 else None
         return Result(bicubic=bicubic_x4(image), outputs=outputs, seeds=list(seeds), std=std,
-                      seconds_per_image=float(np.mean(seconds)) if seconds else None, compile_seconds=compile_seconds)
+                      seconds_per_image=float(np.mean(seconds)) if seconds else None, compile_seconds=compile_seconds,
+                      compilation=cache.describe_compilations(counts) if compiling else None)
 
 
 def _inferno(levels: np.ndarray) -> np.ndarray:
@@ -176,7 +182,7 @@ def summary(image: np.ndarray, result: Result) -> str:
              f"seed{'s' if len(result.seeds) > 1 else ''} {', '.join(str(s) for s in result.seeds)}"]
     if result.compile_seconds is not None:
         parts.append(f"first run at this size and setting: {result.compile_seconds:.2f} s including compilation "
-                     "(later runs reuse it)")
+                     f"({result.compilation}; later runs reuse it)")
     if result.seconds_per_image is not None:
         parts.append(f"{result.seconds_per_image:.3f} s per image")
     return " · ".join(parts)
@@ -281,6 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="largest input (width x height)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="compiled functions (default $SMFSR_JAX_CACHE, else ~/.cache/smfsr_jax)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for a bad checkpoint")
     return parser
 
@@ -292,6 +300,7 @@ def main(argv=None) -> int:
         if args.checkpoint is None and not os.path.isdir(DEMO_BUNDLE):
             raise errors.UserError(f"no model at {DEMO_BUNDLE}: run `make demo` from the repository root to train "
                                    "the embedded default, or pass --checkpoint BUNDLE_OR_WORKDIR")
+        cache.enable_compilation_cache(args.cache_dir)
         with errors.as_user_error("--checkpoint"):  # not a bundle or workdir, no finished checkpoint
             upscaler = Upscaler.from_checkpoint(args.checkpoint or DEMO_BUNDLE, max_pixels=args.max_pixels)
         launch(upscaler, args.host, args.port)

@@ -12,6 +12,10 @@ Teacher, dit4sr_q, dit4sr_f, dit4sr_r1) and --base Stable Diffusion 3.5 Medium, 
 Hub id, converted once into the cache (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax) and loaded from
 it afterwards (smfsr_jax/weights/pretrained.py).
 
+Compiled functions are kept in the same cache (CACHE/jax_compilation, JAX's persistent compilation cache, unless
+JAX_COMPILATION_CACHE_DIR names another), so a later run at the same sizes and settings reads them instead of
+compiling; the summary says how many functions were compiled and how many were read.
+
 Inputs: one image file, or every image file directly in a directory (.png .jpg .jpeg .bmp .tif .tiff .webp) in
 Python sorted() order; image k of that order (skipped files keep their place) is sampled with
 fold_in(PRNGKey(seed), k) (docs/design.md#noise-seeding): the noise does not depend on --batch_size or on other files (the
@@ -62,7 +66,7 @@ import sys
 import jax
 from tqdm import tqdm
 
-from smfsr_jax.core import distributed, files
+from smfsr_jax.core import cache, distributed, files
 from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli, show_log
 from smfsr_jax.core.images import is_image_name
 from smfsr_jax.data.images import image_format, load_rgb8, save_image
@@ -166,8 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="with --model: the Stable Diffusion 3.5 Medium directory or Hub id")
     parser.add_argument("--null_embeddings", help="with --model: directory of DiT4SR's NULL_*.pt (default: found "
                                                   "beside --model, else encode(\"\") with --base's text encoders)")
-    parser.add_argument("--cache_dir", help="with --model: conversion cache (default $SMFSR_JAX_CACHE, else "
-                                            "~/.cache/smfsr_jax)")
+    parser.add_argument("--cache_dir", help="released weights' conversions (with --model) and compiled functions "
+                                            "(default $SMFSR_JAX_CACHE, else ~/.cache/smfsr_jax)")
     parser.add_argument("--lr_key_bug", choices=("true", "false"), default=None,
                         help="with --model: double-normalised LR keys (default: false for dit4sr_r1, else true)")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
@@ -205,8 +209,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    released = {"--base": args.base, "--null_embeddings": args.null_embeddings, "--cache_dir": args.cache_dir,
-                "--lr_key_bug": args.lr_key_bug}
+    released = {"--base": args.base, "--null_embeddings": args.null_embeddings, "--lr_key_bug": args.lr_key_bug}
     if args.model is None and any(v is not None for v in released.values()):
         parser.error(f"{', '.join(k for k, v in released.items() if v is not None)} apply to --model only")
     if args.model is not None and args.base is None:
@@ -247,6 +250,7 @@ def run(args, folders: list[str], output_path) -> int:
     """The run after the argument checks: inputs, captions and output folders are checked before the model loads."""
     distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
     show_log()  # conversion, cache use and copies staged from buckets
+    compilation_cache = cache.enable_compilation_cache(args.cache_dir)
     with as_user_error():  # an unreadable input folder or captions file, bad captions JSON
         input_files, skipped = list_inputs(args.input)
         captions = load_captions(args.captions) if args.captions else {}
@@ -326,6 +330,8 @@ def run(args, folders: list[str], output_path) -> int:
         done = f"; {existing} image files already done (--skip_existing)" if existing else ""
         print(f"wrote {written} images to {args.output} ({counted} x {len(args.seeds)} seeds){done}; "
               f"skipped {len(skipped)}", flush=True)  # before the error line on stderr, also through a pipe
+        print(f"  {cache.describe_compilations()}"
+              + (f" ({compilation_cache})" if compilation_cache else " (none kept: a bucket cache folder)"), flush=True)
         for name, reason in skipped.items():
             print(f"  skipped {name}: {reason}", file=sys.stderr)
         if uncaptioned:

@@ -77,6 +77,7 @@ def test_compiles_once_per_shape_and_shares_parameters(bundle_dir, lr):
     upscaler = app.Upscaler.from_checkpoint(bundle_dir, process_size=PROCESS_SIZE)
     first = upscaler(lr, [0])
     assert first.compile_seconds is not None and first.seconds_per_image is None
+    assert "from the compilation cache" in first.compilation and "compilation" in app.summary(lr, first)
     model = upscaler.model
     sr_function = make_sr_function(model.transformer_config, model.autoencoder_config,
                                    upscaler.request_settings(steps=1), model.mesh)

@@ -19,7 +19,7 @@ from smfsr_jax.convert import __main__ as convert_cli
 from smfsr_jax.convert import common
 from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert.text import load_text_encoders
-from smfsr_jax.core import files
+from smfsr_jax.core import cache, files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.models.text import null_prompt_embeddings
 from smfsr_jax.sampling.runner import SRPipeline
@@ -124,7 +124,7 @@ def offline_hub(released, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(released["hub"]))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(released["hub"]))
-    monkeypatch.setenv(pretrained.CACHE_ENV, str(released["cache"]))
+    monkeypatch.setenv(cache.CACHE_ENV, str(released["cache"]))
 
 
 @pytest.fixture(scope="module")

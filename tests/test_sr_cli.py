@@ -8,6 +8,9 @@ import io
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -19,6 +22,7 @@ from smfsr_jax.convert.common import CheckpointError
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.sampling.runner import SRPipeline
+from tests.conftest import REPO
 from tests.test_sampling import _assert_same_up_to_rounding, lr_crop, make_bundle
 from tests.text_fixtures import write_tiny_sd35_root
 
@@ -107,6 +111,27 @@ def test_cli_and_library_run_the_same_batches(student_bundle, tmp_path):
     library = SRPipeline.from_checkpoint(student_bundle, batch_size=2)(images, seed=5)
     for i, expected in enumerate(library):
         np.testing.assert_array_equal(read_png(tmp_path / "out" / f"{i}.png"), expected)
+
+
+def test_a_second_run_reads_the_compiled_functions(student_bundle, tmp_path):
+    """The persistent compilation cache is on by default, in the project's cache folder: a second run over new
+    photos of the same size compiles nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' own cache off
+    env["SMFSR_JAX_CACHE"] = str(tmp_path / "cache")
+    summaries = []
+    for run, name in enumerate(("astronaut", "coffee")):
+        folder = tmp_path / f"in{run}"
+        folder.mkdir()
+        Image.fromarray(lr_crop(name, 32, 32)).save(folder / "photo.png")
+        done = subprocess.run([sys.executable, "-m", "smfsr_jax.sr", "--checkpoint", student_bundle, "--input",
+                               str(folder), "--output", str(tmp_path / f"out{run}")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        summaries.append(done.stdout)
+    where = f"({tmp_path / 'cache' / 'jax_compilation'})"
+    compiled = int(re.search(r"compiled (\d+) functions?, read 0 from the compilation cache", summaries[0])[1])
+    assert compiled > 0 and where in summaries[0], summaries[0]
+    assert f"compiled 0 functions, read {compiled} from the compilation cache {where}" in summaries[1], summaries[1]
 
 
 def test_cli_single_file_and_unreadable_only(student_bundle, input_dir, tmp_path, capsys):

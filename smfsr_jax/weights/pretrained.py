@@ -51,12 +51,11 @@ from smfsr_jax.convert import text as text_convert
 from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert import vae as vae_convert
 from smfsr_jax.core import files
+from smfsr_jax.core.cache import cache_root
 from smfsr_jax.core.errors import UserError, as_user_error
 from smfsr_jax.models import text
 from smfsr_jax.weights import bundle as bundle_lib
 
-CACHE_ENV = "SMFSR_JAX_CACHE"
-DEFAULT_CACHE = os.path.join("~", ".cache", "smfsr_jax")
 BUNDLES_DIR, TEXT_ENCODERS_DIR = "bundles", "text_encoders"
 ENTRY_RECORD = "cache_entry.json"
 ENTRY_FORMAT, ENTRY_VERSION = "smfsr_jax.cache_entry", 1
@@ -271,10 +270,6 @@ def write_bundle(model: str, base: str, dst: str, *, null_embeddings: str | None
 
 
 # ---------------------------------------------------------------------------------------------- cache
-
-def cache_root(cache_dir: str | None = None) -> str:
-    return files.absolute(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
-
 
 def entry_problem(entry: str) -> str | None:
     """Why the cache entry `entry` cannot be used (absent, no or invalid record, files that differ from the
