@@ -44,7 +44,7 @@ from jax import export  # noqa: E402
 from benchmarks import common, sr_memory  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.core import mesh as mesh_lib  # noqa: E402
-from smfsr_jax.models import attention, vae_tiling  # noqa: E402
+from smfsr_jax.models import attention  # noqa: E402
 from smfsr_jax.training import sharding  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
 from smfsr_jax.training.stages import common as stages_common  # noqa: E402
@@ -63,7 +63,7 @@ def sr_cases(variant: str):
     tiny = variant == "tiny"
     dtype = "bfloat16"
     transformer, autoencoder, tokens = sr_memory.networks(tiny, dtype)
-    vae_tile = sr_memory.TINY_VAE_TILE if tiny else vae_tiling.DEFAULT_TILE
+    vae_tile = sr_memory.TINY_VAE_TILE if tiny else sr_memory.VAE_TILE
     for name, lr_side, batch in SR_CASES[variant]:
         fn, args = sr_memory.sr_function(transformer, autoencoder, tokens, jnp.dtype(dtype), 4 * lr_side, batch,
                                          vae_tile)

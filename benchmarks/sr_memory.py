@@ -36,6 +36,9 @@ from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
 from smfsr_jax.training.stages.common import shapes  # noqa: E402
 
 TINY_TEXT_TOKENS = 8
+# The full-size cases' VAE tile, fixed so that figures compare across machines: 2048² outputs run in 2 x 2 tiles
+# (the CPU budget's tile, 1152 for the SD3 VAE, cuts them the same way).
+VAE_TILE = 1024
 TINY_VAE_TILE = 32
 
 
@@ -85,13 +88,13 @@ def main():
     parser.add_argument("--parts", choices=("vae", "sr"), default="vae")
     parser.add_argument("--sizes", default=None, help="comma list of LR sides (default 128,512,1024; tiny 8,16,32)")
     parser.add_argument("--vae_tile", type=int, default=None,
-                        help=f"VAE tile in pixels (default {vae_tiling.DEFAULT_TILE}; tiny {TINY_VAE_TILE})")
+                        help=f"VAE tile in pixels (default {VAE_TILE}; tiny {TINY_VAE_TILE})")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--tiny", action="store_true", help="tiny networks and sizes (CPU check of the script)")
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("8,16,32" if args.tiny else "128,512,1024")).split(",")]
-    vae_tile = args.vae_tile if args.vae_tile is not None else TINY_VAE_TILE if args.tiny else vae_tiling.DEFAULT_TILE
+    vae_tile = args.vae_tile if args.vae_tile is not None else TINY_VAE_TILE if args.tiny else VAE_TILE
     tcfg, ae_cfg, tokens = networks(args.tiny, args.dtype)
     dtype = jnp.dtype(args.dtype)
     cases = []

@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, sr_memory  # noqa: E402
 from smfsr_jax.convert import common as convert_common  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
@@ -60,10 +60,11 @@ def networks(args):
     if args.tiny:
         tcfg = mmdit.MMDiTConfig.tiny_student(dtype=args.dtype, attention=args.attention)
         ae_cfg = vae.VAEConfig.tiny(dtype=args.dtype)
-        return tcfg, ae_cfg, 8, dict(TINY_TILE, tile_batch=args.tile_batch or 4)
+        return tcfg, ae_cfg, 8, dict(TINY_TILE, tile_batch=args.tile_batch or 4, vae_tile=sr_memory.VAE_TILE)
     tcfg = mmdit.MMDiTConfig.smfsr_student(dtype=args.dtype, attention=args.attention)
     ae_cfg = vae.VAEConfig.sd3(dtype=args.dtype)
-    tile = dict(tile_size=tiling.TILE_SIZE, tile_overlap=tiling.TILE_OVERLAP, tile_batch=args.tile_batch or tiling.TILE_BATCH)
+    tile = dict(tile_size=tiling.TILE_SIZE, tile_overlap=tiling.TILE_OVERLAP, tile_batch=args.tile_batch or tiling.TILE_BATCH,
+                vae_tile=sr_memory.VAE_TILE)
     return tcfg, ae_cfg, common.TEXT_TOKENS, tile
 
 

@@ -80,7 +80,7 @@ def compare(tiled, whole, cores) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    parser.add_argument("--tile", type=int, default=vae_tiling.DEFAULT_TILE, help="VAE tile in pixels")
+    parser.add_argument("--tile", type=int, default=1024, help="VAE tile in pixels")
     parser.add_argument("--tiny", action="store_true", help="VAEConfig.tiny instead of the SD3 VAE")
     parser.add_argument("--width_divisor", type=int, default=1,
                         help="divide the SD3 VAE's block_out_channels by this (the channels stay multiples of 32)")

@@ -71,7 +71,6 @@ from smfsr_jax.core.errors import RunFailure, UserError, as_user_error, run_cli,
 from smfsr_jax.core.images import is_image_name
 from smfsr_jax.data.images import image_format, load_rgb8, save_image
 from smfsr_jax.evaluation.io import list_images
-from smfsr_jax.models import vae_tiling
 from smfsr_jax.sampling import color, tiling
 from smfsr_jax.sampling.model import SRModel
 from smfsr_jax.sampling.runner import SRInput, super_resolve
@@ -193,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile_batch", type=int, default=tiling.TILE_BATCH, help="tiles per network call")
     parser.add_argument("--vae_tile", type=int, default=None,
                         help="VAE tile side in image pixels for larger images, 0 disables "
-                             f"(default {vae_tiling.DEFAULT_TILE})")
+                             "(default: the largest whose untiled pass fits the device's memory budget)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="teacher bundles: CFG scale (default 8)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs (every seed) exist: resumes an interrupted folder")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from smfsr_jax.convert.vae import abstract_params
+from smfsr_jax.core import memory
 from smfsr_jax.models import vae_tiling
 from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
 from smfsr_jax.sampling.runner import SRPipeline
+from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.weights import bundle
 from tests.test_sampling import lr_crop, random_embeddings, random_params, tiny_config
 
@@ -166,3 +168,37 @@ def test_pipeline_with_tiled_vae_matches_whole(tmp_path):
     assert outputs[0].shape == (48, 80, 3) and diff.max() <= 1 and np.mean(diff > 0) < 1e-2
     with pytest.raises(ValueError, match="vae_tile"):
         SRPipeline.from_checkpoint(path, vae_tile=3)
+
+
+SD3, THREE_LEVELS = VAEConfig.sd3(), VAEConfig(block_out_channels=(128, 256, 512), downscale=4)
+
+
+def test_the_vae_tile_follows_the_vae_and_the_memory_budget():
+    # On a CPU host's budget (8 GiB) the SD3 VAE runs images up to 1152² whole. The three-level VAE's mid-block
+    # attention sees 4x the positions of an image: a 1024² output would need 34 GB of attention scores whole, so
+    # it stops at 640² and tiles larger images.
+    assert vae_tiling.tile_for_budget(SD3, memory.CPU_BUDGET) == 1152
+    assert vae_tiling.tile_for_budget(THREE_LEVELS, memory.CPU_BUDGET) == 640
+    assert vae_tiling.whole_bytes(THREE_LEVELS, 1024, 1024) > 30e9
+    assert vae_tiling.tile_for_budget(THREE_LEVELS, 80 * 2**30) > vae_tiling.tile_for_budget(THREE_LEVELS, 2**30)
+    assert vae_tiling.tile_for_budget(VAEConfig.pixel(downscale=4, latent_channels=48), memory.CPU_BUDGET) == 0
+    # SR settings take it by default (this host: a CPU), and a 1024² output of the three-level VAE is tiled.
+    resolved = SRSettings().resolve(tiny_config(), THREE_LEVELS)
+    assert resolved.vae_tile == 640 and vae_tiling.needs_tiling(1024, 1024, resolved.vae_tile)
+    assert SRSettings(vae_tile=0).resolve(tiny_config(), THREE_LEVELS).vae_tile == 0  # an explicit choice stays
+
+
+@pytest.mark.parametrize("name, side", [("sd3", 128), ("sd3", 256), ("three_levels", 256)])
+def test_whole_bytes_bounds_the_compiled_temporaries(name, side):
+    config = {"sd3": SD3, "three_levels": THREE_LEVELS}[name]
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract_params(config))
+    latent = side // config.downscale
+    inputs = {"encode": jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),
+              "decode": jax.ShapeDtypeStruct((1, latent, latent, config.latent_channels), jnp.float32)}
+    estimate = vae_tiling.whole_bytes(config, side, side)
+    for method, x in inputs.items():
+        apply = jax.jit(lambda p, x: AutoencoderKL(config).apply({"params": p}, x, method=method))
+        temporaries = apply.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+        assert temporaries <= estimate, (method, temporaries, estimate)
+        if method == "decode":
+            assert temporaries >= 0.5 * estimate, (temporaries, estimate)

@@ -49,10 +49,7 @@ from flax import traverse_util
 
 from smfsr_jax.models import vae
 
-# Pixels of the image side the encoder reads and the decoder writes per tile. Images up to 1024² run whole (a
-# pass per GroupNorm costs ~12x the network, so common sizes skip it); larger ones stay within ~3.5 GiB of bf16
-# temporaries at any size (benchmarks/sr_memory.py; 512-pixel tiles: ~1.6 GiB).
-DEFAULT_TILE = 1024
+TILE_STEP = 64  # tile sides chosen by tile_for_budget are multiples of it (and so of every VAE's downscale)
 KEY_CHUNK = 2048  # keys per step of the mid-block attention's online softmax (whole buffer rows, at least one)
 
 
@@ -420,7 +417,30 @@ def _run(params, config: vae.VAEConfig, x, tile: int, part: str):
     return out[:, :out_size[0], :out_size[1], :], table
 
 
-def encode(params, config: vae.VAEConfig, images, tile: int = DEFAULT_TILE):
+def whole_bytes(config: vae.VAEConfig, height: int, width: int) -> int:
+    """An upper estimate of the temporaries of an untiled encode or decode of a (height, width) image: seven fp32
+    buffers of the first level's channels at full resolution (the decoder's peak; the encoder's is three) plus the
+    mid-block attention's two fp32 score matrices over its N latent positions. XLA:CPU's memory analysis of the
+    SD3 and the three-level VAE's decode at 128² to 512² lies at 0.64 to 0.97 of it, their encode lower
+    (tests/test_vae_tiling.py)."""
+    positions = (height // config.downscale) * (width // config.downscale)
+    return 7 * height * width * config.block_out_channels[0] * 4 + 2 * positions * positions * 4
+
+
+def tile_for_budget(config: vae.VAEConfig, budget: int) -> int:
+    """The VAE tile from the VAE's geometry and a memory budget (bytes): the largest square side, a multiple of
+    TILE_STEP pixels, whose untiled pass fits the budget. Images up to it run whole (a pass per GroupNorm costs
+    ~12x the network, so they skip it); larger ones run in tiles of it, whose temporaries do not grow with the
+    image. A pixel autoencoder is pointwise in blocks and never tiles (0)."""
+    if config.kind != "kl":
+        return 0
+    side = TILE_STEP
+    while whole_bytes(config, side + TILE_STEP, side + TILE_STEP) <= budget:
+        side += TILE_STEP
+    return side
+
+
+def encode(params, config: vae.VAEConfig, images, tile: int):
     """`AutoencoderKL.encode` of (B, H, W, C) images in [-1, 1] -> (mean, logvar), in tiles of `tile` pixels when
     the image exceeds them (0: whole). A pixel autoencoder always runs whole (it is pointwise in blocks)."""
     if config.kind != "kl":
@@ -433,7 +453,7 @@ def encode(params, config: vae.VAEConfig, images, tile: int = DEFAULT_TILE):
     return mean, jnp.clip(logvar, *vae.LOGVAR_RANGE)
 
 
-def decode(params, config: vae.VAEConfig, latents, tile: int = DEFAULT_TILE):
+def decode(params, config: vae.VAEConfig, latents, tile: int):
     """`AutoencoderKL.decode` of raw (B, h, w, latent_channels) latents -> (B, h*f, w*f, C) images, in tiles of
     `tile` output pixels when the image exceeds them (0: whole)."""
     if config.kind != "kl":
@@ -445,7 +465,7 @@ def decode(params, config: vae.VAEConfig, latents, tile: int = DEFAULT_TILE):
     return _run(params, config, latents, tile, "decoder")[0]
 
 
-def group_norm_statistics(params, config: vae.VAEConfig, inputs, part: str, tile: int = DEFAULT_TILE) -> dict:
+def group_norm_statistics(params, config: vae.VAEConfig, inputs, part: str, tile: int) -> dict:
     """{GroupNorm path in the part ('encoder' | 'decoder'): (mean, var), each (B, groups) fp32} that the tiled
     output is normalised with (inputs: images for the encoder, latents for the decoder; tile > 0)."""
     if part not in ("encoder", "decoder"):

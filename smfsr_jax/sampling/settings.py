@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from smfsr_jax.core import schedules
+from smfsr_jax.core import memory, schedules
 from smfsr_jax.models import mmdit, vae, vae_tiling
 from smfsr_jax.sampling import color, tiling
 from smfsr_jax.weights.bundle import transformer_kind
@@ -36,7 +36,8 @@ class SRSettings:
     tile_size: int | None = None  # latent tile side; None: the training size (else 64), capped by the grid
     tile_overlap: int | None = None  # latent tile overlap; None: 3/8 of the tile (SMFSR's 24 of 64)
     tile_batch: int = tiling.TILE_BATCH  # latent tiles per network call
-    vae_tile: int = vae_tiling.DEFAULT_TILE  # VAE tile side in image pixels for larger images; 0: never tiled
+    vae_tile: int | None = None  # VAE tile side in pixels for larger images (0: never tiled); None: the largest
+    # whose untiled pass fits the device's memory budget (vae_tiling.tile_for_budget, core/memory.py)
     output_rounding: str = "truncate"  # color.ROUNDINGS: upstream truncates to 8 bits
     process_size: int = PROCESS_SIZE  # LR sides below process_size / upscale are upscaled first
     upscale: int = UPSCALE
@@ -71,15 +72,18 @@ class SRSettings:
             raise ValueError(f"color_fix must be one of {color.METHODS}, got {self.color_fix!r}")
         if self.output_rounding not in color.ROUNDINGS:
             raise ValueError(f"output_rounding must be one of {color.ROUNDINGS}, got {self.output_rounding!r}")
-        if self.vae_tile < 0 or self.vae_tile % autoencoder_config.downscale:
+        vae_tile = self.vae_tile
+        if vae_tile is None:
+            vae_tile = vae_tiling.tile_for_budget(autoencoder_config, memory.activation_budget())
+        if vae_tile < 0 or vae_tile % autoencoder_config.downscale:
             raise ValueError(f"vae_tile must be 0 (off) or a positive multiple of the autoencoder's downscale "
-                             f"{autoencoder_config.downscale} pixels, got {self.vae_tile}")
+                             f"{autoencoder_config.downscale} pixels, got {vae_tile}")
         return dataclasses.replace(self, steps=int(steps), guidance_scale=guidance_scale, tile_size=tile,
-                                   tile_overlap=overlap)
+                                   tile_overlap=overlap, vae_tile=vae_tile)
 
     @property
     def resolved(self) -> bool:
-        return None not in (self.steps, self.guidance_scale, self.tile_size, self.tile_overlap)
+        return None not in (self.steps, self.guidance_scale, self.tile_size, self.tile_overlap, self.vae_tile)
 
     def times(self, kind: str) -> np.ndarray:
         """The descending time grid of resolved settings: the cosine grid (student), SD3's shift-3 sigmas
