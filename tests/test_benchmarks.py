@@ -68,3 +68,10 @@ def test_reward_tiny_prints_both_methods(tmp_path):
         assert set(line[method]) >= {"reward_before", "reward_after", "psnr_before", "psnr_after",
                                      "diversity_before", "diversity_after"}
     assert line["name"] == "reward_tiny" and line["config"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_mixed_sizes_counts_compilations():
+    line = run_benchmark("benchmarks/mixed_sizes.py", "--images", "2")
+    assert line["name"] == "mixed_sizes" and line["distinct_sizes"] == 2 and line["compilations"] >= 2
+    assert line["first_image_s"] > 0 and line["compiled_per_image_s"] > 0
