@@ -51,8 +51,8 @@ from smfsr_jax.objectives import rewards as rewards_lib  # noqa: E402
 from smfsr_jax.sampling import tiling  # noqa: E402
 from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
-from smfsr_jax.training.stages import common as stages_common  # noqa: E402
 from smfsr_jax.training.stages import gan as gan_stage  # noqa: E402
+from smfsr_jax.training.stages import loading  # noqa: E402
 from smfsr_jax.training.stages import reward as reward_stage  # noqa: E402
 
 EXCESS_LIMIT = 0.05
@@ -230,7 +230,7 @@ def xla_flops(fn, *args) -> float:
 
 
 def gan_auxiliary(config, stage, batch: int, side: int) -> dict:
-    lpips_config, _ = stages_common.load_lpips(config.rec.lpips, abstract=True)
+    lpips_config, _ = loading.load_lpips(config.rec.lpips, abstract=True)
     disc_config, *_ = gan_stage.load_discriminator(config.disc, config.seed, abstract=True)
     lpips_model, heads = lpips_lib.LPIPS(lpips_config), disc_lib.Discriminator(disc_config)
     images = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)

@@ -47,7 +47,7 @@ from smfsr_jax.core import mesh as mesh_lib  # noqa: E402
 from smfsr_jax.models import attention, vae_tiling  # noqa: E402
 from smfsr_jax.training import sharding  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
-from smfsr_jax.training.stages import common as stages_common  # noqa: E402
+from smfsr_jax.training.stages import preview as preview_lib  # noqa: E402
 from smfsr_jax.training.stages import reward as reward_stage  # noqa: E402
 
 CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan,
@@ -98,7 +98,7 @@ def stage_cases(stage_name: str, variant: str):
                    "attention_config": config.model.attention,
                    "attention": attention.traced_implementation(config.model.attention, dtype)}
     yield step, (state, frozen, batch_shapes), {"case": stage_name, **description}
-    preview = stages_common.make_preview_fn(stage, mesh)
+    preview = preview_lib.make_preview_fn(stage, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     yield preview, (state.params, frozen, batch_shapes, rng), {"case": f"preview_{stage_name}", **description,
                                                                "batch": 4}

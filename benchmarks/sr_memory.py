@@ -33,7 +33,7 @@ from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa
 from smfsr_jax.core import schedules  # noqa: E402
 from smfsr_jax.models import mmdit, vae, vae_tiling  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers  # noqa: E402
-from smfsr_jax.training.stages.common import shapes  # noqa: E402
+from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
 TINY_TEXT_TOKENS = 8
 TINY_VAE_TILE = 32

@@ -45,7 +45,7 @@ from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa
 from smfsr_jax.core import schedules  # noqa: E402
 from smfsr_jax.models import attention, mmdit, vae  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
-from smfsr_jax.training.stages.common import shapes  # noqa: E402
+from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
 # name -> (LR side, batch); the SR side is 4x, the preprocessed LR has the SR size.
 CASES = {"b1": (128, 1), "b16": (128, 16), "tiled": (512, 1)}

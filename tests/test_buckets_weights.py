@@ -17,7 +17,7 @@ from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.core import files
 from smfsr_jax.models.vae import VAEConfig
 from smfsr_jax.training import inference
-from smfsr_jax.training.stages import common as stages_common
+from smfsr_jax.training.stages import loading
 from smfsr_jax.weights import bundle
 from tests.test_sampling import random_embeddings, random_params, tiny_config
 
@@ -141,8 +141,8 @@ def test_checkpoint_and_init_weights_of_a_workdir_in_a_bucket(teacher_run, bucke
     np.testing.assert_array_equal(remote.null_embeddings[0], local.null_embeddings[0])
 
     # init.teacher / init.student given as the workdir: its exported bundle.
-    assert stages_common.weights_path(workdir) == files.join(workdir, "bundle")
-    remote_config, remote_params = load_transformer(stages_common.weights_path(workdir))
+    assert loading.weights_path(workdir) == files.join(workdir, "bundle")
+    remote_config, remote_params = load_transformer(loading.weights_path(workdir))
     local_config, local_params = load_transformer(teacher_run / "bundle")
     assert remote_config == local_config
     assert_trees_equal(remote_params, local_params)

@@ -95,7 +95,7 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
 
 
 def _lpips_and_disc_configs(config):
-    lpips_config, _ = gan.common.load_lpips(config.rec.lpips)
+    lpips_config, _ = gan.loading.load_lpips(config.rec.lpips)
     disc_config, *_ = gan.load_discriminator(config.disc, config.seed)
     return lpips_config, disc_config
 
@@ -124,7 +124,7 @@ def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path, monkeypatch)
         raise AssertionError("sampling a checkpoint built a training-only network")
 
     for name in ("load_teacher", "load_lpips", "load_discriminator"):
-        monkeypatch.setattr(gan if hasattr(gan, name) else gan.common, name, refuse)
+        monkeypatch.setattr(gan if hasattr(gan, name) else gan.loading, name, refuse)
     loaded = common.flatten(inference.load_checkpoint(str(tmp_path)).transformer_params)
     assert loaded.keys() == after.keys()
     for path, value in after.items():

@@ -28,7 +28,7 @@ time conditioning a DiT4SR-style teacher (SD3 Euler sampler with CFG). Training 
               text_encoders_dir=config.text.encoders,
               meta={"stage": "student_isc", "step": step, "variant": "sd35m", "tile_size": 64})
 
-(training/loop.py `export_bundle`; `meta` is `stages.common.bundle_meta`: the stage's name, its last step, the
+(training/loop.py `export_bundle`; `meta` is `stages.stage.bundle_meta`: the stage's name, its last step, the
 config variant and the latent tile SR uses by default.)
 """
 
