@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import median_seconds  # noqa: E402
+from benchmarks.harness import median_seconds  # noqa: E402
 from smfsr_jax.convert import common  # noqa: E402
 from smfsr_jax.convert.transformer import load_transformer  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
