@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from smfsr_jax.convert import common as convert_common  # noqa: E402
+from smfsr_jax.convert import tensors  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
@@ -106,7 +106,7 @@ def torch_tensor(torch, x, device):
 
 def to_torch_layout(torch, fn):
     """Inverse of a converter's torch -> Flax tensor map."""
-    inverses = {convert_common.linear_kernel: lambda t: t.t(), convert_common.conv_kernel: lambda t: t.permute(3, 2, 0, 1),
+    inverses = {tensors.linear_kernel: lambda t: t.t(), tensors.conv_kernel: lambda t: t.permute(3, 2, 0, 1),
                 np.asarray: lambda t: t}
     if fn not in inverses:
         raise ValueError(f"no inverse for the converter map {fn}")
@@ -115,7 +115,7 @@ def to_torch_layout(torch, fn):
 
 def torch_state_dict(torch, params, rules, shapes, device):
     """{diffusers key: tensor} from Flax params; rules: key -> (flax path, converter map, stacked index or None)."""
-    flat = convert_common.flatten(params)
+    flat = tensors.flatten(params)
     sd = {}
     for key, (path, fn, index) in rules.items():
         t = torch_tensor(torch, flat[path], device)

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from smfsr_jax.convert import clipiqa as clipiqa_convert
-from smfsr_jax.convert import common as convert_common
+from smfsr_jax.convert import converted_dir
 from smfsr_jax.convert import lpips as lpips_convert
 from smfsr_jax.convert import maniqa as maniqa_convert
 from smfsr_jax.convert import musiq as musiq_convert
@@ -61,7 +61,7 @@ def load_network(network: str, path, lpips_net: str):
     """(network config, params) of a reward network's weights at `path`."""
     if network == "lpips":
         return lpips_convert.load_lpips_from(path, lpips_net)
-    config_dict, params = convert_common.load_converted_of(path, network)
+    config_dict, params = converted_dir.load_converted_of(path, network)
     return IQA_NETWORKS[network][0].config_from_dict(config_dict), params
 
 

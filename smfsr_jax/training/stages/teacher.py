@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from smfsr_jax.convert import common as convert_common
+from smfsr_jax.convert import tensors
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import flow_matching
 from smfsr_jax.training import partition
@@ -25,16 +25,16 @@ def teacher_from_base(base_config: mmdit.MMDiTConfig, base_params: dict):
     if base_config.lr_stream:
         raise ValueError("the base already has an LR stream")
     cfg = base_config.replace(lr_stream=True)
-    flat = convert_common.flatten(base_params)
+    flat = tensors.flatten(base_params)
     out = {}
-    for path, leaf in convert_common.flatten(mmdit.abstract_params(cfg)).items():
+    for path, leaf in tensors.flatten(mmdit.abstract_params(cfg)).items():
         if path in flat:
             out[path] = np.asarray(flat[path])
         elif "/to_out_control/" in path:
             out[path] = np.array(flat[path.replace("/to_out_control/", "/to_out/")])
         else:
             out[path] = np.zeros(leaf.shape, leaf.dtype)
-    return cfg, convert_common.unflatten(out)
+    return cfg, tensors.unflatten(out)
 
 
 def initial_weights(config: ml_collections.ConfigDict, abstract: bool = False):
