@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from smfsr_jax.models import attention  # noqa: E402
 
-SR_TOKENS = common.TEXT_TOKENS + 2 * 1024  # 512² SR: 64² latents, 2x2 patches, image + LR tokens
+SR_TOKENS = harness.TEXT_TOKENS + 2 * 1024  # 512² SR: 64² latents, 2x2 patches, image + LR tokens
 HEADS, HEAD_DIM = 24, 64
 
 
@@ -43,7 +43,7 @@ def timed(implementation: str, batch: int, length: int, heads: int, head_dim: in
     flops = 4.0 * batch * heads * length * length * head_dim
     result = {"implementation": implementation, "batch": batch, "tokens": length}
     for name, fn, count in (("forward", forward, flops), ("forward_backward", backward, 3 * flops)):
-        seconds, _ = common.median_seconds(lambda: jax.block_until_ready(fn(q, k, v)), repeats)
+        seconds, _ = harness.median_seconds(lambda: jax.block_until_ready(fn(q, k, v)), repeats)
         result[f"{name}_ms"] = round(1e3 * seconds, 3)
         result[f"{name}_tflops_per_s"] = round(count / seconds / 1e12, 2)
     return result
@@ -77,7 +77,7 @@ def main():
     print(json.dumps({"name": "attention_speed", "value": speedup, "unit": "x (XLA time / fused time, fwd+bwd)",
                       "speedup": speedup, "fused": fused if other else None, "tokens": length, "heads": heads,
                       "head_dim": head_dim, "dtype": "bfloat16", "batches": batches, "results": results,
-                      **common.environment()}))
+                      **harness.environment()}))
 
 
 if __name__ == "__main__":

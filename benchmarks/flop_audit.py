@@ -17,14 +17,14 @@ out the MLPs' last projections when only their gates would need them); passes wi
 (the VAE encodings, the teacher's target, the stop-gradient split targets) run forward once.
 
 XLA's count: `cost_analysis()` of the function lowered with the block scans unrolled and, for the ISC step, one
-branch of its `lax.cond` at a time (`common.flop_counting`); HloCostAnalysis otherwise counts a loop body once
+branch of its `lax.cond` at a time (`harness.flop_counting`); HloCostAnalysis otherwise counts a loop body once
 and a conditional as its costlier branch. The SR cases are the untiled ones: the tiled VAE and the latent-tile
 loop run passes inside loops by design (models/vae_tiling.py states their cost).
 
 Roofline: time >= max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per device, with the analytic FLOPs and, as
 bytes, what must cross HBM at least once: the weights in their dtype, the trainable fp32 weights, their AdamW
 moments and gradients read and written (train steps), the input and output images. Peaks are the vendors'
-(`common.ACCELERATORS`, dense bf16). Each line also gives the target's share of that bound.
+(`harness.ACCELERATORS`, dense bf16). Each line also gives the target's share of that bound.
 
 One JSON line per case, then one summary line: value = the largest XLA / analytic ratio.
 """
@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common, sr_memory  # noqa: E402
+from benchmarks import harness, sr_memory  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.models import discriminator as disc_lib  # noqa: E402
 from smfsr_jax.models import lpips as lpips_lib  # noqa: E402
@@ -51,8 +51,8 @@ from smfsr_jax.objectives import rewards as rewards_lib  # noqa: E402
 from smfsr_jax.sampling import tiling  # noqa: E402
 from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
-from smfsr_jax.training.stages import common as stages_common  # noqa: E402
 from smfsr_jax.training.stages import gan as gan_stage  # noqa: E402
+from smfsr_jax.training.stages import loading  # noqa: E402
 from smfsr_jax.training.stages import reward as reward_stage  # noqa: E402
 
 EXCESS_LIMIT = 0.05
@@ -225,12 +225,12 @@ def input_gradient_pass(layers) -> float:
 # alone, forward or forward and backward, composed into the step like the analytic passes.
 
 def xla_flops(fn, *args) -> float:
-    with common.flop_counting():
-        return common.cost_flops(jax.jit(lambda *a: fn(*a)).lower(*args))
+    with harness.flop_counting():
+        return harness.cost_flops(jax.jit(lambda *a: fn(*a)).lower(*args))
 
 
 def gan_auxiliary(config, stage, batch: int, side: int) -> dict:
-    lpips_config, _ = stages_common.load_lpips(config.rec.lpips, abstract=True)
+    lpips_config, _ = loading.load_lpips(config.rec.lpips, abstract=True)
     disc_config, *_ = gan_stage.load_discriminator(config.disc, config.seed, abstract=True)
     lpips_model, heads = lpips_lib.LPIPS(lpips_config), disc_lib.Discriminator(disc_config)
     images = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)
@@ -287,9 +287,9 @@ def sr_tiled_analytic(tcfg, ae_cfg, tokens: int, side: int) -> dict:
 
 
 def sr_xla(tcfg, ae_cfg, tokens: int, side: int, batch: int) -> float:
-    with common.flop_counting():
+    with harness.flop_counting():
         fn, args = sr_memory.sr_function(tcfg, ae_cfg, tokens, jnp.dtype(tcfg.dtype), side, batch, vae_tile=0)
-        return common.cost_flops(jax.jit(lambda *a: fn(*a)).lower(*args))
+        return harness.cost_flops(jax.jit(lambda *a: fn(*a)).lower(*args))
 
 
 def step_passes(stage_name: str, config, stage, batch: int, side: int) -> dict:
@@ -335,12 +335,12 @@ def step_passes(stage_name: str, config, stage, batch: int, side: int) -> dict:
 
 def step_xla(stage_name: str, config, stage, optimizer, state, batch: int, side: int) -> dict:
     update = state_lib.make_train_step(stage.loss_fn, optimizer, seed=0)
-    abstract_batch = common.train_batch(stage.frozen["null"], batch, side)
+    abstract_batch = harness.train_batch(stage.frozen["null"], batch, side)
     branches = {"step": None} if stage_name == "teacher_fm" else {"boundary": True, "split": False}
     out = {}
     for name, branch in branches.items():
-        with common.flop_counting(branch):
-            out[name] = common.cost_flops(jax.jit(lambda *a: update(*a)).lower(state, stage.frozen, abstract_batch))
+        with harness.flop_counting(branch):
+            out[name] = harness.cost_flops(jax.jit(lambda *a: update(*a)).lower(state, stage.frozen, abstract_batch))
     return out
 
 
@@ -351,7 +351,7 @@ def tree_bytes(tree) -> float:
 def roofline(flops: float, bytes_moved: float) -> dict:
     """{accelerator: lower bound in ms} per device."""
     return {name: round(1e3 * max(flops / (peak["bf16_tflops"] * 1e12), bytes_moved / (peak["hbm_tb_s"] * 1e12)), 3)
-            for name, peak in common.ACCELERATORS.items()}
+            for name, peak in harness.ACCELERATORS.items()}
 
 
 def target_share(case: str, bound_ms: dict) -> dict | None:
@@ -426,7 +426,7 @@ def main():
         if case not in chosen:
             continue
         config = module.get_config(variant)
-        stage, optimizer, state = common.abstract_stage(config)
+        stage, optimizer, state = harness.abstract_stage(config)
         side, batch = config.data.degradation.crop_size, config.batch_size
         analytic = step_passes(case, config, stage, batch, side)
         trainable = tree_bytes(stage.trainable)
@@ -441,8 +441,8 @@ def main():
     worst = max((line["worst_ratio"] for line in lines if line["worst_ratio"]), default=None)
     print(json.dumps({"name": "flop_audit", "value": worst, "unit": "largest XLA / analytic FLOPs",
                       "within_limit": worst is None or worst <= 1 + EXCESS_LIMIT, "cases": [line["case"] for line in lines],
-                      "accelerators": common.ACCELERATORS, "variant": variant, "speedup": None,
-                      **common.environment()}))
+                      "accelerators": harness.ACCELERATORS, "variant": variant, "speedup": None,
+                      **harness.environment()}))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import median_seconds  # noqa: E402
-from smfsr_jax.convert import common  # noqa: E402
+from benchmarks.harness import median_seconds  # noqa: E402
+from smfsr_jax.convert import tensors  # noqa: E402
 from smfsr_jax.convert.transformer import load_transformer  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
 
@@ -51,8 +51,8 @@ def main():
     t = np.array([0.7, 0.3], np.float32)
 
     with tempfile.TemporaryDirectory() as tmp:
-        common.write_safetensors(os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
-                                 {k: v.numpy() for k, v in model.state_dict().items()})
+        tensors.write_safetensors(os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
+                                  {k: v.numpy() for k, v in model.state_dict().items()})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(CONFIG, f)
         cfg, params = load_transformer(tmp)

@@ -41,13 +41,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
-from benchmarks import common, sr_memory  # noqa: E402
+from benchmarks import harness, sr_memory  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.core import mesh as mesh_lib  # noqa: E402
 from smfsr_jax.models import attention  # noqa: E402
 from smfsr_jax.training import sharding  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
-from smfsr_jax.training.stages import common as stages_common  # noqa: E402
+from smfsr_jax.training.stages import preview as preview_lib  # noqa: E402
 from smfsr_jax.training.stages import reward as reward_stage  # noqa: E402
 
 CONFIGS = {"teacher_fm": teacher_fm, "student_isc": student_isc, "student_gan": student_gan,
@@ -79,7 +79,7 @@ def stage_cases(stage_name: str, variant: str):
     config = CONFIGS[stage_name].get_config(variant)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = [tuple(rule) for rule in config.sharding_rules]
-    stage, optimizer, abstract_state = common.abstract_stage(config, use_ema=config.ema_decay is not None)
+    stage, optimizer, abstract_state = harness.abstract_stage(config, use_ema=config.ema_decay is not None)
     state_shardings = state_lib.state_shardings(abstract_state, mesh, rules)
     frozen_shardings = sharding.param_shardings(stage.frozen, mesh, rules)
     step = state_lib.jit_train_step(
@@ -91,14 +91,14 @@ def stage_cases(stage_name: str, variant: str):
     placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     state, frozen = placed(abstract_state, state_shardings), placed(stage.frozen, frozen_shardings)
-    batch_shapes = common.train_batch(stage.frozen["null"], batch, side)
+    batch_shapes = harness.train_batch(stage.frozen["null"], batch, side)
     batch_shapes = placed(batch_shapes, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), batch_shapes))
     dtype = config.model.dtype
     description = {"batch": batch, "resolution": side, "devices": devices, "mesh": dict(mesh.shape), "dtype": dtype,
                    "attention_config": config.model.attention,
                    "attention": attention.traced_implementation(config.model.attention, dtype)}
     yield step, (state, frozen, batch_shapes), {"case": stage_name, **description}
-    preview = stages_common.make_preview_fn(stage, mesh)
+    preview = preview_lib.make_preview_fn(stage, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     yield preview, (state.params, frozen, batch_shapes, rng), {"case": f"preview_{stage_name}", **description,
                                                                "batch": 4}

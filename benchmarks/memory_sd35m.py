@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from configs import student_gan, student_isc, student_reward, teacher_fm  # noqa: E402
 from smfsr_jax.models import mmdit  # noqa: E402
 from smfsr_jax.training import partition  # noqa: E402
@@ -54,9 +54,9 @@ def main():
         config.regularizer.mode = args.regularizer
     if reward:
         config.reward.seeds, config.reward.method = args.seeds, args.method
-    stage, optimizer, state = common.abstract_stage(config)
+    stage, optimizer, state = harness.abstract_stage(config)
     side, b = 512, args.batch
-    batch = common.train_batch(stage.frozen["null"], b, side)
+    batch = harness.train_batch(stage.frozen["null"], b, side)
     step = jax.jit(state_lib.make_train_step(stage.loss_fn, optimizer, seed=0), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step.lower(state, stage.frozen, batch).compile()

@@ -4,7 +4,7 @@ one compilation for any size removes.
 
   python benchmarks/mixed_sizes.py [--images 20] [--min_side 24]
 
-A student bundle with the tiny configs' geometry (configs/common.py TINY_MODEL on the wavelet pixel latent) and
+A student bundle with the tiny configs' geometry (configs/base.py TINY_MODEL on the wavelet pixel latent) and
 seeded random weights; --images LR crops of scikit-image's astronaut, image i of (min_side + 2i) x (min_side + 40
 - 2i) pixels, so every size differs; default settings except process_size = 4 x min_side (no image is upscaled
 first, so the processed sizes stay distinct); one process on every local device; no persistent compilation cache.
@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import base  # noqa: E402
 from smfsr_jax.core import cache  # noqa: E402
 from smfsr_jax.models import mmdit, text, vae  # noqa: E402
 from smfsr_jax.sampling.model import SRModel  # noqa: E402
@@ -40,7 +40,7 @@ T5_TOKENS = 8
 def tiny_student(folder: str) -> SRModel:
     """The tiny geometry's student with seeded random weights (N(0, 0.02²): the timing does not depend on them),
     saved and loaded as a bundle."""
-    config = mmdit.MMDiTConfig.tiny_student(**common.TINY_MODEL)
+    config = mmdit.MMDiTConfig.tiny_student(**base.TINY_MODEL)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
                           mmdit.abstract_params(config))

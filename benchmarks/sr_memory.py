@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
 from smfsr_jax.models import mmdit, vae, vae_tiling  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers  # noqa: E402
 from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
-from smfsr_jax.training.stages.common import shapes  # noqa: E402
+from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
 TINY_TEXT_TOKENS = 8
 # The full-size cases' VAE tile, fixed so that figures compare across machines: 2048² outputs run in 2 x 2 tiles
@@ -46,7 +46,7 @@ def networks(tiny: bool, dtype: str):
     if tiny:
         return (mmdit.MMDiTConfig.tiny_student(dtype=dtype), vae.VAEConfig.tiny(dtype=dtype), TINY_TEXT_TOKENS)
     return (mmdit.MMDiTConfig.smfsr_student(dtype=dtype), vae.VAEConfig.sd3(dtype=dtype),
-            common.TEXT_TOKENS)
+            harness.TEXT_TOKENS)
 
 
 def analyse(fn, *args) -> dict:
@@ -117,7 +117,7 @@ def main():
     print(json.dumps({"name": f"sr_memory_{args.parts}", "value": round(largest_tiled / base, 2),
                       "unit": "x smallest-size temporaries", "speedup": round(largest_whole / largest_tiled, 2),
                       "parts": args.parts, "dtype": args.dtype, "batch": args.batch, "vae_tile": vae_tile,
-                      "tiny": args.tiny, "cases": cases, **common.environment()}))
+                      "tiny": args.tiny, "cases": cases, **harness.environment()}))
 
 
 if __name__ == "__main__":

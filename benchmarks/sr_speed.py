@@ -37,15 +37,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common, sr_memory  # noqa: E402
-from smfsr_jax.convert import common as convert_common  # noqa: E402
+from benchmarks import harness, sr_memory  # noqa: E402
+from smfsr_jax.convert import tensors  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
 from smfsr_jax.models import attention, mmdit, vae  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
 from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
-from smfsr_jax.training.stages.common import shapes  # noqa: E402
+from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
 # name -> (LR side, batch); the SR side is 4x, the preprocessed LR has the SR size.
 CASES = {"b1": (128, 1), "b16": (128, 16), "tiled": (512, 1)}
@@ -65,7 +65,7 @@ def networks(args):
     ae_cfg = vae.VAEConfig.sd3(dtype=args.dtype)
     tile = dict(tile_size=tiling.TILE_SIZE, tile_overlap=tiling.TILE_OVERLAP, tile_batch=args.tile_batch or tiling.TILE_BATCH,
                 vae_tile=sr_memory.VAE_TILE)
-    return tcfg, ae_cfg, common.TEXT_TOKENS, tile
+    return tcfg, ae_cfg, harness.TEXT_TOKENS, tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def torch_tensor(torch, x, device):
 
 def to_torch_layout(torch, fn):
     """Inverse of a converter's torch -> Flax tensor map."""
-    inverses = {convert_common.linear_kernel: lambda t: t.t(), convert_common.conv_kernel: lambda t: t.permute(3, 2, 0, 1),
+    inverses = {tensors.linear_kernel: lambda t: t.t(), tensors.conv_kernel: lambda t: t.permute(3, 2, 0, 1),
                 np.asarray: lambda t: t}
     if fn not in inverses:
         raise ValueError(f"no inverse for the converter map {fn}")
@@ -116,7 +116,7 @@ def to_torch_layout(torch, fn):
 
 def torch_state_dict(torch, params, rules, shapes, device):
     """{diffusers key: tensor} from Flax params; rules: key -> (flax path, converter map, stacked index or None)."""
-    flat = convert_common.flatten(params)
+    flat = tensors.flatten(params)
     sd = {}
     for key, (path, fn, index) in rules.items():
         t = torch_tensor(torch, flat[path], device)
@@ -234,8 +234,8 @@ def torch_measure(torch, model, case, args):
         first = step()
         model.sr(case["lr"], ctx, pooled)
         first_s = time.perf_counter() - start  # includes torch.compile's compilation when compiled
-        step_s, _ = common.median_seconds(step, args.repeats, args.warmup)
-        sr_s, _ = common.median_seconds(lambda: model.sr(case["lr"], ctx, pooled), args.repeats, args.warmup)
+        step_s, _ = harness.median_seconds(step, args.repeats, args.warmup)
+        sr_s, _ = harness.median_seconds(lambda: model.sr(case["lr"], ctx, pooled), args.repeats, args.warmup)
     return {"ms_per_batch": round(sr_s * 1e3, 2), "ms_per_image": round(sr_s * 1e3 / case["batch"], 2),
             "images_per_s": round(case["batch"] / sr_s, 2), "transformer_ms": round(step_s * 1e3, 2),
             "first_call_s": round(first_s, 1)}, first.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -263,8 +263,8 @@ def jax_measure(case, sr_fn, one_step, tparams, ae_params, args):
     step, step_compile = compile_timed(one_step, tparams, case["noise"], case["lr_latents"], case["cond"])
     run_sr = lambda: np.asarray(sr(tparams, ae_params, jax.device_put(case["lr"]), case["keys"], case["cond"]))  # noqa: E731
     run_step = lambda: step(tparams, case["noise"], case["lr_latents"], case["cond"]).block_until_ready()  # noqa: E731
-    sr_s, times = common.median_seconds(run_sr, args.repeats, args.warmup)
-    step_s, _ = common.median_seconds(run_step, args.repeats, args.warmup)
+    sr_s, times = harness.median_seconds(run_sr, args.repeats, args.warmup)
+    step_s, _ = harness.median_seconds(run_step, args.repeats, args.warmup)
     out = np.asarray(run_step())
     return {"ms_per_batch": round(sr_s * 1e3, 2), "ms_per_image": round(sr_s * 1e3 / case["batch"], 2),
             "images_per_s": round(case["batch"] / sr_s, 2), "transformer_ms": round(step_s * 1e3, 2),
@@ -296,13 +296,13 @@ def main():
     args.repeats = args.repeats or (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     args.attention = args.attention or attention.fused_implementation() or "xla"
-    common.enable_compilation_cache(args.compilation_cache)
+    harness.enable_compilation_cache(args.compilation_cache)
 
     tcfg, ae_cfg, tokens, tile = networks(args)
     dtype = jnp.dtype(args.dtype)
     start = time.perf_counter()
-    tparams = common.random_tree(shapes(mmdit.abstract_params(tcfg), dtype), seed=0)
-    ae_params = common.random_tree(shapes(vae_abstract_params(ae_cfg), dtype), seed=1)
+    tparams = harness.random_tree(shapes(mmdit.abstract_params(tcfg), dtype), seed=0)
+    ae_params = harness.random_tree(shapes(vae_abstract_params(ae_cfg), dtype), seed=1)
     jax.block_until_ready((tparams, ae_params))
     print(f"random weights: {sum(x.size for x in jax.tree.leaves(tparams)) / 1e6:.1f}M transformer, "
           f"{sum(x.size for x in jax.tree.leaves(ae_params)) / 1e6:.1f}M VAE, {time.perf_counter() - start:.1f} s")
@@ -380,7 +380,7 @@ def main():
                    "text_tokens": tokens, **tile, "torch_compile": args.torch_compile if args.torch else None,
                    "torch_compile_mode": args.torch_compile_mode if args.torch else None,
                    "repeats": args.repeats, "warmup": args.warmup},
-        **common.environment(), **({"torch": torch.__version__} if args.torch else {})}))
+        **harness.environment(), **({"torch": torch.__version__} if args.torch else {})}))
 
 
 if __name__ == "__main__":

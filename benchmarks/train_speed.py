@@ -7,10 +7,10 @@ batch size in `--batches` is AOT-compiled, then `--steps` steps are timed with n
 search, so `--batches 4,8,16,32` finds the largest that fits.
 
 FLOPs come from XLA's cost analysis of a copy of the step lowered with the block scans unrolled
-(`common.flop_counting`); the timed step keeps its scans. The ISC term (student_isc, student_gan) runs one of two
+(`harness.flop_counting`); the timed step keeps its scans. The ISC term (student_isc, student_gan) runs one of two
 branches per step (boundary or interval split, `lax.cond`): both are counted and the executed FLOPs follow the
 branches the timed steps drew (their `boundary_fraction` metric). MFU = executed FLOPs / time / peak, with the peak from
-`--peak_tflops` or `common.ACCELERATORS` (dense bf16).
+`--peak_tflops` or `harness.ACCELERATORS` (dense bf16).
 
   python benchmarks/train_speed.py --stage student_isc --batches 8,16,24 --attention cudnn
   python benchmarks/train_speed.py --stage student_gan --batches 4,8 --remat full
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from configs import student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.models import attention, mmdit  # noqa: E402
 from smfsr_jax.training import partition  # noqa: E402
@@ -42,7 +42,7 @@ TARGET_MFU = {"teacher_fm": 40.0, "student_isc": 40.0, "student_gan": 30.0}
 
 
 def peak_flops(override: float | None) -> float | None:
-    return override * 1e12 if override else common.peak_flops(jax.devices()[0].device_kind)
+    return override * 1e12 if override else harness.peak_flops(jax.devices()[0].device_kind)
 
 
 def step_flops(update, state, frozen, batch, stage: str) -> dict:
@@ -50,23 +50,23 @@ def step_flops(update, state, frozen, batch, stage: str) -> dict:
     branches = {"step": None} if stage == "teacher_fm" else {"boundary": True, "split": False}
     flops = {}
     for name, branch in branches.items():
-        with common.flop_counting(branch):
+        with harness.flop_counting(branch):
             # A fresh function: jit reuses a function's trace, which would ignore the patched scan and cond.
-            flops[name] = common.cost_flops(jax.jit(lambda *a: update(*a)).lower(state, frozen, batch))
+            flops[name] = harness.cost_flops(jax.jit(lambda *a: update(*a)).lower(state, frozen, batch))
     return flops
 
 
 def random_batch(abstract_batch, seed: int):
     """uint8 images uniform, caption embeddings ~ N(0, 1)."""
-    return common.random_tree(abstract_batch, seed=seed, std=1.0)
+    return harness.random_tree(abstract_batch, seed=seed, std=1.0)
 
 
 def measure(args, config, batch_size: int, peak: float | None) -> dict:
-    stage, optimizer, abstract_state = common.abstract_stage(config)
+    stage, optimizer, abstract_state = harness.abstract_stage(config)
     trainable, frozen, model_state = stage.trainable, stage.frozen, stage.model_state
     update = state_lib.make_train_step(stage.loss_fn, optimizer, seed=0)
     side = config.data.degradation.crop_size
-    abstract_batch = common.train_batch(frozen["null"], batch_size, side)
+    abstract_batch = harness.train_batch(frozen["null"], batch_size, side)
     create = jax.jit(lambda p, m: state_lib.create_state(p, optimizer, False, m))
     flops = step_flops(update, abstract_state, frozen, abstract_batch, args.stage)
 
@@ -80,12 +80,12 @@ def measure(args, config, batch_size: int, peak: float | None) -> dict:
     result = {"batch": batch_size, "resolution": side, "compile_s": round(compile_s, 1),
               "peak_gib": round(peak_bytes / 2 ** 30, 2) if peak_bytes else None,
               "gflops_per_step": {k: round(v / 1e9, 1) for k, v in flops.items()}}
-    limit = common.device_bytes_limit()
+    limit = harness.device_bytes_limit()
     if limit and peak_bytes and peak_bytes > limit:
         return dict(result, fits=False, reason=f"needs {peak_bytes / 2 ** 30:.1f} GiB of {limit / 2 ** 30:.1f}")
 
-    state = create(common.random_tree(trainable, seed=0), common.random_tree(model_state, seed=1))
-    frozen_values = common.random_tree(frozen, seed=2)
+    state = create(harness.random_tree(trainable, seed=0), harness.random_tree(model_state, seed=1))
+    frozen_values = harness.random_tree(frozen, seed=2)
     batches = [random_batch(abstract_batch, seed=10 + i) for i in range(2)]
     try:
         for i in range(args.warmup):
@@ -133,7 +133,7 @@ def main():
     parser.add_argument("--compilation_cache", default=None, help="jax persistent compilation cache directory")
     args = parser.parse_args()
     args.steps = args.steps or (3 if args.tiny else 20)
-    common.enable_compilation_cache(args.compilation_cache)
+    harness.enable_compilation_cache(args.compilation_cache)
     config = CONFIGS[args.stage].get_config("tiny" if args.tiny else "sd35m")
     config.model.attention = args.attention or attention.fused_implementation() or "xla"
     if args.remat:
@@ -161,7 +161,7 @@ def main():
                    "frozen_dtype": config.frozen_dtype, "remat": config.model.remat_policy,
                    "attention": config.model.attention, "weights": "random", "steps": args.steps,
                    "regularizer": config.regularizer.mode if args.stage == "student_gan" else None},
-        **common.environment()}))
+        **harness.environment()}))
 
 
 if __name__ == "__main__":

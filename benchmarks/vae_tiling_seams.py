@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params  # noqa: E402
 from smfsr_jax.models import vae, vae_tiling  # noqa: E402
 
@@ -126,7 +126,7 @@ def main():
                       "speedup": speedup, "size": args.size, "tile": args.tile,
                       "config": name, "block_out_channels": config.block_out_channels, "dtype": config.dtype,
                       "encode": encode, "decode": decode, "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                      **common.environment()}))
+                      **harness.environment()}))
 
 
 if __name__ == "__main__":

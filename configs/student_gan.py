@@ -29,13 +29,13 @@ weights stand in for the pretrained networks (none exist at this size).
 
 import ml_collections
 
-from configs import common
+from configs import base
 from smfsr_jax.objectives import isc
 
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
-    variant = common.check_variant(arg)
-    c = common.student_config(variant)
+    variant = base.check_variant(arg)
+    c = base.student_config(variant)
     c.stage = "student_gan"
     tiny = variant == "tiny"
     c.init = ml_collections.ConfigDict(dict(student=ml_collections.config_dict.placeholder(str),

@@ -25,13 +25,13 @@ Tiny (CPU, after the tiny teacher, on the runs/tfds it built; `make demo` runs b
 
 import ml_collections
 
-from configs import common
+from configs import base
 from smfsr_jax.objectives import isc
 
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
-    variant = common.check_variant(arg)
-    c = common.student_config(variant)
+    variant = base.check_variant(arg)
+    c = base.student_config(variant)
     c.stage = "student_isc"
     tiny = variant == "tiny"
     # interval="fit": the new interval MLP is built so that the student equals the teacher at step 0

@@ -31,13 +31,13 @@ runs both methods and prints the before/after table):
 
 import ml_collections
 
-from configs import common
+from configs import base
 from smfsr_jax.objectives import isc
 
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
-    variant = common.check_variant(arg)
-    c = common.student_config(variant)
+    variant = base.check_variant(arg)
+    c = base.student_config(variant)
     c.stage = "student_reward"
     tiny = variant == "tiny"
     placeholder = ml_collections.config_dict.placeholder

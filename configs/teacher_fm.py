@@ -33,15 +33,15 @@ once into runs/tfds (a few seconds; the tiny student configs read it too):
 
 import ml_collections
 
-from configs import common
+from configs import base
 
 
 def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
-    variant = common.check_variant(arg)
-    c = common.base_config(variant)
+    variant = base.check_variant(arg)
+    c = base.base_config(variant)
     c.stage = "teacher_fm"
     tiny = variant == "tiny"
-    c.model = common.model_config(variant, "dit4sr_teacher", loaded=not tiny)
+    c.model = base.model_config(variant, "dit4sr_teacher", loaded=not tiny)
     c.init = ml_collections.ConfigDict(dict(
         base=None if tiny else ml_collections.config_dict.placeholder(str),  # SD3.5-M (any layout)
         random=tiny))

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from configs import common, student_gan, student_isc, teacher_fm  # noqa: E402
+from configs import base, student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build, pipeline  # noqa: E402
 from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
@@ -54,7 +54,7 @@ def tiny_pipeline(bundle_dir: str, lr_side: int, batch_size: int) -> SRPipeline:
     """SR of `lr_side` LR images in latent tiles of the training crop's size (as SMFSR tiles at its 512
     training size), without the protocol's upscaling of small inputs."""
     loaded = bundle_lib.load_bundle(bundle_dir)
-    tile = common.TINY_CROP // loaded.autoencoder_config.downscale
+    tile = base.TINY_CROP // loaded.autoencoder_config.downscale
     return SRPipeline.from_bundle(loaded, process_size=4 * lr_side, tile_size=tile, tile_overlap=tile // 2,
                                   batch_size=batch_size)
 

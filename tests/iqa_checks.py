@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError, load_converted, save_converted
+from smfsr_jax.convert.converted_dir import load_converted, save_converted
+from smfsr_jax.convert.tensors import CheckpointError
 from tests.conftest import import_torch
 
 # A score is one scalar at the end of a deep fp32 chain, where summation order alone moves it by up to

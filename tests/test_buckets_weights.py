@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert import tensors
 from smfsr_jax.convert.__main__ import main as convert_main
 from smfsr_jax.convert.transformer import load_transformer
 from smfsr_jax.convert.vae import DIFFUSERS_WEIGHTS, checkpoint_shapes, load_vae
@@ -17,7 +18,7 @@ from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.core import files
 from smfsr_jax.models.vae import VAEConfig
 from smfsr_jax.training import inference
-from smfsr_jax.training.stages import common as stages_common
+from smfsr_jax.training.stages import loading
 from smfsr_jax.weights import bundle
 from tests.test_sampling import random_embeddings, random_params, tiny_config
 
@@ -29,7 +30,7 @@ def scratch(tmp_path, monkeypatch):
 
 
 def assert_trees_equal(ours, reference):
-    ours, reference = common.flatten(ours), common.flatten(reference)
+    ours, reference = tensors.flatten(ours), tensors.flatten(reference)
     assert ours.keys() == reference.keys()
     for key, value in reference.items():
         assert np.asarray(ours[key]).dtype == np.asarray(value).dtype, key
@@ -42,19 +43,19 @@ def test_converted_round_trip(bucket_dir):
                         "bias": rng.standard_normal(4).astype(ml_dtypes.bfloat16)},
               "norm": {"scale": np.ones(4, np.float32)}}
     dst = files.join(bucket_dir, "converted")
-    common.save_converted(dst, {"width": 4}, params, meta={"converter": "test"})
-    assert common.is_converted(dst)
-    config, meta, loaded = common.load_converted(dst)
+    converted_dir.save_converted(dst, {"width": 4}, params, meta={"converter": "test"})
+    assert converted_dir.is_converted(dst)
+    config, meta, loaded = converted_dir.load_converted(dst)
     assert config == {"width": 4} and meta == {"converter": "test"}
     assert_trees_equal(loaded, params)
 
     # Converting again into the same place replaces it.
     params["norm"]["scale"] = np.full(4, 2.0, np.float32)
-    common.save_converted(dst, {"width": 5}, params)
-    config, meta, loaded = common.load_converted(dst)
+    converted_dir.save_converted(dst, {"width": 5}, params)
+    config, meta, loaded = converted_dir.load_converted(dst)
     assert config == {"width": 5} and meta == {}
     assert_trees_equal(loaded, params)
-    assert not common.is_converted(files.join(bucket_dir, "absent"))
+    assert not converted_dir.is_converted(files.join(bucket_dir, "absent"))
 
 
 def test_bundle_in_a_bucket_equals_the_local_one(tmp_path, bucket_dir):
@@ -104,7 +105,7 @@ def test_convert_command_reads_and_writes_buckets(tmp_path, bucket_dir, caplog, 
         "block_out_channels": list(vae_config.block_out_channels), "layers_per_block": vae_config.layers_per_block,
         "latent_channels": vae_config.latent_channels, "norm_num_groups": vae_config.norm_num_groups,
         "use_quant_conv": False, "use_post_quant_conv": False}))
-    common.write_safetensors(source / DIFFUSERS_WEIGHTS, {
+    tensors.write_safetensors(source / DIFFUSERS_WEIGHTS, {
         key: rng.standard_normal(shape).astype(np.float32) for key, shape in checkpoint_shapes(vae_config).items()})
     src, dst = files.join(bucket_dir, "vae"), files.join(bucket_dir, "converted")
     files.copy_tree(source, src)
@@ -112,7 +113,7 @@ def test_convert_command_reads_and_writes_buckets(tmp_path, bucket_dir, caplog, 
         assert convert_main(["vae", f"--src={src}", f"--dst={dst}"]) == 0
     assert f"staging {files.join(src, DIFFUSERS_WEIGHTS)}" in caplog.text  # files.stage says what it copies
     assert f"wrote {dst}" in capsys.readouterr().err
-    _, meta = common.read_converted_config(dst)
+    _, meta = converted_dir.read_converted_config(dst)
     assert meta["source"] == src
     converted_config, converted = load_vae(dst)
     local_config, local = load_vae(source)
@@ -141,8 +142,8 @@ def test_checkpoint_and_init_weights_of_a_workdir_in_a_bucket(teacher_run, bucke
     np.testing.assert_array_equal(remote.null_embeddings[0], local.null_embeddings[0])
 
     # init.teacher / init.student given as the workdir: its exported bundle.
-    assert stages_common.weights_path(workdir) == files.join(workdir, "bundle")
-    remote_config, remote_params = load_transformer(stages_common.weights_path(workdir))
+    assert loading.weights_path(workdir) == files.join(workdir, "bundle")
+    remote_config, remote_params = load_transformer(loading.weights_path(workdir))
     local_config, local_params = load_transformer(teacher_run / "bundle")
     assert remote_config == local_config
     assert_trees_equal(remote_params, local_params)

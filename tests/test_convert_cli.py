@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from smfsr_jax.convert.__main__ import main
-from smfsr_jax.convert.common import CheckpointError, write_safetensors
+from smfsr_jax.convert.tensors import CheckpointError, write_safetensors
 from smfsr_jax.convert.vae import DIFFUSERS_WEIGHTS, checkpoint_shapes
 from smfsr_jax.models.vae import VAEConfig
 from tests.conftest import REPO

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError, flatten, write_safetensors
 from smfsr_jax.convert.dinov3 import convert, load_dinov3
+from smfsr_jax.convert.tensors import CheckpointError, flatten, write_safetensors
 from smfsr_jax.models.dinov3 import DINOv3Config, DINOv3ViT, abstract_params
 from tests.conftest import import_torch
 
@@ -210,7 +210,7 @@ def _hf_checkpoint(tmp_path):
     hf_kwargs, _ = CONFIGS["plain"]
     _hf_model(torch, hf_kwargs).save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
-    from smfsr_jax.convert.common import read_safetensors
+    from smfsr_jax.convert.tensors import read_safetensors
     return path, {k: np.array(v) for k, v in read_safetensors(str(path)).items()}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smfsr_jax.convert.common import save_converted
+from smfsr_jax.convert.converted_dir import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
 from smfsr_jax.core import errors, files
 from smfsr_jax.evaluation import psnr_ssim

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import common, flop_audit
+from benchmarks import flop_audit, harness
 from smfsr_jax.models import mmdit, vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_every_case_is_within_five_percent_of_xla():
     assert set(cases) == {f"{c}_tiny" for c in ("sr_b1", "sr_b16", "sr_tiled", "teacher_fm", "student_isc",
                                                   "student_gan", "student_reward")}
     for name, line in cases.items():
-        assert set(line["roofline_ms"]) == set(common.ACCELERATORS)
+        assert set(line["roofline_ms"]) == set(harness.ACCELERATORS)
         for branch in line["branches"].values():
             if branch["ratio"] is not None:  # sr_tiled's loops are not counted by XLA
                 # Elementwise work (norms, activations, softmax) is XLA's alone: a few % above 1 at tiny sizes.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import student_gan
-from smfsr_jax.convert import common
+from smfsr_jax.convert import tensors
 from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.objectives import adversarial, vsd
 from smfsr_jax.training import inference, lora, loop, stages, writers
@@ -95,7 +95,7 @@ def test_each_term_reaches_only_its_own_parameters(data_dir, teacher_run, studen
 
 
 def _lpips_and_disc_configs(config):
-    lpips_config, _ = gan.common.load_lpips(config.rec.lpips)
+    lpips_config, _ = gan.loading.load_lpips(config.rec.lpips)
     disc_config, *_ = gan.load_discriminator(config.disc, config.seed)
     return lpips_config, disc_config
 
@@ -112,8 +112,8 @@ def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path, monkeypatch)
     assert abs(disc[0] - 2.0) < 0.15 and disc[-4:].mean() < disc[:2].mean() - 0.05, disc
     assert np.ptp(adv) > 1e-3, adv
     # The exported student equals the stage-1 student outside its trainable set; control weights moved.
-    before = common.flatten(tiny_runs.bundle_params(student_run))
-    after = common.flatten(tiny_runs.bundle_params(tmp_path))
+    before = tensors.flatten(tiny_runs.bundle_params(student_run))
+    after = tensors.flatten(tiny_runs.bundle_params(tmp_path))
     trained = [p for p in before if "control" in p or p.startswith("time_text_embed_interval/")]
     for path in set(before) - set(trained):
         np.testing.assert_array_equal(after[path], before[path], err_msg=path)
@@ -124,8 +124,8 @@ def test_tiny_gan_run(data_dir, teacher_run, student_run, tmp_path, monkeypatch)
         raise AssertionError("sampling a checkpoint built a training-only network")
 
     for name in ("load_teacher", "load_lpips", "load_discriminator"):
-        monkeypatch.setattr(gan if hasattr(gan, name) else gan.common, name, refuse)
-    loaded = common.flatten(inference.load_checkpoint(str(tmp_path)).transformer_params)
+        monkeypatch.setattr(gan if hasattr(gan, name) else gan.loading, name, refuse)
+    loaded = tensors.flatten(inference.load_checkpoint(str(tmp_path)).transformer_params)
     assert loaded.keys() == after.keys()
     for path, value in after.items():
         np.testing.assert_array_equal(loaded[path], value, err_msg=path)

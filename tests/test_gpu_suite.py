@@ -49,9 +49,9 @@ LENT_MACHINE_LACKS = textwrap.dedent("""
                 raise ImportError(f"{name} is not on the GPU machine")
     sys.meta_path.insert(0, Lacking())
     sys.path.insert(0, ".")
-    from benchmarks import attention_speed, common, sr_speed, train_speed
+    from benchmarks import attention_speed, harness, sr_speed, train_speed
     from configs import student_gan
-    stage, _, state = common.abstract_stage(student_gan.get_config("sd35m"))
+    stage, _, state = harness.abstract_stage(student_gan.get_config("sd35m"))
     print("ok", stage.name)
 """)
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError
 from smfsr_jax.convert.lpips import (convert, lin_shapes, load_lpips, load_lpips_from, params_from_state_dicts,
                                      trunk_shapes)
+from smfsr_jax.convert.tensors import CheckpointError
 from smfsr_jax.convert.torch_pickle import load_state_dict
 from smfsr_jax.evaluation.metrics import load_lpips_alex
 from smfsr_jax.models.lpips import LPIPS, LPIPSConfig, unit_normalize

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert import tensors
 from smfsr_jax.convert import transformer as convert_transformer
 from smfsr_jax.models import mmdit
 from smfsr_jax.training.stages.student import student_from_teacher
@@ -77,7 +78,8 @@ def test_torch_reference_reproduces_official_fixtures(name):
     torch = import_torch()
     from tests import torch_dit4sr
     fixture = shared_path("fixtures", "parity", name)
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in common.read_safetensors(fixture / "weights.safetensors").items()}
+    sd = {k: torch.from_numpy(np.array(v))
+          for k, v in tensors.read_safetensors(fixture / "weights.safetensors").items()}
     cfg = json.loads((fixture / "config.json").read_text())
     x = {k: torch.from_numpy(v) for k, v in np.load(fixture / "inputs.npz").items()}
     with torch.no_grad():
@@ -143,8 +145,8 @@ def random_inputs(cfg_dict, latent_hw, seed, lr=False, interval=False, batch=2, 
 
 
 def write_checkpoint(tmp_path, state_dict, cfg_dict):
-    common.write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors",
-                             {k: np.asarray(v, np.float32) for k, v in state_dict.items()})
+    tensors.write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors",
+                              {k: np.asarray(v, np.float32) for k, v in state_dict.items()})
     (tmp_path / "config.json").write_text(json.dumps(cfg_dict))
     return tmp_path
 
@@ -292,7 +294,7 @@ def test_original_single_file_matches_diffusers(tmp_path):
                     timestep=torch.from_numpy(inputs["timestep"]), return_dict=False)[0].numpy()
 
     single = tmp_path / "sd3.5_tiny.safetensors"
-    common.write_safetensors(single, {k: np.asarray(v, np.float32) for k, v in original.items()})
+    tensors.write_safetensors(single, {k: np.asarray(v, np.float32) for k, v in original.items()})
     cfg_o, params_o = convert_transformer.load_transformer(single)
     assert_close(run_flax(cfg_o, params_o, inputs), ref)
 
@@ -312,7 +314,7 @@ def teacher_file(tmp_path):
     cfg_dict = SD3_CONFIGS["dual2_of3"]
     sd = dit4sr_state_dict(cfg_dict, seed=2, dead_keys=False)
     path = tmp_path / "teacher.safetensors"
-    common.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    tensors.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
     return path, sd
 
 
@@ -321,7 +323,7 @@ def test_truncated_checkpoint_fails_naming_the_file(teacher_file, tmp_path):
     data = path.read_bytes()
     broken = tmp_path / "truncated.safetensors"
     broken.write_bytes(data[: len(data) // 2])
-    with pytest.raises(common.CheckpointError, match=r"truncated\.safetensors: truncated: tensor '.+'"):
+    with pytest.raises(tensors.CheckpointError, match=r"truncated\.safetensors: truncated: tensor '.+'"):
         convert_transformer.load_transformer(broken)
 
 
@@ -330,8 +332,8 @@ def test_renamed_key_fails_naming_both_keys(teacher_file, tmp_path):
     sd = dict(sd)
     sd["transformer_blocks.1.attn.to_q_controll.weight"] = sd.pop("transformer_blocks.1.attn.to_q_control.weight")
     path = tmp_path / "renamed.safetensors"
-    common.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
-    with pytest.raises(common.CheckpointError) as err:
+    tensors.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    with pytest.raises(tensors.CheckpointError) as err:
         convert_transformer.load_transformer(path)
     msg = str(err.value)
     assert "renamed.safetensors" in msg
@@ -344,8 +346,8 @@ def test_misshaped_key_fails_naming_the_shapes(teacher_file, tmp_path):
     sd = dict(sd)
     sd["transformer_blocks.0.ff.control_conv.weight"] = np.zeros((64, 1, 5, 5))
     path = tmp_path / "misshaped.safetensors"
-    common.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
-    with pytest.raises(common.CheckpointError,
+    tensors.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    with pytest.raises(tensors.CheckpointError,
                        match=r"transformer_blocks\.0\.ff\.control_conv\.weight: expected \(64, 1, 3, 3\), "
                              r"found \(64, 1, 5, 5\)"):
         convert_transformer.load_transformer(path)
@@ -356,12 +358,12 @@ def test_only_the_documented_dead_keys_are_ignored(tmp_path):
     sd = dit4sr_state_dict(cfg_dict, seed=4, interval=True, dead_keys=True)
     sd["transformer_blocks.2.attn2.add_q_proj.weight"] = np.zeros((16, 16))  # block 2 has no attn2
     path = tmp_path / "student.safetensors"
-    common.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
-    with pytest.raises(common.CheckpointError) as err:
+    tensors.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    with pytest.raises(tensors.CheckpointError) as err:
         convert_transformer.load_transformer(path)
     assert "unexpected key(s):\n    transformer_blocks.2.attn2.add_q_proj.weight" in str(err.value)
     del sd["transformer_blocks.2.attn2.add_q_proj.weight"]
-    common.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    tensors.write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
     cfg, _ = convert_transformer.load_transformer(path)
     assert cfg.time_conditioning == "interval"
 
@@ -375,7 +377,7 @@ def test_converted_directory_round_trip_and_cli(teacher_file, tmp_path):
     cfg2, params2 = convert_transformer.load_transformer(tmp_path / "converted")
     assert cfg2 == cfg and not cfg2.lr_key_bug
     jax.tree.map(np.testing.assert_array_equal, params, params2)
-    _, meta = common.read_converted_config(tmp_path / "converted")
+    _, meta = converted_dir.read_converted_config(tmp_path / "converted")
     assert meta["lr_key_bug"] is False and meta["variant"] == "dit4sr_r1"
 
 
@@ -421,7 +423,7 @@ def test_non_prefix_dual_layers_convert_round_trip(tmp_path):
 def test_dual_layers_that_disagree_with_the_weights_fail_naming_the_keys(tmp_path):
     sd = dit4sr_state_dict(SD3_CONFIGS["dual_0_2_of4"], seed=10, dead_keys=False)
     claimed = {**SD3_CONFIGS["dual_0_2_of4"], "dual_attention_layers": (0, 1)}
-    with pytest.raises(common.CheckpointError) as err:
+    with pytest.raises(tensors.CheckpointError) as err:
         convert_transformer.load_transformer(write_checkpoint(tmp_path, sd, claimed))
     msg = str(err.value)
     assert "missing key(s):\n    transformer_blocks.1.attn2." in msg
@@ -433,7 +435,7 @@ def test_dual_layers_that_disagree_with_the_weights_fail_naming_the_keys(tmp_pat
 # Full-size shapes (no memory).
 
 def count(tree, pattern=None):
-    flat = common.flatten(tree)
+    flat = tensors.flatten(tree)
     return sum(int(np.prod(v.shape)) for k, v in flat.items() if pattern is None or re.search(pattern, k))
 
 
@@ -539,7 +541,7 @@ def test_to_k_control_gets_no_gradient_in_double_norm_mode():
         params = random_mmdit_params(cfg, seed=5)
         z, kw = tiny_inputs(cfg)
         grads = jax.jit(jax.grad(lambda p: jnp.mean(mmdit.MMDiT(cfg).apply({"params": p}, z, **kw) ** 2)))(params)
-        k_grad = max(float(jnp.abs(g).max()) for path, g in common.flatten(grads).items() if "to_k_control" in path)
+        k_grad = max(float(jnp.abs(g).max()) for path, g in tensors.flatten(grads).items() if "to_k_control" in path)
         assert (k_grad == 0.0) == bug
 
 
@@ -574,7 +576,7 @@ def test_teacher_from_base_and_student_from_teacher():
     base = random_mmdit_params(base_cfg, seed=8)
     t_cfg, teacher = teacher_from_base(base_cfg, base)
     assert t_cfg.lr_stream
-    flat, flat_base = common.flatten(teacher), common.flatten(base)
+    flat, flat_base = tensors.flatten(teacher), tensors.flatten(base)
     for path, value in flat_base.items():  # every base tensor is kept as it is
         np.testing.assert_array_equal(flat[path], value)
     assert set(flat) - set(flat_base) and all("control" in p for p in set(flat) - set(flat_base))

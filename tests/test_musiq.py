@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from smfsr_jax.convert import musiq as musiq_convert
-from smfsr_jax.convert.common import CheckpointError, save_converted
+from smfsr_jax.convert.converted_dir import save_converted
+from smfsr_jax.convert.tensors import CheckpointError
 from smfsr_jax.evaluation.scoring import load_musiq
 from smfsr_jax.models import musiq
 from tests.conftest import REPO

@@ -16,7 +16,8 @@ from PIL import Image
 
 from smfsr_jax import sr
 from smfsr_jax.convert import __main__ as convert_cli
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert import tensors as tensors_lib
 from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert.text import load_text_encoders
 from smfsr_jax.core import cache, files
@@ -47,13 +48,13 @@ def write_transformer(folder, state, shards: int = 1):
     (folder / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **CONFIG}))
     tensors = {k: np.asarray(v, np.float32) for k, v in state.items()}
     if shards == 1:
-        common.write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors)
+        tensors_lib.write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors)
         return
     keys, weight_map = sorted(tensors), {}
     for i in range(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = keys[i::shards]
-        common.write_safetensors(folder / name, {k: tensors[k] for k in part})
+        tensors_lib.write_safetensors(folder / name, {k: tensors[k] for k in part})
         weight_map.update({k: name for k in part})
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
@@ -211,7 +212,7 @@ def test_sharded_dit4sr_r1_null_found_parity_and_corrupt_entries(released, tmp_p
                                       lr_key_bug=True) != path  # an option is part of the key
 
     # A deleted file, a removed record: rebuilt in place (and logged), never used.
-    victim = os.path.join(path, bundle_lib.TRANSFORMER_DIR, common.CONFIG_NAME)
+    victim = os.path.join(path, bundle_lib.TRANSFORMER_DIR, converted_dir.CONFIG_NAME)
     os.remove(victim)
     with caplog.at_level(logging.INFO, logger=pretrained.__name__):
         assert convert() == path
@@ -223,7 +224,7 @@ def test_sharded_dit4sr_r1_null_found_parity_and_corrupt_entries(released, tmp_p
         assert convert() == path
     assert f"no valid {pretrained.ENTRY_RECORD}" in caplog.text and pretrained.entry_problem(path) is None
     # Same-size damage behind a complete record: the bundle fails to load and is rebuilt.
-    params = Path(path) / bundle_lib.TRANSFORMER_DIR / common.PARAMS_DIR
+    params = Path(path) / bundle_lib.TRANSFORMER_DIR / converted_dir.PARAMS_DIR
     chunk = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     chunk.write_bytes(b"\0" * chunk.stat().st_size)
     caplog.clear()
@@ -258,7 +259,7 @@ def test_bucket_sources_and_cache(released, bucket_dir, tmp_path, monkeypatch, c
     for ours, published in zip(loaded.null_embeddings, released["null"]):
         np.testing.assert_array_equal(ours, published)
     _, local_params = transformer_convert.load_transformer(released["r1_dir"], lr_key_bug=False)
-    flat_ours, flat_local = common.flatten(loaded.transformer_params), common.flatten(local_params)
+    flat_ours, flat_local = tensors_lib.flatten(loaded.transformer_params), tensors_lib.flatten(local_params)
     assert flat_ours.keys() == flat_local.keys()
     assert all(np.array_equal(flat_ours[k], flat_local[k]) for k in flat_local)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import student_reward
-from smfsr_jax.convert.common import flatten, save_converted
+from smfsr_jax.convert.converted_dir import save_converted
+from smfsr_jax.convert.tensors import flatten
 from smfsr_jax.core import errors
 from smfsr_jax.evaluation.scoring import load_musiq
 from smfsr_jax.models import musiq

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import tensors
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
 from smfsr_jax.core import schedules
 from smfsr_jax.models import mmdit
@@ -48,8 +48,8 @@ def random_params(config: mmdit.MMDiTConfig, seed: int):
             return 0.1 * rng.standard_normal(shape)
         return rng.standard_normal(shape) / np.sqrt(shape[-2])
 
-    flat = common.flatten(mmdit.abstract_params(config))
-    return common.unflatten({k: leaf(k, v.shape).astype(np.float32) for k, v in flat.items()})
+    flat = tensors.flatten(mmdit.abstract_params(config))
+    return tensors.unflatten({k: leaf(k, v.shape).astype(np.float32) for k, v in flat.items()})
 
 
 def random_embeddings(seed: int, tokens: int = 77 + T5_TOKENS):
@@ -348,7 +348,7 @@ def test_bundle_round_trip(tmp_path):
     assert loaded.transformer_config == config and loaded.autoencoder_config == vae_config
     assert loaded.text_encoders_dir == str(text_dir)
     for ours, ref in ((loaded.transformer_params, params), (loaded.autoencoder_params, vae_params)):
-        flat_ours, flat_ref = common.flatten(ours), common.flatten(ref)
+        flat_ours, flat_ref = tensors.flatten(ours), tensors.flatten(ref)
         assert flat_ours.keys() == flat_ref.keys()
         assert all(np.array_equal(flat_ours[k], flat_ref[k]) for k in flat_ref)
     for ours, ref in ((loaded.null_embeddings, null), (loaded.negative_embeddings, negative)):

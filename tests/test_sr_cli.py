@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from smfsr_jax import sr
-from smfsr_jax.convert.common import CheckpointError
+from smfsr_jax.convert.tensors import CheckpointError
 from smfsr_jax.core import files
 from smfsr_jax.core.errors import UserError
 from smfsr_jax.sampling.runner import SRPipeline

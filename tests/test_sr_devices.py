@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from smfsr_jax import sr
-from smfsr_jax.convert.common import save_converted
+from smfsr_jax.convert.converted_dir import save_converted
 from smfsr_jax.convert.lpips import lin_shapes, params_from_state_dicts, trunk_shapes
 from smfsr_jax.data import build
 from smfsr_jax.evaluation import runner

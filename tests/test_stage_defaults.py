@@ -12,7 +12,9 @@ import pytest
 from configs import student_gan, student_isc, teacher_fm
 from smfsr_jax.data.captions import CaptionEmbeddings
 from smfsr_jax.training import stages
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import batch as batch_lib
+from smfsr_jax.training.stages import loading
+from smfsr_jax.training.stages import stage as stage_lib
 from tests import tiny_runs
 from tests.conftest import REPO, import_torch
 
@@ -39,14 +41,14 @@ def test_fields_a_stage_ignores_are_errors():
 
 
 def test_every_stage_draws_its_own_crops():
-    seeds = {module.get_config("tiny").stage: common.data_seed(module.get_config("tiny")) for module in MODULES}
+    seeds = {module.get_config("tiny").stage: batch_lib.data_seed(module.get_config("tiny")) for module in MODULES}
     assert len(set(seeds.values())) == len(MODULES)
-    assert common.data_seed(teacher_fm.get_config("tiny")) == seeds["teacher_fm"]  # deterministic
+    assert batch_lib.data_seed(teacher_fm.get_config("tiny")) == seeds["teacher_fm"]  # deterministic
 
 
 def test_frozen_bf16_keeps_the_positional_table_in_fp32():
     tree = {"pos_embed": {"pos_embed": np.ones((1, 4, 8), np.float32), "proj": {"kernel": np.ones((2, 8), np.float32)}}}
-    cast = common.frozen_cast(tree, ml_collections.ConfigDict({"frozen_dtype": "bfloat16"}))
+    cast = stage_lib.frozen_cast(tree, ml_collections.ConfigDict({"frozen_dtype": "bfloat16"}))
     assert cast["pos_embed"]["pos_embed"].dtype == np.float32
     assert cast["pos_embed"]["proj"]["kernel"].dtype.name == "bfloat16"
 
@@ -72,10 +74,10 @@ def test_a_released_teacher_is_checked_against_the_published_null(tmp_path, capl
     torch.save(torch.from_numpy(pooled.astype(np.float32)), tmp_path / "NULL_pooled_prompt_embeds.pt")
     released = str(tmp_path / "dit4sr_q")  # not a bundle of this project
     same = {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled}
-    common.check_null_embeddings(null_config(published_null=str(tmp_path)), released, same)
+    loading.check_null_embeddings(null_config(published_null=str(tmp_path)), released, same)
     with pytest.raises(ValueError, match="NULL pooled in use"):
-        common.check_null_embeddings(null_config(published_null=str(tmp_path)), released,
-                                     {**same, "pooled_prompt_embeds": pooled + 1})
+        loading.check_null_embeddings(null_config(published_null=str(tmp_path)), released,
+                                      {**same, "pooled_prompt_embeds": pooled + 1})
     with caplog.at_level(logging.WARNING):
-        common.check_null_embeddings(null_config(), released, same)
+        loading.check_null_embeddings(null_config(), released, same)
     assert "cannot check the NULL embeddings" in caplog.text

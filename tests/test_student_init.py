@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common, student_isc
+from configs import base, student_isc
 from smfsr_jax.convert.transformer import load_transformer
 from smfsr_jax.models import mmdit
 from smfsr_jax.training import partition, stages
@@ -17,7 +17,7 @@ from tests.random_weights import random_mmdit_params
 
 def random_teacher(seed=0):
     """The demo's tiny teacher geometry with every weight random (its output depends on the time embedding)."""
-    cfg = mmdit.MMDiTConfig.from_dict(common.model_config("tiny", "dit4sr_teacher").to_dict())
+    cfg = mmdit.MMDiTConfig.from_dict(base.model_config("tiny", "dit4sr_teacher").to_dict())
     return cfg, jax.device_get(random_mmdit_params(cfg, seed, scale=1 / np.sqrt(cfg.hidden_size)))
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError, read_safetensors, write_safetensors
+from smfsr_jax.convert.tensors import CheckpointError, read_safetensors, write_safetensors
 from smfsr_jax.convert.text import (clip_config_from_shapes, convert, load_clip_text, load_null_embeddings,
                                     load_t5, load_text_encoders, t5_config_from_shapes)
 from smfsr_jax.models.text import (CAPTION_SUFFIX, CLIPTextConfig, CLIPTextEncoder, T5Config, T5Encoder,

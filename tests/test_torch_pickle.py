@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError
+from smfsr_jax.convert.tensors import CheckpointError
 from smfsr_jax.convert.torch_pickle import load_state_dict, load_torch_file, torchscript_state_dict
 from tests.conftest import import_torch
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from configs import student_isc, teacher_fm
-from smfsr_jax.convert import common
+from smfsr_jax.convert import tensors
 from smfsr_jax.objectives import isc
 from smfsr_jax.sampling.runner import SRPipeline
 from smfsr_jax.training import checkpoints, loop, partition, stages, writers
 from tests.tiny_runs import STEPS, bundle_params, tiny
 
 def assert_trees_close(a, b, atol):
-    flat_a, flat_b = common.flatten(a), common.flatten(b)
+    flat_a, flat_b = tensors.flatten(a), tensors.flatten(b)
     assert flat_a.keys() == flat_b.keys()
     worst = max(float(np.abs(np.asarray(flat_a[k], np.float64) - np.asarray(flat_b[k], np.float64)).max())
                 for k in flat_a)
@@ -54,7 +54,7 @@ def test_student_steps_from_the_teacher_bundle(teacher_run, student_run):
     student = bundle_params(student_run)
     teacher = bundle_params(teacher_run)
     # Frozen weights are bit-identical after training; only control and the interval MLP moved.
-    flat_s, flat_t = common.flatten(student), common.flatten(teacher)
+    flat_s, flat_t = tensors.flatten(student), tensors.flatten(teacher)
     for path, value in flat_t.items():
         if "control" in path:
             continue

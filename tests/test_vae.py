@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smfsr_jax.convert.common import CheckpointError, write_safetensors
+from smfsr_jax.convert.tensors import CheckpointError, write_safetensors
 from smfsr_jax.convert.vae import checkpoint_shapes, convert, load_vae
 from smfsr_jax.models.vae import (AutoencoderKL, PixelAutoencoder, VAEConfig, denormalize_latents, make_autoencoder,
                                   normalize_latents, sample_latent)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from smfsr_jax.convert.common import write_safetensors
+from smfsr_jax.convert.tensors import write_safetensors
 from smfsr_jax.convert.text import load_text_encoders
 from smfsr_jax.models.text import CLIPTextConfig, T5Config, TextEncoders
 

@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_lpips": "lpips",
     "load_lpips_from": "lpips",
     "load_dinov3": "dinov3",
-    "CheckpointError": "common",
+    "CheckpointError": "tensors",
 }
 
 

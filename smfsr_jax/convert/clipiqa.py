@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfsr_jax.convert import torch_pickle
-from smfsr_jax.convert.common import (check_keys, check_tree, conv_kernel, linear_kernel,
-                                      map_tensors, unflatten)
+from smfsr_jax.convert.tensors import check_keys, check_tree, conv_kernel, linear_kernel, map_tensors, unflatten
 from smfsr_jax.models.clipiqa import RN50, CLIPIQA, CLIPIQAConfig, TextTransformer, prompt_tokens
 
 # Integer attributes that only TorchScript archives carry (build_model deletes them).

@@ -18,9 +18,9 @@ import re
 
 import numpy as np
 
-from smfsr_jax.convert.common import (CONFIG_NAME, CheckpointError, check_keys, check_tree, conv_kernel,
-                                      is_converted, linear_kernel, load_converted, map_tensors, open_weights,
-                                      save_converted, tensor_shape, unflatten)
+from smfsr_jax.convert.converted_dir import CONFIG_NAME, is_converted, load_converted, save_converted
+from smfsr_jax.convert.tensors import (CheckpointError, check_keys, check_tree, conv_kernel, linear_kernel, map_tensors,
+                                       open_weights, tensor_shape, unflatten)
 from smfsr_jax.convert.torch_pickle import load_state_dict
 from smfsr_jax.core import files
 from smfsr_jax.models.dinov3 import DINOv3Config, abstract_params

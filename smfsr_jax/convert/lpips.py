@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import (CheckpointError, check_keys, check_tree, conv_kernel, is_converted,
-                                      load_converted, map_tensors, save_converted, unflatten)
+from smfsr_jax.convert.converted_dir import is_converted, load_converted, save_converted
+from smfsr_jax.convert.tensors import CheckpointError, check_keys, check_tree, conv_kernel, map_tensors, unflatten
 from smfsr_jax.convert.torch_pickle import load_state_dict
 from smfsr_jax.core import files
 from smfsr_jax.models.lpips import LPIPS, LPIPSConfig

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfsr_jax.convert import torch_pickle
-from smfsr_jax.convert.common import (conv1x1_as_linear, conv_kernel, convert_checked,
-                                      linear_kernel)
+from smfsr_jax.convert.tensors import conv1x1_as_linear, conv_kernel, convert_checked, linear_kernel
 from smfsr_jax.models.maniqa import MANIQA, PIPAL, MANIQAConfig
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smfsr_jax.convert import torch_pickle
-from smfsr_jax.convert.common import conv_kernel, convert_checked, linear_kernel
+from smfsr_jax.convert.tensors import conv_kernel, convert_checked, linear_kernel
 from smfsr_jax.models.musiq import KONIQ, MUSIQ, STEM_WIDTH, MUSIQConfig
 
 

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import (CheckpointError, MergedTensors, SafetensorsFile, check_keys, check_tree,
-                                      is_converted, linear_kernel, load_converted, open_weights, progress,
-                                      save_converted, tensor_shape, unflatten)
+from smfsr_jax.convert.converted_dir import is_converted, load_converted, save_converted
+from smfsr_jax.convert.tensors import (CheckpointError, MergedTensors, SafetensorsFile, check_keys, check_tree,
+                                       linear_kernel, open_weights, progress, tensor_shape, unflatten)
 from smfsr_jax.convert.torch_pickle import load_torch_file
 from smfsr_jax.core import files
 from smfsr_jax.models.text import (CLIP_MAX_LENGTH, TOKENIZER_DIRS, CLIPTextConfig, CLIPTextEncoder, T5Config,

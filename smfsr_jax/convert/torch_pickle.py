@@ -29,8 +29,8 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from smfsr_jax.convert import common
-from smfsr_jax.convert.common import CheckpointError
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert.tensors import CheckpointError
 from smfsr_jax.core import files
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -436,6 +436,6 @@ def convert_torch_file(src, dst, converter: str, config, convert_state_dict: Cal
     Returns `config`."""
     src = os.fspath(src)
     params = convert_state_dict(load_state_dict(src), config, source=src)
-    common.save_converted(dst, dataclasses.asdict(config), params,
-                          meta={"converter": converter, "source": files.absolute(src)})
+    converted_dir.save_converted(dst, dataclasses.asdict(config), params,
+                                 meta={"converter": converter, "source": files.absolute(src)})
     return config

@@ -19,7 +19,8 @@ import re
 import jax
 import numpy as np
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert import tensors as tensors_lib
 from smfsr_jax.core import files
 from smfsr_jax.models import mmdit
 
@@ -39,7 +40,7 @@ def ignored_keys(cfg: mmdit.MMDiTConfig) -> tuple:
 # diffusers key <-> Flax path.
 
 def _linear(key, path):
-    return {f"{key}.weight": (f"{path}/kernel", common.linear_kernel),
+    return {f"{key}.weight": (f"{path}/kernel", tensors_lib.linear_kernel),
             f"{key}.bias": (f"{path}/bias", np.asarray)}
 
 
@@ -73,7 +74,7 @@ def _block_rules(cfg: mmdit.MMDiTConfig, i: int) -> dict:
     rules.update(_linear("ff.net.0.proj", "ff/fc1"))
     rules.update(_linear("ff.net.2", "ff/fc2"))
     if cfg.lr_stream:
-        rules["ff.control_conv.weight"] = ("ff/control_conv/kernel", common.conv_kernel)
+        rules["ff.control_conv.weight"] = ("ff/control_conv/kernel", tensors_lib.conv_kernel)
         rules["ff.control_conv.bias"] = ("ff/control_conv/bias", np.asarray)
     if not last:
         rules.update(_linear("attn.to_add_out", "attn/to_add_out"))
@@ -94,7 +95,7 @@ def _block_group(cfg: mmdit.MMDiTConfig, i: int) -> tuple[str, int]:
 
 def _top_rules(cfg: mmdit.MMDiTConfig) -> dict:
     rules = {"pos_embed.pos_embed": ("pos_embed/pos_embed", np.asarray),
-             "pos_embed.proj.weight": ("pos_embed/proj/kernel", common.conv_kernel),
+             "pos_embed.proj.weight": ("pos_embed/proj/kernel", tensors_lib.conv_kernel),
              "pos_embed.proj.bias": ("pos_embed/proj/bias", np.asarray)}
     if cfg.time_conditioning == "interval":
         embed_key, embed_path = "time_text_embed_interval.time_text_embed", "time_text_embed_interval/time_text_embed"
@@ -155,7 +156,7 @@ def expected_shapes(cfg: mmdit.MMDiTConfig) -> dict:
 def diffusers_to_flax(tensors, cfg: mmdit.MMDiTConfig, source: str, dtype=np.float32,
                       show_progress: bool = False) -> dict:
     """Strictly check a diffusers-named state dict and map it to the stacked Flax tree."""
-    common.check_keys(source, tensors, expected_shapes(cfg), ignored_keys(cfg))
+    tensors_lib.check_keys(source, tensors, expected_shapes(cfg), ignored_keys(cfg))
     rules = dict(_top_rules(cfg))
     stacks = {}  # flax path -> list of per-block arrays
     for i in range(cfg.num_layers):
@@ -168,15 +169,15 @@ def diffusers_to_flax(tensors, cfg: mmdit.MMDiTConfig, source: str, dtype=np.flo
     items = [(path, key, fn, False) for key, (path, fn) in rules.items()]
     items += [(path, key, fn, True) for path, entries in stacks.items() for key, fn in entries]
     flat, stacked = {}, {}
-    for path, key, fn, is_stacked in common.progress(items, total=len(items), desc="transformer",
-                                                      enabled=show_progress):
+    for path, key, fn, is_stacked in tensors_lib.progress(items, total=len(items), desc="transformer",
+                                                          enabled=show_progress):
         array = np.asarray(fn(np.asarray(tensors[key])), dtype=dtype)
         if is_stacked:
             stacked.setdefault(path, []).append(array)  # blocks arrive in order
         else:
             flat[path] = array
     flat.update({path: np.stack(arrays) for path, arrays in stacked.items()})
-    return common.unflatten(flat)
+    return tensors_lib.unflatten(flat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class _OriginalAsDiffusers:
         self.path = getattr(tensors, "path", "<tensors>")
         keys = [k[len(prefix):] for k in tensors if k.startswith(prefix)]
         if not keys:
-            raise common.CheckpointError(f"{self.path}: no '{prefix}*' tensors (not an SD3 single file)")
+            raise tensors_lib.CheckpointError(f"{self.path}: no '{prefix}*' tensors (not an SD3 single file)")
         blocks = {int(m.group(1)) for k in keys if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
         self.last = max(blocks) if blocks else -1
         self.map = {}  # diffusers key -> (original key, fn)
@@ -244,7 +245,7 @@ class _OriginalAsDiffusers:
 
     def shape(self, key):
         original, fn = self.map[key]
-        shape = common.tensor_shape(self.tensors, original)
+        shape = tensors_lib.tensor_shape(self.tensors, original)
         if original.endswith("qkv.weight") or original.endswith("qkv.bias"):
             return (shape[0] // 3,) + tuple(shape[1:])
         return shape
@@ -264,7 +265,7 @@ class _OriginalAsDiffusers:
 # Config from a diffusers config.json or from tensor shapes.
 
 def _config_from_shapes(tensors, overrides: dict) -> mmdit.MMDiTConfig:
-    shape = lambda k: common.tensor_shape(tensors, k)  # noqa: E731
+    shape = lambda k: tensors_lib.tensor_shape(tensors, k)  # noqa: E731
     try:
         d, in_ch, p, _ = shape("pos_embed.proj.weight")
         blocks = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
@@ -284,8 +285,8 @@ def _config_from_shapes(tensors, overrides: dict) -> mmdit.MMDiTConfig:
             time_conditioning="interval" if interval else "single",
             time_scale=1.0 if interval else 1000.0)
     except KeyError as e:
-        raise common.CheckpointError(f"{getattr(tensors, 'path', '<tensors>')}: cannot infer the MM-DiT config, "
-                                     f"missing tensor {e}") from None
+        raise tensors_lib.CheckpointError(f"{getattr(tensors, 'path', '<tensors>')}: cannot infer the MM-DiT config, "
+                                          f"missing tensor {e}") from None
     return mmdit.MMDiTConfig(**{**derived, **overrides})
 
 
@@ -294,8 +295,8 @@ def _config_from_diffusers_json(path: str, tensors, overrides: dict) -> mmdit.MM
     inferred = _config_from_shapes(tensors, {})
     d = raw["num_attention_heads"] * raw["attention_head_dim"]
     if raw.get("caption_projection_dim", d) != d:
-        raise common.CheckpointError(f"{path}: caption_projection_dim {raw['caption_projection_dim']} must equal "
-                                     f"the model width {d}")
+        raise tensors_lib.CheckpointError(f"{path}: caption_projection_dim {raw['caption_projection_dim']} must equal "
+                                          f"the model width {d}")
     fields = dict(
         patch_size=raw.get("patch_size", 2), in_channels=raw.get("in_channels", 16),
         out_channels=raw.get("out_channels") or raw.get("in_channels", 16), num_layers=raw["num_layers"],
@@ -329,14 +330,14 @@ def load_transformer(path: str, *, params_dtype=np.float32, show_progress: bool 
     is_dir = files.is_dir(path)
     if is_dir:
         path = _resolve_dir(path)
-    if is_dir and common.is_converted(path):
-        config_dict, _ = common.read_converted_config(path)
+    if is_dir and converted_dir.is_converted(path):
+        config_dict, _ = converted_dir.read_converted_config(path)
         cfg = mmdit.MMDiTConfig.from_dict({**config_dict, **config_overrides})
         abstract = mmdit.abstract_params(cfg)
-        _, _, params = common.load_converted(path, abstract)
-        common.check_tree(path, params, abstract)
+        _, _, params = converted_dir.load_converted(path, abstract)
+        tensors_lib.check_tree(path, params, abstract)
         return cfg, jax.tree.map(lambda x: np.asarray(x, params_dtype), params)
-    tensors = common.open_weights(path)
+    tensors = tensors_lib.open_weights(path)
     source = getattr(tensors, "path", path)
     if any(k.startswith(ORIGINAL_PREFIX) for k in tensors):
         tensors = _OriginalAsDiffusers(tensors)
@@ -353,5 +354,5 @@ def convert(src: str, dst: str, show_progress: bool = True, variant: str = "", *
     """Convert once to an orbax checkpoint + JSON config (records `lr_key_bug` and the variant)."""
     cfg, params = load_transformer(src, show_progress=show_progress, **config_overrides)
     meta = {"source": files.absolute(src), "variant": variant, "lr_key_bug": cfg.lr_key_bug}
-    common.save_converted(dst, cfg.to_dict(), params, meta)
+    converted_dir.save_converted(dst, cfg.to_dict(), params, meta)
     return cfg

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smfsr_jax.convert.common import (CheckpointError, check_keys, check_tree, conv1x1_as_linear, conv_kernel,
-                                      is_converted, linear_kernel, load_converted, map_tensors, open_weights,
-                                      save_converted, tensor_shape, unflatten)
+from smfsr_jax.convert.converted_dir import is_converted, load_converted, save_converted
+from smfsr_jax.convert.tensors import (CheckpointError, check_keys, check_tree, conv1x1_as_linear, conv_kernel,
+                                       linear_kernel, map_tensors, open_weights, tensor_shape, unflatten)
 from smfsr_jax.core import files
 from smfsr_jax.models.vae import AutoencoderKL, VAEConfig
 

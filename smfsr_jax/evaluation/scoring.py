@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from smfsr_jax.convert.common import load_converted_of
+from smfsr_jax.convert.converted_dir import load_converted_of
 from smfsr_jax.evaluation.io import to_unit_float
 from smfsr_jax.models import clipiqa, maniqa, musiq
 

@@ -16,7 +16,7 @@ import ml_collections
 from smfsr_jax.core import files
 from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.training import checkpoints, stages
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import stage as stage_lib
 from smfsr_jax.weights import bundle as bundle_lib
 
 
@@ -27,7 +27,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(files.read_text(path)))
 
 
-def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[common.Network] = None,
+def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[stage_lib.Network] = None,
                     use_ema: bool = True) -> bundle_lib.Bundle:
     """The trained network of `workdir` at `step` (default: the latest finished checkpoint).
 
@@ -43,7 +43,7 @@ def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[
     if step not in finished:
         raise FileNotFoundError(f"{directory}: step {step} is not a finished checkpoint (have {finished})")
     field = "ema_params" if (config.get("ema_decay") is not None and use_ema) else "params"
-    part, target = network.part, common.shapes(network.trainable)
+    part, target = network.part, stage_lib.shapes(network.trainable)
     trainable = checkpoints.restore_subtree(directory, step, {field: {part: target} if part else target})[field]
     trainable = jax.device_get(trainable[part] if part else trainable)
     null = network.frozen["null"]
@@ -53,4 +53,4 @@ def load_checkpoint(workdir: str, step: Optional[int] = None, network: Optional[
         autoencoder_params=network.frozen["autoencoder"],
         null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]), negative_embeddings=None,
         text_encoders_dir=config.text.get("encoders"),
-        meta=common.bundle_meta(config.stage, network.autoencoder_config, config, step))
+        meta=stage_lib.bundle_meta(config.stage, network.autoencoder_config, config, step))

@@ -25,7 +25,9 @@ from smfsr_jax.core import workdir as workdir_lib
 from smfsr_jax.data import captions, pipeline
 from smfsr_jax.training import checkpoints, preemption, run_lock, sharding, stages, writers
 from smfsr_jax.training import state as state_lib
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import batch as batch_lib
+from smfsr_jax.training.stages import preview as preview_lib
+from smfsr_jax.training.stages import stage as stage_lib
 from smfsr_jax.weights import bundle
 
 # Batch fields the jitted step reads; the rest (indices, names) stay on the host.
@@ -105,7 +107,7 @@ def data_iterator(config: ml_collections.ConfigDict):
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     batches = pipeline.train_pipeline(
-        source, batch_size=config.batch_size // jax.process_count(), seed=common.data_seed(config),
+        source, batch_size=config.batch_size // jax.process_count(), seed=batch_lib.data_seed(config),
         degradation_config=config.data.degradation, text_dropout=config.data.text_dropout, embeddings=embeddings,
         worker_count=config.data.worker_count, worker_buffer_size=config.data.worker_buffer_size)
     return iter(batches)
@@ -168,7 +170,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pre
 
     with errors.as_user_error(f"stage {config.stage}"):  # a missing or mismatched input named in the config
         stage = stages.build_stage(config)
-    logging.info("stage %s", json.dumps(common.describe(stage)))
+    logging.info("stage %s", json.dumps(stage_lib.describe(stage)))
     optimizer = state_lib.make_optimizer(config.optimizer, stage.parts)
     state, state_shardings = state_lib.init_state(stage.trainable, optimizer, config.ema_decay is not None, mesh,
                                                   rules, stage.model_state)
@@ -198,7 +200,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pre
         logging.info("profile traces go to %s", profile_dir)
         hooks.append(periodic_actions.Profile(logdir=profile_dir, num_profile_steps=5, first_profile=start + 10))
 
-    preview, compiled_preview = common.make_preview_fn(stage, mesh), None
+    preview, compiled_preview = preview_lib.make_preview_fn(stage, mesh), None
     evaluate = _SyncedFirstCall(stage.evaluate, "held-out evaluation") if stage.evaluate is not None else None
     compiled, pending, last, stopped_at = None, None, {}, None
     if evaluate is not None and start == 0:
@@ -247,7 +249,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pre
     return last
 
 
-def export_bundle(stage: common.Stage, state: state_lib.TrainState, config: ml_collections.ConfigDict, dst: str):
+def export_bundle(stage: stage_lib.Stage, state: state_lib.TrainState, config: ml_collections.ConfigDict, dst: str):
     """Write the trained network (EMA weights when kept) as a model bundle for SR and the next stage."""
     trainable = state.ema_params if config.ema_decay is not None else state.params
     trainable = multihost_utils.process_allgather(trainable, tiled=True)  # every process takes part
@@ -258,8 +260,8 @@ def export_bundle(stage: common.Stage, state: state_lib.TrainState, config: ml_c
                        autoencoder_config=stage.autoencoder_config, autoencoder_params=stage.frozen["autoencoder"],
                        null_embeddings=(null["prompt_embeds"], null["pooled_prompt_embeds"]),
                        text_encoders_dir=config.text.get("encoders"),
-                       meta=common.bundle_meta(stage.name, stage.autoencoder_config, config,
-                                              int(jax.device_get(state.step))))
+                       meta=stage_lib.bundle_meta(stage.name, stage.autoencoder_config, config,
+                                                  int(jax.device_get(state.step))))
     logging.info("wrote %s", dst)
 
 

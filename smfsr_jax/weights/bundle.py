@@ -28,7 +28,7 @@ time conditioning a DiT4SR-style teacher (SD3 Euler sampler with CFG). Training 
               text_encoders_dir=config.text.encoders,
               meta={"stage": "student_isc", "step": step, "variant": "sd35m", "tile_size": 64})
 
-(training/loop.py `export_bundle`; `meta` is `stages.common.bundle_meta`: the stage's name, its last step, the
+(training/loop.py `export_bundle`; `meta` is `stages.stage.bundle_meta`: the stage's name, its last step, the
 config variant and the latent tile SR uses by default.)
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
 from smfsr_jax.convert.transformer import load_transformer
 from smfsr_jax.convert.vae import load_vae
 from smfsr_jax.core import files
@@ -133,15 +133,15 @@ def save_bundle(dst: str, *, student_config: MMDiTConfig, student_params, autoen
     bundle_file = os.path.join(dst, BUNDLE_FILE)
     if files.exists(bundle_file):  # an older bundle: no longer complete while its parts are replaced
         files.remove(bundle_file)
-    common.save_converted(os.path.join(dst, TRANSFORMER_DIR), config.to_dict(), student_params,
-                          meta={"kind": transformer_kind(config), "lr_key_bug": config.lr_key_bug})
+    converted_dir.save_converted(os.path.join(dst, TRANSFORMER_DIR), config.to_dict(), student_params,
+                                 meta={"kind": transformer_kind(config), "lr_key_bug": config.lr_key_bug})
     autoencoder_dir = os.path.join(dst, AUTOENCODER_DIR)
     autoencoder_record = dataclasses.asdict(autoencoder_config)
     if autoencoder_config.kind == "pixel":  # no weights: orbax cannot save an empty tree
-        files.write_text(os.path.join(autoencoder_dir, common.CONFIG_NAME),
+        files.write_text(os.path.join(autoencoder_dir, converted_dir.CONFIG_NAME),
                          json.dumps({"config": autoencoder_record, "meta": {}}, indent=2, sort_keys=True))
     else:
-        common.save_converted(autoencoder_dir, autoencoder_record, autoencoder_params)
+        converted_dir.save_converted(autoencoder_dir, autoencoder_record, autoencoder_params)
     _save_embeddings(os.path.join(dst, NULL_EMBEDDINGS_FILE), null_embeddings)
     if negative_embeddings is not None:
         _save_embeddings(os.path.join(dst, NEGATIVE_EMBEDDINGS_FILE), negative_embeddings)
@@ -187,7 +187,7 @@ def load_bundle(path: str, **transformer_overrides) -> Bundle:
     transformer_config, transformer_params = load_transformer(os.path.join(path, record["transformer"]),
                                                               **transformer_overrides)
     autoencoder_dir = os.path.join(path, record["autoencoder"])
-    autoencoder_record, _ = common.read_converted_config(autoencoder_dir)
+    autoencoder_record, _ = converted_dir.read_converted_config(autoencoder_dir)
     if autoencoder_record.get("kind") == "pixel":
         autoencoder_config, autoencoder_params = VAEConfig.from_dict(autoencoder_record), {}
     else:

@@ -46,7 +46,8 @@ import uuid
 
 from tqdm import tqdm
 
-from smfsr_jax.convert import common
+from smfsr_jax.convert import converted_dir
+from smfsr_jax.convert import tensors as tensors_lib
 from smfsr_jax.convert import text as text_convert
 from smfsr_jax.convert import transformer as transformer_convert
 from smfsr_jax.convert import vae as vae_convert
@@ -161,10 +162,10 @@ class Plan:
     def files(self) -> list[str]:
         """Every source file the bundle is made from."""
         weights = [os.path.join(self.transformer_dir, n) for n in files.listdir(self.transformer_dir)
-                   if n == common.CONFIG_NAME or n.endswith((".safetensors", ".safetensors.index.json"))]
+                   if n == converted_dir.CONFIG_NAME or n.endswith((".safetensors", ".safetensors.index.json"))]
         vae_dir = os.path.join(self.base_dir, VAE_DIR)
         vae = [os.path.join(vae_dir, n) for n in files.listdir(vae_dir)
-               if n == common.CONFIG_NAME or n.endswith(".safetensors")]
+               if n == converted_dir.CONFIG_NAME or n.endswith(".safetensors")]
         return weights + vae + list(self.null_files or ()) + self.text_files()
 
     def options(self) -> dict:
@@ -180,12 +181,12 @@ def _transformer_dir(model: str, path: str) -> str:
     if files.is_dir(os.path.join(path, TRANSFORMER_DIR)):
         path = os.path.join(path, TRANSFORMER_DIR)
     names = files.listdir(path)
-    if common.CONFIG_NAME not in names or not any(re.fullmatch(r"diffusion_pytorch_model.*\.safetensors", n)
-                                                  for n in names):
-        raise UserError(f"MODEL {model}: {path} holds neither {TRANSFORMER_DIR}/ nor {common.CONFIG_NAME} + "
+    if converted_dir.CONFIG_NAME not in names or not any(re.fullmatch(r"diffusion_pytorch_model.*\.safetensors", n)
+                                                         for n in names):
+        raise UserError(f"MODEL {model}: {path} holds neither {TRANSFORMER_DIR}/ nor {converted_dir.CONFIG_NAME} + "
                         "diffusion_pytorch_model*.safetensors (the published DiT4SR / SMFSR layout)")
     # The header names alone tell a released SR model from a plain SD3.5 transformer, before any conversion.
-    tensors = common.open_weights(path)
+    tensors = tensors_lib.open_weights(path)
     if not any("_control." in k for k in tensors):
         raise UserError(f"MODEL {model}: {tensors.path} is a Stable Diffusion 3.5 transformer without DiT4SR's LR "
                         "stream (no *_control weights); MODEL must be an SR release (smfsr_q, smfsr_f, Teacher, "

@@ -17,7 +17,7 @@ import pathlib
 import skimage
 import tensorflow_datasets as tfds
 
-from smfsr_jax.data.tfds import common
+from smfsr_jax.data.tfds import builder
 
 PHOTOGRAPHS = {
     "astronaut.png": "A portrait of an astronaut in a white spacesuit in front of an American flag.",
@@ -37,18 +37,18 @@ def skimage_data_dir() -> pathlib.Path:
     return pathlib.Path(skimage.__file__).parent / "data"
 
 
-class Bundled(common.ImageBuilder):
+class Bundled(builder.ImageBuilder):
     """scikit-image's colour photographs; records {hr, file_name, caption, height, width}."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def _info(self):
-        return self._info_from_features(common.hr_features(), "Colour photographs bundled with scikit-image.")
+        return self._info_from_features(builder.hr_features(), "Colour photographs bundled with scikit-image.")
 
     def _split_generators(self, dl_manager):
         root = skimage_data_dir()
-        captions = common.Captions(root)
+        captions = builder.Captions(root)
         captions.table.update(PHOTOGRAPHS)
         files = {split: [root / name for name in sorted(PHOTOGRAPHS) if (name in HOLDOUT) == (split == "holdout")]
                  for split in ("train", "holdout")}

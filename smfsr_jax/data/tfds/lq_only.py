@@ -2,7 +2,7 @@
 
 manual_dir layout: the LR images anywhere below manual_dir (a flat folder as released), e.g.
 `manual_dir/0001.png ...`; a `test_LR/` sub-folder is used instead when present. Optional captions
-as described in `smfsr_jax.data.tfds.common`. One split, `test`, in relative-path order.
+as described in `smfsr_jax.data.tfds.builder`. One split, `test`, in relative-path order.
 
 Configs: `reallq250` (250 images), `realset65` (65), `custom` (any count).
 
@@ -14,7 +14,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from smfsr_jax.data.tfds import common
+from smfsr_jax.data.tfds import builder
 
 
 @dataclasses.dataclass
@@ -22,7 +22,7 @@ class LqConfig(tfds.core.BuilderConfig):
     expected_images: int | None = None
 
 
-class LqOnly(common.ImageBuilder):
+class LqOnly(builder.ImageBuilder):
     """LR-only test images; records {lr, file_name, caption, height, width} (LR size)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -37,11 +37,11 @@ class LqOnly(common.ImageBuilder):
     """
 
     def _info(self):
-        return self._info_from_features(common.hr_features(image_key="lr"),
+        return self._info_from_features(builder.hr_features(image_key="lr"),
                                         "Real-world LR images without ground truth.")
 
     def _split_generators(self, dl_manager):
-        root = common.require_manual_dir(dl_manager, self.name)
+        root = builder.require_manual_dir(dl_manager, self.name)
         folder = root / "test_LR" if (root / "test_LR").is_dir() else root
-        return {"test": self._generate_examples("test", folder, common.list_images(folder), common.Captions(root),
+        return {"test": self._generate_examples("test", folder, builder.list_images(folder), builder.Captions(root),
                                                 self.builder_config.expected_images, image_key="lr")}

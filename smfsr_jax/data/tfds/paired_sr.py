@@ -6,7 +6,7 @@ manual_dir layout (the StableSR test-set layout, also cswry/OSEDiff preset/datas
 Pairs are matched by relative path, else by file stem with a trailing LR/HR marker removed
 (`_LR4`, `_HR`, `x4`, ...). Unmatched files and pairs whose sizes are not exactly x`scale` are skipped,
 counted and logged. Optional captions (of the LR image, as SMFSR's test prompts are) as described in
-`smfsr_jax.data.tfds.common`; the LR file is tried first, then the HR file. One split, `test`, in
+`smfsr_jax.data.tfds.builder`; the LR file is tried first, then the HR file. One split, `test`, in
 name order.
 
 Configs: `drealsr` (93 pairs), `realsr` (100), `div2k_val` (3000), `custom` (any count).
@@ -22,7 +22,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from smfsr_jax.data.tfds import common
+from smfsr_jax.data.tfds import builder
 
 _MARKER = re.compile(r"[_-]?(lr|hr|lq|gt)\d*$|[_-]?x\d+$", re.IGNORECASE)
 
@@ -38,7 +38,7 @@ def _pair_key(path: pathlib.Path, folder: pathlib.Path) -> str:
     return (relative.parent / _MARKER.sub("", relative.name)).as_posix()
 
 
-class PairedSr(common.ImageBuilder):
+class PairedSr(builder.ImageBuilder):
     """LR/HR benchmark pairs; records {lr, hr, file_name, caption, height, width} (HR size)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -55,19 +55,19 @@ class PairedSr(common.ImageBuilder):
     """
 
     def _info(self):
-        features = {"lr": common.image_bytes(), **common.hr_features()}
+        features = {"lr": builder.image_bytes(), **builder.hr_features()}
         return self._info_from_features(features, "Benchmark LR/HR pairs matched by name.")
 
     def _split_generators(self, dl_manager):
-        root = common.require_manual_dir(dl_manager, self.name)
+        root = builder.require_manual_dir(dl_manager, self.name)
         return {"test": self._generate_examples("test", root)}
 
     def _generate_examples(self, split: str, root: pathlib.Path):
         lr_dir, hr_dir = root / "test_LR", root / "test_HR"
-        lr_files, hr_files = common.list_images(lr_dir), common.list_images(hr_dir)
+        lr_files, hr_files = builder.list_images(lr_dir), builder.list_images(hr_dir)
         hr_by_name = {p.relative_to(hr_dir).with_suffix("").as_posix(): p for p in hr_files}
         hr_by_key = {_pair_key(p, hr_dir): p for p in hr_files}
-        captions = common.Captions(root)
+        captions = builder.Captions(root)
         matched_hr = set()
         for key, lr_path in enumerate(lr_files):
             name = lr_path.relative_to(lr_dir).as_posix()

@@ -11,7 +11,8 @@ Each module has `build(config, abstract=False) -> Stage` (everything a training 
 
 import ml_collections
 
-from smfsr_jax.training.stages import common, gan, reward, student, teacher
+from smfsr_jax.training.stages import gan, reward, student, teacher
+from smfsr_jax.training.stages import stage as stage_lib
 
 STAGES = {module.NAME: module for module in (teacher, student, gan, reward)}
 
@@ -22,9 +23,9 @@ def stage_module(config: ml_collections.ConfigDict):
     return STAGES[config.stage]
 
 
-def build_stage(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
+def build_stage(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Stage:
     return stage_module(config).build(config, abstract)
 
 
-def build_network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+def build_network(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Network:
     return stage_module(config).network(config, abstract)

@@ -22,7 +22,9 @@ from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import adversarial, isc, reconstruction, vsd
 from smfsr_jax.training import lora, partition
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import batch as batch_lib
+from smfsr_jax.training.stages import loading
+from smfsr_jax.training.stages import stage as stage_lib
 
 NAME = "student_gan"
 PARTS = ("student", "regularizer", "discriminator")
@@ -62,7 +64,7 @@ def regularizer_parts(teacher_params: dict, teacher_config: mmdit.MMDiTConfig, c
     """(trainable, frozen-own) of the regularizer: the teacher's control weights as a trainable copy, or
     LoRA adapters on the control linears with the depthwise control conv trainable."""
     control, _ = partition.partition(teacher_params, ("control",))
-    exclude = common.unused_keys(teacher_config)
+    exclude = stage_lib.unused_keys(teacher_config)
     if config.mode == "full":
         return partition.partition(control, ("control",), exclude)
     if config.mode != "lora":
@@ -81,31 +83,31 @@ def regularizer_control(trainable: dict, frozen_own: dict, config: ml_collection
     return partition.merge(linears, trainable["conv"])
 
 
-def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+def network(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Network:
     """The student alone (no teacher, LPIPS or discriminator)."""
-    return common.student_network(config, abstract, part="student")
+    return loading.student_network(config, abstract, part="student")
 
 
-def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
-    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
-    student_config, student_trainable, student_own, base = common.student_parts(config, abstract)
-    null = common.null_embeddings(config.text, student_config, config.data, abstract)
-    teacher_config, teacher_params, teacher_entries = common.teacher_for_student(config, student_config, base, null,
-                                                                                 abstract)
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Stage:
+    ae_config, ae_params = loading.load_autoencoder(config.autoencoder, abstract)
+    student_config, student_trainable, student_own, base = loading.student_parts(config, abstract)
+    null = loading.null_embeddings(config.text, student_config, config.data, abstract)
+    teacher_config, teacher_params, teacher_entries = loading.teacher_for_student(config, student_config, base, null,
+                                                                                  abstract)
     reg_trainable, reg_frozen = regularizer_parts(teacher_params, teacher_config, config.regularizer)
     if abstract:
-        reg_trainable = common.shapes(reg_trainable)
-    lpips_config, lpips_params = common.load_lpips(config.rec.lpips, abstract)
+        reg_trainable = stage_lib.shapes(reg_trainable)
+    lpips_config, lpips_params = loading.load_lpips(config.rec.lpips, abstract)
     disc_config, dino_params, heads, spectral = load_discriminator(config.disc, config.seed, abstract)
-    cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
+    cast = lambda tree: stage_lib.frozen_cast(tree, config)  # noqa: E731
     frozen = {"base": cast(base), "own": cast(student_own), **{k: cast(v) for k, v in teacher_entries.items()},
               "regularizer": cast(reg_frozen), "autoencoder": ae_params, "lpips": lpips_params,
               "dinov3": dino_params, "null": null}
     trainable = {"student": student_trainable, "regularizer": reg_trainable, "discriminator": heads}
     losses = make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config)
-    stage = common.Stage(NAME, student_config, trainable, frozen, combine_losses(losses, config.weights),
-                         ae_config, teacher_config, model_state=spectral, parts=PARTS, student_part="student")
-    logging.info("%s: %s", NAME, common.describe(stage))
+    stage = stage_lib.Stage(NAME, student_config, trainable, frozen, combine_losses(losses, config.weights),
+                            ae_config, teacher_config, model_state=spectral, parts=PARTS, student_part="student")
+    logging.info("%s: %s", NAME, stage_lib.describe(stage))
     return stage
 
 
@@ -125,7 +127,7 @@ def combine_losses(losses, weights: ml_collections.ConfigDict):
 
 def make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config):
     """(params, model_state, frozen, batch, rng) -> (terms, metrics, new model_state), each term a scalar."""
-    isc.check_times(**common.isc_times(config.isc))
+    isc.check_times(**batch_lib.isc_times(config.isc))
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     autoencoder = vae.make_autoencoder(ae_config)
     lpips_model = lpips_lib.LPIPS(lpips_config)
@@ -134,11 +136,11 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
 
     def losses(params, model_state, frozen, batch, rng):
         keys = dict(zip(("latents", "noise", "isc", "vsd", "reg", "aug_fake", "aug_real"), jax.random.split(rng, 7)))
-        hr, lr = common.batch_latents(ae_config, frozen, batch, keys["latents"])
-        context, pooled = common.text_condition(frozen, batch, hr.shape[0])
-        null_context, null_pooled = common.text_condition(frozen, {}, hr.shape[0])
+        hr, lr = batch_lib.batch_latents(ae_config, frozen, batch, keys["latents"])
+        context, pooled = batch_lib.text_condition(frozen, batch, hr.shape[0])
+        null_context, null_pooled = batch_lib.text_condition(frozen, {}, hr.shape[0])
         student_params = partition.merge(params["student"], frozen["base"], frozen["own"])
-        teacher_params = sg(common.teacher_params(frozen))
+        teacher_params = sg(stage_lib.teacher_params(frozen))
         reg_control = regularizer_control(params["regularizer"], frozen["regularizer"], config.regularizer)
         teacher_time, _ = partition.partition(frozen["teacher"], (r"^time_text_embed/",))
         reg_params = partition.merge(frozen.get("teacher_base", frozen["base"]), teacher_time, reg_control)
@@ -164,7 +166,7 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
 
         isc_loss, isc_metrics = isc.isc_loss(u_fn, velocity(teacher_params), hr, keys["isc"],
                                              p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
-                                             **common.isc_times(config.isc))
+                                             **batch_lib.isc_times(config.isc))
         lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
         rec_loss, rec_metrics = reconstruction.reconstruction_loss(x_hat, x, lpips_fn, config.rec.lpips_weight)
         times = dict(t_min=config.vsd.t_min, t_max=config.vsd.t_max)

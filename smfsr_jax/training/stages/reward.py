@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from smfsr_jax.convert import clipiqa as clipiqa_convert
-from smfsr_jax.convert import common as convert_common
+from smfsr_jax.convert import converted_dir
 from smfsr_jax.convert import lpips as lpips_convert
 from smfsr_jax.convert import maniqa as maniqa_convert
 from smfsr_jax.convert import musiq as musiq_convert
@@ -41,7 +41,9 @@ from smfsr_jax.models import lpips as lpips_lib
 from smfsr_jax.objectives import isc, reconstruction, reward, rewards
 from smfsr_jax.training import lora as lora_lib
 from smfsr_jax.training import sharding
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import batch as batch_lib
+from smfsr_jax.training.stages import loading
+from smfsr_jax.training.stages import stage as stage_lib
 
 NAME = "student_reward"
 PSNR_EPS = 1e-8  # as the evaluator's PSNR: identical images give 80 dB
@@ -59,7 +61,7 @@ def load_network(network: str, path, lpips_net: str):
     """(network config, params) of a reward network's weights at `path`."""
     if network == "lpips":
         return lpips_convert.load_lpips_from(path, lpips_net)
-    config_dict, params = convert_common.load_converted_of(path, network)
+    config_dict, params = converted_dir.load_converted_of(path, network)
     return IQA_NETWORKS[network][0].config_from_dict(config_dict), params
 
 
@@ -139,41 +141,41 @@ def _student(config: ml_collections.ConfigDict, abstract: bool):
     """(student config, trainable, frozen student parts, lora, uncast base): the trainable set as it is, or
     (lora.rank > 0) LoRA adapters on its kernels matching lora.targets, the set itself frozen as `adapted` (kept
     in fp32: the adapters' small updates are added to it)."""
-    student_config, trainable, own, base = common.student_parts(config, abstract)
-    parts = {"base": common.frozen_cast(base, config), "own": common.frozen_cast(own, config)}
+    student_config, trainable, own, base = loading.student_parts(config, abstract)
+    parts = {"base": stage_lib.frozen_cast(base, config), "own": stage_lib.frozen_cast(own, config)}
     if not config.lora.rank:
         return student_config, trainable, parts, None, base
     adapters = lora_lib.init_lora(trainable, tuple(config.lora.targets), config.lora.rank,
                                   jax.random.PRNGKey(config.seed))
     parts["adapted"] = trainable
     lora = (config.lora.alpha, config.lora.rank)
-    return student_config, {"lora": common.shapes(adapters) if abstract else adapters}, parts, lora, base
+    return student_config, {"lora": stage_lib.shapes(adapters) if abstract else adapters}, parts, lora, base
 
 
-def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+def network(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Network:
     """The student alone (no teacher, reference, reward networks or LPIPS)."""
-    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    ae_config, ae_params = loading.load_autoencoder(config.autoencoder, abstract)
     student_config, trainable, parts, lora, _ = _student(config, abstract)
-    null = common.null_embeddings(config.text, student_config, config.data, abstract)
-    return common.Network(student_config, ae_config, trainable, {**parts, "autoencoder": ae_params, "null": null},
-                          lora=lora)
+    null = loading.null_embeddings(config.text, student_config, config.data, abstract)
+    return stage_lib.Network(student_config, ae_config, trainable, {**parts, "autoencoder": ae_params, "null": null},
+                             lora=lora)
 
 
-def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Stage:
     check_config(config, abstract)
-    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
+    ae_config, ae_params = loading.load_autoencoder(config.autoencoder, abstract)
     student_config, trainable, parts, lora, base = _student(config, abstract)
-    null = common.null_embeddings(config.text, student_config, config.data, abstract)
-    cast = lambda tree: common.frozen_cast(tree, config)  # noqa: E731
+    null = loading.null_embeddings(config.text, student_config, config.data, abstract)
+    cast = lambda tree: stage_lib.frozen_cast(tree, config)  # noqa: E731
     reward_fns, reward_params = load_rewards(config.reward, abstract)
     frozen = {**parts, "reference": cast(trainable), "autoencoder": ae_params, "null": null,
               "rewards": reward_params}
     teacher_config = lpips_config = None
     if config.weights.isc:
-        teacher_config, _, entries = common.teacher_for_student(config, student_config, base, null, abstract)
+        teacher_config, _, entries = loading.teacher_for_student(config, student_config, base, null, abstract)
         frozen.update({k: cast(v) for k, v in entries.items()})
     if config.weights.rec:
-        lpips_config, frozen["lpips"] = common.load_lpips(config.rec.lpips, abstract)
+        lpips_config, frozen["lpips"] = loading.load_lpips(config.rec.lpips, abstract)
     model_state = {}
     if config.reward.method == "nft":
         old = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if abstract
@@ -185,9 +187,9 @@ def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.S
     if not abstract and config.holdout.get("dataset"):
         crops = holdout_crops(config, config.data.degradation.crop_size, config.data.degradation.scale)
         evaluate = make_evaluate(config, student_config, ae_config, reward_fns, lora, crops)
-    stage = common.Stage(NAME, student_config, trainable, frozen, loss_fn, ae_config, teacher_config,
-                         model_state=model_state, evaluate=evaluate, evaluate_every=config.holdout.every, lora=lora)
-    logging.info("%s: %s", NAME, common.describe(stage))
+    stage = stage_lib.Stage(NAME, student_config, trainable, frozen, loss_fn, ae_config, teacher_config,
+                            model_state=model_state, evaluate=evaluate, evaluate_every=config.holdout.every, lora=lora)
+    logging.info("%s: %s", NAME, stage_lib.describe(stage))
     return stage
 
 
@@ -226,18 +228,18 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
     sg = jax.lax.stop_gradient
     if teacher_config is not None:
         teacher = mmdit.MMDiT(teacher_config)
-        isc.check_times(**common.isc_times(config.isc))
+        isc.check_times(**batch_lib.isc_times(config.isc))
 
     def loss_fn(trainable, model_state, frozen, batch, rng):
         keys = dict(zip(("latents", "rollout", "nft", "isc", "rec"), jax.random.split(rng, 5)))
-        hr, lr = common.batch_latents(ae_config, frozen, batch, keys["latents"])
-        context, pooled = common.text_condition(frozen, batch, hr.shape[0])
+        hr, lr = batch_lib.batch_latents(ae_config, frozen, batch, keys["latents"])
+        context, pooled = batch_lib.text_condition(frozen, batch, hr.shape[0])
         repeat = lambda x: jnp.repeat(x, seeds, axis=0)  # noqa: E731  image-major: rows b*K .. b*K+K-1
         conditioning = dict(context=repeat(context), pooled=repeat(pooled), lr_latents=repeat(lr))
         seeded = {"hr": repeat(batch["hr"]), "lr": repeat(batch["lr"])}
 
         def u_of(weights_, cond=conditioning):
-            return mmdit.average_velocity(student, common.model_weights(weights_, frozen, lora), **cond)
+            return mmdit.average_velocity(student, stage_lib.model_weights(weights_, frozen, lora), **cond)
 
         def decode(z):
             return autoencoder.apply({"params": sg(frozen["autoencoder"])}, vae.denormalize_latents(z, ae_config),
@@ -280,11 +282,11 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
 
         if config.weights.isc:
             u_student = u_of(trainable, dict(context=context, pooled=pooled, lr_latents=lr))
-            teacher_params = sg(common.teacher_params(frozen))
+            teacher_params = sg(stage_lib.teacher_params(frozen))
             teacher_fn = mmdit.velocity(teacher, teacher_params, context=context, pooled=pooled, lr_latents=lr)
             isc_loss, isc_metrics = isc.isc_loss(u_student, teacher_fn, hr, keys["isc"],
                                                  p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
-                                                 **common.isc_times(config.isc))
+                                                 **batch_lib.isc_times(config.isc))
             loss = loss + config.weights.isc * isc_loss
             metrics.update(isc_loss=isc_loss, boundary_fraction=isc_metrics["boundary_fraction"])
         if config.weights.rec:
@@ -326,10 +328,10 @@ def holdout_function(config, student_config: mmdit.MMDiTConfig, ae_config: vae.V
     def evaluate_crops(trainable, frozen, data, lpips_weights):
         rng = jax.random.PRNGKey(config.holdout.seed)
         rng_latents, rng_noise = jax.random.split(rng)
-        lr = common.encode_images(ae_config, frozen["autoencoder"], data["lr_up"], rng_latents)
-        context, pooled = common.text_condition(frozen, {}, lr.shape[0])
+        lr = batch_lib.encode_images(ae_config, frozen["autoencoder"], data["lr_up"], rng_latents)
+        context, pooled = batch_lib.text_condition(frozen, {}, lr.shape[0])
         repeat = lambda x: split(jnp.repeat(x, seeds, axis=0))  # noqa: E731
-        params = common.model_weights(trainable, frozen, lora)
+        params = stage_lib.model_weights(trainable, frozen, lora)
         u_fn = mmdit.average_velocity(student, params, context=repeat(context), pooled=repeat(pooled),
                                       lr_latents=repeat(lr))
         noise = split(jax.random.normal(rng_noise, (lr.shape[0] * seeds, *lr.shape[1:])))

@@ -28,7 +28,9 @@ from absl import logging
 from smfsr_jax.models import mmdit, vae
 from smfsr_jax.objectives import isc
 from smfsr_jax.training import partition
-from smfsr_jax.training.stages import common
+from smfsr_jax.training.stages import batch as batch_lib
+from smfsr_jax.training.stages import loading
+from smfsr_jax.training.stages import stage as stage_lib
 
 NAME = "student_isc"
 INTERVAL_INITS = ("fit", "torch_default")
@@ -116,42 +118,42 @@ def _student(config, teacher_config, teacher_params, null, abstract: bool, fit: 
     if abstract:
         student_config = teacher_config.replace(
             time_conditioning="interval", **({} if config.init.interval == "fit" else {"time_scale": 1.0}))
-        return common.runtime_config(student_config, config.model), mmdit.abstract_params(student_config)
-    pooled = common.fit_pooled(config, null) if fit else np.asarray(null["pooled_prompt_embeds"], np.float32)[None]
+        return stage_lib.runtime_config(student_config, config.model), mmdit.abstract_params(student_config)
+    pooled = loading.fit_pooled(config, null) if fit else np.asarray(null["pooled_prompt_embeds"], np.float32)[None]
     student_config, params = student_from_teacher(teacher_config, teacher_params, interval_init=config.init.interval,
                                                   pooled=pooled, seed=config.seed)
-    return common.runtime_config(student_config, config.model), params
+    return stage_lib.runtime_config(student_config, config.model), params
 
 
 def _parts(config, abstract: bool, fit: bool):
-    ae_config, ae_params = common.load_autoencoder(config.autoencoder, abstract)
-    teacher_config, teacher_params = common.load_teacher(config, abstract)
-    null = common.null_embeddings(config.text, teacher_config, config.data, abstract)
+    ae_config, ae_params = loading.load_autoencoder(config.autoencoder, abstract)
+    teacher_config, teacher_params = loading.load_teacher(config, abstract)
+    null = loading.null_embeddings(config.text, teacher_config, config.data, abstract)
     if fit and not abstract:
-        common.check_null_embeddings(config, config.init.teacher, null)
+        loading.check_null_embeddings(config, config.init.teacher, null)
     student_config, student_params = _student(config, teacher_config, teacher_params, null, abstract, fit)
-    teacher_own, base = partition.partition(teacher_params, common.TEACHER_OWN)
-    trainable, student_frozen = common.split(student_params, config, student_config)
+    teacher_own, base = partition.partition(teacher_params, stage_lib.TEACHER_OWN)
+    trainable, student_frozen = stage_lib.split(student_params, config, student_config)
     student_own, _ = partition.partition(student_frozen, tuple(config.trainable))  # the rest is `base`
-    net = common.Network(student_config, ae_config, trainable, {
-        "base": common.frozen_cast(base, config), "own": common.frozen_cast(student_own, config),
+    net = stage_lib.Network(student_config, ae_config, trainable, {
+        "base": stage_lib.frozen_cast(base, config), "own": stage_lib.frozen_cast(student_own, config),
         "autoencoder": ae_params, "null": null})
     return net, teacher_config, teacher_own
 
 
-def network(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Network:
+def network(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Network:
     return _parts(config, abstract, fit=False)[0]
 
 
-def build(config: ml_collections.ConfigDict, abstract: bool = False) -> common.Stage:
+def build(config: ml_collections.ConfigDict, abstract: bool = False) -> stage_lib.Stage:
     net, teacher_config, teacher_own = _parts(config, abstract, fit=True)
-    frozen = dict(net.frozen, teacher=common.frozen_cast(teacher_own, config))
+    frozen = dict(net.frozen, teacher=stage_lib.frozen_cast(teacher_own, config))
     logging.info("student: %d trainable, %d frozen-own, %d shared base, %d teacher-own parameters",
                  partition.count(net.trainable), partition.count(frozen["own"]), partition.count(frozen["base"]),
                  partition.count(teacher_own))
-    return common.Stage(NAME, net.model_config, net.trainable, frozen,
-                        make_loss(config, net.model_config, teacher_config, net.autoencoder_config),
-                        net.autoencoder_config, teacher_config)
+    return stage_lib.Stage(NAME, net.model_config, net.trainable, frozen,
+                           make_loss(config, net.model_config, teacher_config, net.autoencoder_config),
+                           net.autoencoder_config, teacher_config)
 
 
 def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.MMDiTConfig,
@@ -159,12 +161,12 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.M
     """The loss_fn (state.LossFn): ISC + boundary against the frozen teacher."""
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     isc_config = config.isc
-    isc.check_times(**common.isc_times(isc_config))
+    isc.check_times(**batch_lib.isc_times(isc_config))
 
     def loss_fn(trainable_params, model_state, frozen, batch, rng):
         rng_latents, rng_loss = jax.random.split(rng)
-        hr, lr = common.batch_latents(ae_config, frozen, batch, rng_latents)
-        context, pooled = common.text_condition(frozen, batch, hr.shape[0])
+        hr, lr = batch_lib.batch_latents(ae_config, frozen, batch, rng_latents)
+        context, pooled = batch_lib.text_condition(frozen, batch, hr.shape[0])
         student_params = partition.merge(trainable_params, frozen["base"], frozen["own"])
         teacher_params = jax.lax.stop_gradient(partition.merge(frozen["base"], frozen["teacher"]))
 
@@ -172,11 +174,11 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.M
         teacher_fn = mmdit.velocity(teacher, teacher_params, context=context, pooled=pooled, lr_latents=lr)
         uncond_fn = None
         if isc_config.get("boundary_cfg") is not None:
-            null_ctx, null_pooled = common.text_condition(frozen, {}, hr.shape[0])
+            null_ctx, null_pooled = batch_lib.text_condition(frozen, {}, hr.shape[0])
             uncond_fn = mmdit.velocity(teacher, teacher_params, context=null_ctx, pooled=null_pooled, lr_latents=lr)
         loss, metrics = isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
                                      per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
-                                     boundary_cfg=isc_config.get("boundary_cfg"), **common.isc_times(isc_config))
+                                     boundary_cfg=isc_config.get("boundary_cfg"), **batch_lib.isc_times(isc_config))
         return loss, (metrics, model_state)
 
     return loss_fn

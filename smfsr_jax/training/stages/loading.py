@@ -1,26 +1,15 @@
-"""What every stage builder shares: the Network / Stage records, loaders with an abstract (shapes-only) mode,
-the trainable/frozen split, the batch's latents and text, and the per-run conventions (data seed, NULL check,
-bundle metadata, image previews).
-
-Frozen parts are one dict with fixed keys, passed to every step without donation:
-    base         the shared frozen MM-DiT weights (SD3.5-M for real runs), used by teacher and student;
-    own          the trained network's frozen extras (e.g. `to_k_control` in double-norm mode);
-    teacher      the teacher's own weights on top of `base` (control + time embedding; student stages);
-    teacher_base only when a student's frozen weights are not the teacher's base: the teacher's (else `base`);
-    autoencoder  the VAE (or pixel autoencoder) params;
-    adapted      only with LoRA (student_reward): the frozen weights the trainable adapters apply to;
-    null         NULL text embeddings {'prompt_embeds': (L, D), 'pooled_prompt_embeds': (P,)};
-and, in `student_gan`, regularizer / lpips / dinov3.
+"""Loaders of a stage's networks, each with an abstract (shapes-only) mode, and checks of what they load: the
+autoencoder, the NULL text embeddings, teacher and student transformers (a bundle, converted directory or
+finished workdir), LPIPS and random initial weights; that the NULL embeddings in use are the teacher's; the pooled
+embeddings a student's interval-embedding fit covers.
 
 `abstract=True` builds every tree as jax.ShapeDtypeStructs from the config alone (no file is read): what
 benchmarks and memory estimates lower the step with.
 """
 
-import dataclasses
 import io
 import os
-import zlib
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,80 +18,19 @@ import numpy as np
 from absl import logging
 
 from smfsr_jax.convert import transformer as convert_transformer
-from smfsr_jax.core import files, images, schedules
+from smfsr_jax.core import files
 from smfsr_jax.core import workdir as workdir_lib
-from smfsr_jax.models import attention, mmdit, vae
 from smfsr_jax.models import lpips as lpips_lib
-from smfsr_jax.objectives import isc
-from smfsr_jax.sampling import samplers
-from smfsr_jax.training import lora as lora_lib
+from smfsr_jax.models import mmdit, vae
 from smfsr_jax.training import partition
+from smfsr_jax.training.stages.stage import (RUNTIME_FIELDS, TEACHER_OWN, Network, frozen_cast, runtime_config,
+                                             shapes, split)
 from smfsr_jax.weights import bundle
 
-# Fields of `config.model` that change how a loaded network runs, not its weights.
-RUNTIME_FIELDS = ("dtype", "attention", "remat_policy", "lr_key_bug")
-TEACHER_OWN = ("control", r"^time_text_embed/")
-# Frozen leaves kept in fp32 when the rest is held in bf16: the positional table is added to every token.
-FROZEN_FP32 = (r"(^|/)pos_embed/pos_embed$",)
 # Rows of pooled caption embeddings the student's interval-embedding fit covers (besides NULL).
 FIT_POOLED_ROWS = 1024
 CLIP_TOKENS = 77  # SD3's context: 77 CLIP tokens followed by the T5 tokens
 
-
-@dataclasses.dataclass
-class Network:
-    """What sampling needs of a stage's trained network: its config, initial trainable weights and the frozen
-    `base`, `own`, `autoencoder` and `null` parts (module docstring)."""
-    model_config: mmdit.MMDiTConfig
-    autoencoder_config: vae.VAEConfig
-    trainable: dict
-    frozen: dict
-    part: Optional[str] = None  # the key of these weights in the stage's trainable tree, if it has parts
-    lora: Optional[tuple] = None  # (alpha, rank) when the trainable weights are LoRA adapters
-
-    def params(self, trainable) -> dict:
-        return model_weights(trainable, self.frozen, self.lora)
-
-
-@dataclasses.dataclass
-class Stage:
-    name: str
-    model_config: mmdit.MMDiTConfig
-    trainable: dict  # host arrays (or shapes): initial trainable params
-    frozen: dict  # host arrays (or shapes), keys as in the module docstring
-    loss_fn: Callable
-    autoencoder_config: vae.VAEConfig
-    teacher_config: Optional[mmdit.MMDiTConfig] = None
-    model_state: dict = dataclasses.field(default_factory=dict)  # non-trained variables the step updates
-    parts: tuple = ()  # top-level trainable parts with their own optimizers (student_gan)
-    student_part: Optional[str] = None  # the part holding the exported network's trainable weights
-    # Held-out evaluation the loop runs before training and every `evaluate_every` steps:
-    # evaluate(trainable, frozen, mesh) -> {name: float} (student_reward).
-    evaluate: Optional[Callable] = None
-    evaluate_every: int = 0
-    lora: Optional[tuple] = None  # (alpha, rank) when the trainable weights are LoRA adapters
-
-    def model_params(self, trainable, frozen=None) -> dict:
-        """Full parameters of the trained network."""
-        frozen = self.frozen if frozen is None else frozen
-        trainable = trainable[self.student_part] if self.student_part else trainable
-        return model_weights(trainable, frozen, self.lora)
-
-
-def model_weights(trainable, frozen: dict, lora: Optional[tuple] = None) -> dict:
-    """The network's full parameters from its trainable weights (LoRA adapters `{"lora": ...}` applied to
-    frozen["adapted"] when `lora` = (alpha, rank)) and the frozen `base` and `own`."""
-    if lora is not None:
-        trainable = lora_lib.apply_lora(frozen["adapted"], trainable["lora"], *lora)
-    return partition.merge(trainable, frozen["base"], frozen["own"])
-
-
-def shapes(tree, dtype=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loaders.
 
 def load_autoencoder(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[vae.VAEConfig, dict]:
     if config.kind == "pixel" and not config.get("path"):
@@ -232,9 +160,14 @@ def teacher_for_student(config: ml_collections.ConfigDict, student_config: mmdit
     return teacher_config, teacher_params, entries
 
 
-def teacher_params(frozen: dict) -> dict:
-    """The frozen teacher's full parameters."""
-    return partition.merge(frozen.get("teacher_base", frozen["base"]), frozen["teacher"])
+def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):
+    """The stage's frozen teacher (config.init.teacher: a bundle, converted directory or finished workdir); as
+    shapes, the config's architecture at x1000 times."""
+    if abstract:
+        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="single",
+                                                                          time_scale=1000.0)
+        return cfg, mmdit.abstract_params(cfg)
+    return load_transformer(weights_path(config.init.teacher), config, require_teacher)
 
 
 def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
@@ -259,90 +192,10 @@ def load_lpips(config: ml_collections.ConfigDict, abstract: bool = False):
     return lpips_config, params
 
 
-def load_teacher(config: ml_collections.ConfigDict, abstract: bool = False):
-    """The stage's frozen teacher (config.init.teacher: a bundle, converted directory or finished workdir); as
-    shapes, the config's architecture at x1000 times."""
-    if abstract:
-        cfg = mmdit.MMDiTConfig.from_dict(config.model.to_dict()).replace(time_conditioning="single",
-                                                                          time_scale=1000.0)
-        return cfg, mmdit.abstract_params(cfg)
-    return load_transformer(weights_path(config.init.teacher), config, require_teacher)
-
-
 def random_params(model_config: mmdit.MMDiTConfig, seed: int, abstract: bool = False) -> dict:
     if abstract:
         return mmdit.abstract_params(model_config)
     return jax.device_get(jax.jit(mmdit.init_params, static_argnums=0)(model_config, jax.random.PRNGKey(seed)))
-
-
-def runtime_config(loaded: mmdit.MMDiTConfig, config_model: ml_collections.ConfigDict) -> mmdit.MMDiTConfig:
-    """The loaded architecture with the config's runtime fields; any other disagreement is an error."""
-    wanted = mmdit.MMDiTConfig.from_dict(config_model.to_dict())
-    arch = {f: getattr(wanted, f) for f in loaded.to_dict() if f not in RUNTIME_FIELDS + ("time_scale", "sample_size")}
-    mismatched = {f: (v, getattr(loaded, f)) for f, v in arch.items() if getattr(loaded, f) != v}
-    if mismatched:
-        raise ValueError(f"config.model disagrees with the loaded weights (config, weights): {mismatched}")
-    return loaded.replace(**{f: getattr(wanted, f) for f in RUNTIME_FIELDS})
-
-
-def unused_keys(model_config: mmdit.MMDiTConfig) -> tuple:
-    """Trainable-pattern leaves that get no gradient: in double-norm mode `to_k_control` is computed but unused,
-    so it is frozen (and escapes weight decay)."""
-    return ("to_k_control",) if model_config.lr_key_bug and model_config.qk_norm else ()
-
-
-def split(params, config, model_config):
-    """(trainable, frozen) by the config's `trainable` regexes."""
-    return partition.partition(params, tuple(config.trainable), unused_keys(model_config))
-
-
-def frozen_cast(tree, config):
-    """Frozen weights in `config.frozen_dtype` (fp32 kept for FROZEN_FP32)."""
-    if not config.get("frozen_dtype"):
-        return tree
-    return partition.cast(tree, np.dtype(config.frozen_dtype), keep=FROZEN_FP32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inside the loss: a batch's latents and text.
-
-def encode_images(ae_config: vae.VAEConfig, ae_params, images_u8, rng):
-    """uint8 NHWC images -> normalised latents from a posterior sample (the frozen encoder)."""
-    mean, logvar = vae.make_autoencoder(ae_config).apply({"params": ae_params}, images.to_signed(images_u8),
-                                                         method="encode")
-    return vae.normalize_latents(vae.sample_latent(rng, mean, logvar), ae_config)
-
-
-def batch_latents(ae_config, frozen, batch, rng):
-    """(HR latents, LR latents) of a batch, encoded by the frozen autoencoder."""
-    rng_hr, rng_lr = jax.random.split(rng)
-    ae = jax.lax.stop_gradient(frozen["autoencoder"])
-    return encode_images(ae_config, ae, batch["hr"], rng_hr), encode_images(ae_config, ae, batch["lr_up"], rng_lr)
-
-
-def text_condition(frozen, batch, batch_size: int):
-    """(context, pooled) per sample: cached caption embeddings (NULL already swapped in for dropped
-    captions by the pipeline), or the NULL embeddings when the dataset has no captions."""
-    if "prompt_embeds" in batch:
-        return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    null = frozen["null"]
-    return (jnp.broadcast_to(null["prompt_embeds"], (batch_size, *null["prompt_embeds"].shape)),
-            jnp.broadcast_to(null["pooled_prompt_embeds"], (batch_size, *null["pooled_prompt_embeds"].shape)))
-
-
-def isc_times(isc_config: ml_collections.ConfigDict) -> dict:
-    """The time-sampler keywords of `isc.isc_loss` from a stage's `isc` config."""
-    return {name: isc_config[name] for name in isc.DEFAULT_TIMES}
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-run conventions.
-
-def data_seed(config: ml_collections.ConfigDict) -> int:
-    """The data pipeline's seed: the run seed with the stage name folded in, so that the stages of one recipe
-    see different crops and degradations for the same (epoch, record)."""
-    state = np.random.SeedSequence([config.seed, zlib.crc32(config.stage.encode())]).generate_state(1)
-    return int(state[0] & 0x7FFFFFFF)
 
 
 def check_null_embeddings(config: ml_collections.ConfigDict, teacher_path: str, null: dict):
@@ -388,50 +241,3 @@ def fit_pooled(config: ml_collections.ConfigDict, null: dict) -> np.ndarray:
     if config.data.captions:
         rows.append(_caption_cache(config).pooled_rows(FIT_POOLED_ROWS))
     return np.concatenate(rows)
-
-
-def bundle_meta(name: str, autoencoder_config: vae.VAEConfig, config: ml_collections.ConfigDict, step: int) -> dict:
-    """What a model bundle records of its run; `tile_size` is the latent side of the training crops, the tile
-    SR uses by default."""
-    return {"stage": name, "step": step, "variant": config.variant,
-            "tile_size": config.data.degradation.crop_size // autoencoder_config.downscale}
-
-
-def describe(stage: Stage) -> dict:
-    return {"stage": stage.name, "trainable": partition.count(stage.trainable),
-            **{f"frozen_{k}": partition.count(v) for k, v in stage.frozen.items() if k != "null"}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Image summaries.
-
-def make_preview_fn(stage: Stage, mesh=None, teacher_steps: int = 8, count: int = 4):
-    """jitted (trainable, frozen, batch, rng) -> (count, S, 3S, 3) uint8 rows of [LR x4 | SR | HR].
-
-    The student samples in one step (x = eps - u(eps, 0, 1)); a teacher with `teacher_steps` Euler steps on
-    the SD3 grid, without CFG. `mesh`: the run's mesh, over which fused attention kernels split the batch.
-    """
-    model = mmdit.MMDiT(stage.model_config)
-    autoencoder = vae.make_autoencoder(stage.autoencoder_config)
-
-    def preview(trainable, frozen, batch, rng):
-        with attention.batch_mesh(mesh):
-            return preview_rows(trainable, frozen, {k: v[:count] for k, v in batch.items()}, rng)
-
-    def preview_rows(trainable, frozen, batch, rng):
-        rng_latents, rng_noise = jax.random.split(rng)
-        lr = encode_images(stage.autoencoder_config, frozen["autoencoder"], batch["lr_up"], rng_latents)
-        context, pooled = text_condition(frozen, batch, lr.shape[0])
-        apply = lambda z, **kw: model.apply({"params": stage.model_params(trainable, frozen)}, z, **kw)  # noqa: E731
-        noise = jax.random.normal(rng_noise, lr.shape)
-        cond = {samplers.CONTEXT: context, samplers.POOLED: pooled}
-        if stage.model_config.time_conditioning == "interval":
-            z = samplers.one_step(samplers.student_velocity(apply), noise, lr, cond)
-        else:
-            z = samplers.euler_sample(samplers.teacher_velocity(apply), noise, lr, cond,
-                                      schedules.sd3_sampling_sigmas(teacher_steps))
-        x = autoencoder.apply({"params": frozen["autoencoder"]}, vae.denormalize_latents(z, stage.autoencoder_config),
-                              method="decode")
-        return jnp.concatenate([batch["lr_up"], images.from_signed(x), batch["hr"]], axis=2)
-
-    return jax.jit(preview)

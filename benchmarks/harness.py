@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: random weights made on the device for the stages' abstract trees,
 FLOP counting with XLA's cost analysis, timing and the hardware line.
 
-The scripts put the repository root on sys.path and import this module as `benchmarks.common`.
+The scripts put the repository root on sys.path and import this module as `benchmarks.harness`.
 """
 
 import contextlib
