@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
 from smfsr_jax.models import mmdit, vae, vae_tiling  # noqa: E402
-from smfsr_jax.sampling import pipeline, samplers  # noqa: E402
+from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
 from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
 from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
@@ -69,7 +69,8 @@ def vae_cases(ae_cfg, dtype, side: int, batch: int, vae_tile: int) -> dict:
 
 def sr_function(tcfg, ae_cfg, tokens, dtype, side: int, batch: int, vae_tile: int):
     """(the one-step SR function, its abstract arguments) for `batch` LR images of side `side` / 4."""
-    sr = pipeline.make_sr_function(tcfg, ae_cfg, SRSettings(steps=1, vae_tile=vae_tile).resolve(tcfg, ae_cfg))
+    settings = SRSettings(steps=1, tile_batch=tiling.TILE_BATCH, vae_tile=vae_tile).resolve(tcfg, ae_cfg)
+    sr = pipeline.make_sr_function(tcfg, ae_cfg, settings)
     cond = {samplers.CONTEXT: jax.ShapeDtypeStruct((batch, tokens, tcfg.joint_attention_dim), jnp.float32),
             samplers.POOLED: jax.ShapeDtypeStruct((batch, tcfg.pooled_projection_dim), jnp.float32)}
     args = (shapes(mmdit.abstract_params(tcfg), dtype), shapes(vae_abstract_params(ae_cfg), dtype),

@@ -89,8 +89,7 @@ class Upscaler:
         """The resolved settings of a request; None keeps the server's (a tile's overlap follows the tile)."""
         changes = {name: value for name, value in (("steps", steps), ("color_fix", color_fix),
                                                    ("tile_size", tile_size)) if value is not None}
-        return dataclasses.replace(self.settings, **changes).resolve(
-            self.model.transformer_config, self.model.autoencoder_config, self.model.trained_tile)
+        return self.model.resolve(dataclasses.replace(self.settings, **changes))
 
     def tile_sizes(self) -> list[int]:
         """Latent tile sides offered: halves to doubles of the default that the positional grid allows."""

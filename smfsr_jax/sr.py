@@ -2,7 +2,7 @@ r"""Super-resolve images x4 with a model bundle (smfsr_jax/weights/bundle.py, sm
 
   python -m smfsr_jax.sr --checkpoint bundles/smfsr_q --input LR_DIR --output results/drealsr \
       [--seeds 1,2,3] [--steps 1] [--caption TEXT | --captions FILE_OR_DIR] [--color_fix adain|wavelet|none] \
-      [--batch_size 4] [--tile_size 64 --tile_overlap 24 --tile_batch 16] [--debug]
+      [--batch_size 4] [--tile_size 64 --tile_overlap 24 --tile_batch 4] [--debug]
   python -m smfsr_jax.sr --checkpoint bundles/smfsr_q --input photo.jpg --output photo_x4.png
   python -m smfsr_jax.sr --model zw121/SMFSR/smfsr_q --base stabilityai/stable-diffusion-3.5-medium \
       --input LR_DIR --output results/drealsr [--null_embeddings DIR] [--cache_dir DIR] [--lr_key_bug true|false]
@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile_size", type=int, default=None,
                         help=f"latent tile side (default: the bundle's training size, else {tiling.TILE_SIZE})")
     parser.add_argument("--tile_overlap", type=int, default=None, help="latent tile overlap (default: 3/8 of the tile)")
-    parser.add_argument("--tile_batch", type=int, default=tiling.TILE_BATCH, help="tiles per network call")
+    parser.add_argument("--tile_batch", type=int, default=None,
+                        help="latent tiles per network call (default: as many as the device's memory budget holds)")
     parser.add_argument("--vae_tile", type=int, default=None,
                         help="VAE tile side in image pixels for larger images, 0 disables "
                              "(default: the largest whose untiled pass fits the device's memory budget)")
@@ -267,7 +268,7 @@ def run(args, folders: list[str], output_path) -> int:
             model = SRModel.from_pretrained(
                 args.model, args.base, null_embeddings=args.null_embeddings, cache_dir=args.cache_dir,
                 lr_key_bug=None if args.lr_key_bug is None else args.lr_key_bug == "true", dtype=args.dtype)
-        settings = settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
+        settings = model.resolve(settings)
     if (args.caption is not None or args.captions) and model.text_encoders_dir is None:
         raise UserError(f"{'--caption' if args.caption is not None else '--captions'} needs text encoders, and "
                         + (f"--base {args.base} has none (text_encoder{{,_2,_3}}/ + tokenizer{{,_2,_3}}/)"

@@ -12,7 +12,7 @@ import skimage.data
 
 from smfsr_jax.convert import tensors
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params
-from smfsr_jax.core import schedules
+from smfsr_jax.core import memory, schedules
 from smfsr_jax.models import mmdit
 from smfsr_jax.models.vae import VAEConfig
 from smfsr_jax.sampling import color, pipeline, samplers, settings, tiling
@@ -427,7 +427,8 @@ def test_settings_own_the_defaults_and_key_the_compiled_function(student_bundle,
     teacher = SRModel.from_checkpoint(make_bundle(tmp_path / "teacher", kind="teacher"))
 
     def resolve(model, trained_tile=None, **chosen):
-        return SRSettings(**chosen).resolve(model.transformer_config, model.autoencoder_config, trained_tile)
+        return SRSettings(**chosen).resolve(model.transformer_config, model.autoencoder_config, trained_tile,
+                                            text_tokens=77 + T5_TOKENS)
 
     defaults = resolve(student)
     assert (defaults.steps, defaults.guidance_scale, defaults.tile_size, defaults.tile_overlap) == (1, 1.0, 64, 24)
@@ -448,6 +449,28 @@ def test_settings_own_the_defaults_and_key_the_compiled_function(student_bundle,
             resolve(student, **chosen)
     with pytest.raises(ValueError, match="resolve"):
         make(SRSettings())
+
+
+def test_the_tile_batch_follows_the_network_and_the_memory_budget():
+    # SD3.5-M at SMFSR's 64² tiles: 2381 tokens, ~1.75 GB a tile; a CPU host's 8 GiB holds 4 a call, 2 under CFG.
+    sd35 = mmdit.MMDiTConfig.smfsr_student()
+    assert tiling.tile_batch_for_budget(sd35, 64, 333, False, memory.CPU_BUDGET) == 4
+    assert tiling.tile_batch_for_budget(sd35, 64, 333, True, memory.CPU_BUDGET) == 2
+    assert tiling.tile_batch_for_budget(sd35, 64, 333, False, 2**20) == 1  # never below one
+    # The estimate bounds XLA's compiled temporaries of a network call from above, and not by much.
+    for heads, head_dim, tile, batch in ((8, 64, 32, 1), (8, 64, 16, 4), (4, 32, 32, 2)):
+        config = tiny_config().replace(num_layers=2, num_heads=heads, head_dim=head_dim, in_channels=16,
+                                       out_channels=16, dual_attention_layers=())
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), mmdit.abstract_params(config))
+        z = jax.ShapeDtypeStruct((batch, tile, tile, 16), jnp.float32)
+        context = jax.ShapeDtypeStruct((batch, 77 + T5_TOKENS, TINY_JOINT_DIM), jnp.float32)
+        pooled = jax.ShapeDtypeStruct((batch, TINY_POOLED_DIM), jnp.float32)
+        t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+        apply = jax.jit(lambda p, z, c, y, t: mmdit.MMDiT(config).apply({"params": p}, z, context=c, pooled=y, t=t,
+                                                                        r=t, lr_latents=z))
+        temporaries = apply.lower(params, z, context, pooled, t).compile().memory_analysis().temp_size_in_bytes
+        estimate = batch * tiling.tile_bytes(config, tile, 77 + T5_TOKENS)
+        assert 0.6 * estimate <= temporaries <= estimate, (heads, tile, batch, temporaries / estimate)
 
 
 def test_teacher_bundle_uses_the_teacher_sampler(tmp_path):

@@ -218,7 +218,7 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
     Returns {"table1": ..., ["table3": ..., "table4": ...]} as written (smfsr_jax/evaluation/tables.py).
     """
     model = SRModel(bundle)
-    settings = run.settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
+    settings = model.resolve(run.settings)
     setup = {"checkpoint": bundle.path, "kind": bundle.kind, "stage": bundle.meta.get("stage"),
              "step": bundle.meta.get("step"), "sampling_steps": settings.steps,
              "guidance_scale": settings.guidance_scale, "color_fix": settings.color_fix, "captions": run.captions,

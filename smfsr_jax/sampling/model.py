@@ -15,6 +15,7 @@ from smfsr_jax.core import mesh as mesh_lib
 from smfsr_jax.models import text
 from smfsr_jax.sampling import samplers
 from smfsr_jax.sampling.pipeline import DATA
+from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.weights import bundle as bundle_lib
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class SRModel:
     @property
     def kind(self) -> str:
         return bundle_lib.transformer_kind(self.transformer_config)
+
+    def resolve(self, settings: SRSettings) -> SRSettings:
+        """`settings` resolved for this model (SRSettings.resolve with its configs, trained tile and text length)."""
+        return settings.resolve(self.transformer_config, self.autoencoder_config, self.trained_tile,
+                                self.null_embeddings[0].shape[0])
 
     @property
     def trained_tile(self) -> int | None:

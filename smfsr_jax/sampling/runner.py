@@ -45,7 +45,7 @@ def super_resolve(model: SRModel, settings: SRSettings, inputs: Iterable[SRInput
                   write: Callable[[SRInput, int, np.ndarray], None]) -> None:
     """x4 SR of `inputs` for each seed; write(input, seed, (4H, 4W, 3) uint8) receives every output (module
     docstring). `settings` may leave defaults None: they are resolved for `model` here."""
-    settings = settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
+    settings = model.resolve(settings)
     sr_function = make_sr_function(model.transformer_config, model.autoencoder_config, settings, model.mesh)
     multiple, size = model.autoencoder_config.downscale, settings.batch_size * model.mesh.size
     sharding = mesh_lib.batch_sharding(model.mesh)
@@ -93,7 +93,7 @@ class SRPipeline:
 
     def __init__(self, model: SRModel, settings: SRSettings = SRSettings()):
         self.model = model
-        self.settings = settings.resolve(model.transformer_config, model.autoencoder_config, model.trained_tile)
+        self.settings = model.resolve(settings)
 
     @classmethod
     def from_bundle(cls, bundle: bundle_lib.Bundle, *, devices=None, **settings) -> "SRPipeline":

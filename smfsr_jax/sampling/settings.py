@@ -2,8 +2,9 @@
 SR output, in one frozen value. It owns every sampling default and the positional-grid limit on latent tiles, and
 it is the cache key of the compiled SR function (pipeline.make_sr_function).
 
-`SRSettings(**chosen).resolve(transformer_config, autoencoder_config, trained_tile)` fills what was left None
-from the model (its kind, its positional grid, the tile size it was trained on) and checks the rest, so two
+`SRSettings(**chosen).resolve(transformer_config, autoencoder_config, trained_tile, text_tokens)` (for a loaded
+model: `SRModel.resolve(chosen)`) fills what was left None from the model (its kind, its positional grid, the tile
+it was trained on, its text length) and the device's memory budget (core/memory.py), and checks the rest, so two
 requests that differ only in an explicit default get one compiled function.
 """
 
@@ -35,7 +36,7 @@ class SRSettings:
     color_fix: str = "adain"  # color.METHODS
     tile_size: int | None = None  # latent tile side; None: the training size (else 64), capped by the grid
     tile_overlap: int | None = None  # latent tile overlap; None: 3/8 of the tile (SMFSR's 24 of 64)
-    tile_batch: int = tiling.TILE_BATCH  # latent tiles per network call
+    tile_batch: int | None = None  # latent tiles per network call; None: as many as the memory budget holds
     vae_tile: int | None = None  # VAE tile side in pixels for larger images (0: never tiled); None: the largest
     # whose untiled pass fits the device's memory budget (vae_tiling.tile_for_budget, core/memory.py)
     output_rounding: str = "truncate"  # color.ROUNDINGS: upstream truncates to 8 bits
@@ -45,8 +46,9 @@ class SRSettings:
     caption_rule: bool = True  # SMFSR's caption rule (text.postprocess_caption) before encoding
 
     def resolve(self, transformer_config: mmdit.MMDiTConfig, autoencoder_config: vae.VAEConfig,
-                trained_tile: int | None = None) -> "SRSettings":
-        """These settings with every None filled for this model, checked; raises ValueError naming a bad one."""
+                trained_tile: int | None = None, text_tokens: int | None = None) -> "SRSettings":
+        """These settings with every None filled for this model, checked; raises ValueError naming a bad one.
+        text_tokens (the NULL embeddings' length) sizes the default tile_batch."""
         kind = transformer_kind(transformer_config)
         steps, guidance_scale = self.steps, self.guidance_scale
         if kind == "student":
@@ -66,8 +68,14 @@ class SRSettings:
                              "(the positional-embedding grid)")
         if not 0 <= overlap < tile:
             raise ValueError(f"tile_overlap must be in [0, tile_size), got {overlap}")
-        if self.batch_size < 1 or self.tile_batch < 1:
-            raise ValueError(f"batch_size and tile_batch must be >= 1, got {self.batch_size} and {self.tile_batch}")
+        tile_batch = self.tile_batch
+        if tile_batch is None:
+            if text_tokens is None:
+                raise ValueError("the default tile_batch needs the model's text length (text_tokens)")
+            tile_batch = tiling.tile_batch_for_budget(transformer_config, tile, text_tokens, guidance_scale > 1.0,
+                                                      memory.activation_budget())
+        if self.batch_size < 1 or tile_batch < 1:
+            raise ValueError(f"batch_size and tile_batch must be >= 1, got {self.batch_size} and {tile_batch}")
         if self.color_fix not in color.METHODS:
             raise ValueError(f"color_fix must be one of {color.METHODS}, got {self.color_fix!r}")
         if self.output_rounding not in color.ROUNDINGS:
@@ -79,11 +87,12 @@ class SRSettings:
             raise ValueError(f"vae_tile must be 0 (off) or a positive multiple of the autoencoder's downscale "
                              f"{autoencoder_config.downscale} pixels, got {vae_tile}")
         return dataclasses.replace(self, steps=int(steps), guidance_scale=guidance_scale, tile_size=tile,
-                                   tile_overlap=overlap, vae_tile=vae_tile)
+                                   tile_overlap=overlap, tile_batch=tile_batch, vae_tile=vae_tile)
 
     @property
     def resolved(self) -> bool:
-        return None not in (self.steps, self.guidance_scale, self.tile_size, self.tile_overlap, self.vae_tile)
+        return None not in (self.steps, self.guidance_scale, self.tile_size, self.tile_overlap, self.tile_batch,
+                            self.vae_tile)
 
     def times(self, kind: str) -> np.ndarray:
         """The descending time grid of resolved settings: the cosine grid (student), SD3's shift-3 sigmas

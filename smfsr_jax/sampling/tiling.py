@@ -99,6 +99,22 @@ def map_in_chunks(fn, chunk: int, *arrays):
     return out.reshape((count * chunk,) + out.shape[2:])[:rows]
 
 
+def tile_bytes(config, tile: int, text_tokens: int) -> int:
+    """An upper estimate of one latent tile's temporaries in a network call: per head three fp32 (S x S) attention
+    matrices (logits, exponentials, weights) over the joint sequence of S = 2 x (tile / patch)² image and LR tokens
+    plus the text, and eight fp32 activations of the hidden width per token. XLA:CPU's compiled temporaries of
+    two-block MM-DiTs (4 and 8 heads, 16² and 32² tiles, 1 to 4 tiles a call) are 0.75 to 0.83 of it
+    (tests/test_sampling.py)."""
+    tokens = 2 * (tile // config.patch_size) ** 2 + text_tokens
+    return config.num_heads * tokens * tokens * 4 * 3 + 8 * tokens * config.num_heads * config.head_dim * 4
+
+
+def tile_batch_for_budget(config, tile: int, text_tokens: int, guided: bool, budget: int) -> int:
+    """Latent tiles per network call that fit a memory budget (bytes): at least one, and two rows a tile under
+    CFG (the unconditional and the conditional branch run as one batch)."""
+    return max(1, budget // (tile_bytes(config, tile, text_tokens) * (2 if guided else 1)))
+
+
 def tiled_velocity(velocity_fn, tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
                    tile_batch: int = TILE_BATCH, patch_size: int = 2, max_side: int | None = None):
     """Wrap a velocity function (samplers.py signature): tiles when `needs_tiling`, else calls it directly.
