@@ -100,11 +100,12 @@ def map_in_chunks(fn, chunk: int, *arrays):
 
 
 def tile_bytes(config, tile: int, text_tokens: int) -> int:
-    """An upper estimate of one latent tile's temporaries in a network call: per head three fp32 (S x S) attention
+    """An estimate of one latent tile's temporaries in a network call: per head three fp32 (S x S) attention
     matrices (logits, exponentials, weights) over the joint sequence of S = 2 x (tile / patch)² image and LR tokens
-    plus the text, and eight fp32 activations of the hidden width per token. XLA:CPU's compiled temporaries of
-    two-block MM-DiTs (4 and 8 heads, 16² and 32² tiles, 1 to 4 tiles a call) are 0.75 to 0.83 of it
-    (tests/test_sampling.py)."""
+    plus the text, and eight fp32 activations of the hidden width per token. XLA:CPU's compiled temporaries: SD3.5-M
+    (24 blocks, fp32, one 64² tile) 1.00 of it; narrow two-block MM-DiTs (4 and 8 heads, 16² and 32² tiles, 1 to 4
+    tiles a call) 0.75 to 0.83 (tests/test_sampling.py); a two-block MM-DiT at SD3.5-M's width 1.44, an XLA buffer
+    assignment that no real model has."""
     tokens = 2 * (tile // config.patch_size) ** 2 + text_tokens
     return config.num_heads * tokens * tokens * 4 * 3 + 8 * tokens * config.num_heads * config.head_dim * 4
 
