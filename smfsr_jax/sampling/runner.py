@@ -5,8 +5,8 @@ Plan: inputs arrive one at a time (read lazily by the caller). Each joins the gr
 (pipeline.processed_size), and a group runs as soon as it holds one call's batch: `settings.batch_size` images
 per device of the model's mesh. What is left runs at the end, padded by repeating its last image, so every call
 at a size has one shape and compiles once. A batch is preprocessed once and run once per seed; each output goes
-to `write(input, seed, image)` when its batch is done, so a caller saves, scores or shows it and holds no more
-than one batch.
+to `write(input, seed, image)` when its batch is done, so a caller saves, scores or shows it and the runner holds
+at most one unfinished batch per size.
 
 Devices: each call is split over every device of the model's mesh (SRModel(devices=)); each device runs whole
 images. Processes: the runner never talks to other processes. With several (sr.py, evaluate.py), each gives it
