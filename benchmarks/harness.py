@@ -162,14 +162,6 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float
     return float(np.median(times)), times
 
 
-def enable_compilation_cache(path: str | None):
-    """jax's persistent compilation cache in `path` (every executable cached, however fast it compiled)."""
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def hardware() -> str:
     devices = jax.devices()
     if devices[0].platform == "cpu":

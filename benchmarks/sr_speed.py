@@ -42,6 +42,7 @@ from smfsr_jax.convert import tensors  # noqa: E402
 from smfsr_jax.convert import transformer as convert_transformer  # noqa: E402
 from smfsr_jax.convert import vae as convert_vae  # noqa: E402
 from smfsr_jax.convert.vae import abstract_params as vae_abstract_params  # noqa: E402
+from smfsr_jax.core import cache  # noqa: E402
 from smfsr_jax.models import attention, mmdit, vae  # noqa: E402
 from smfsr_jax.sampling import pipeline, samplers, tiling  # noqa: E402
 from smfsr_jax.sampling.settings import SRSettings  # noqa: E402
@@ -296,7 +297,8 @@ def main():
     args.repeats = args.repeats or (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     args.attention = args.attention or attention.fused_implementation() or "xla"
-    harness.enable_compilation_cache(args.compilation_cache)
+    if args.compilation_cache:
+        cache.keep_compiled_in(args.compilation_cache)
 
     tcfg, ae_cfg, tokens, tile = networks(args)
     dtype = jnp.dtype(args.dtype)

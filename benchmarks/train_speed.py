@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from configs import student_gan, student_isc, teacher_fm  # noqa: E402
+from smfsr_jax.core import cache  # noqa: E402
 from smfsr_jax.models import attention, mmdit  # noqa: E402
 from smfsr_jax.training import partition  # noqa: E402
 from smfsr_jax.training import state as state_lib  # noqa: E402
@@ -133,7 +134,8 @@ def main():
     parser.add_argument("--compilation_cache", default=None, help="jax persistent compilation cache directory")
     args = parser.parse_args()
     args.steps = args.steps or (3 if args.tiny else 20)
-    harness.enable_compilation_cache(args.compilation_cache)
+    if args.compilation_cache:
+        cache.keep_compiled_in(args.compilation_cache)
     config = CONFIGS[args.stage].get_config("tiny" if args.tiny else "sd35m")
     config.model.attention = args.attention or attention.fused_implementation() or "xla"
     if args.remat:

@@ -41,11 +41,16 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     if files.is_remote(root):
         return None
     path = os.path.join(root, COMPILATION_DIR)
+    keep_compiled_in(path)
+    log.info("compiled functions are kept in %s", path)
+    return path
+
+
+def keep_compiled_in(path: str):
+    """JAX's persistent compilation cache in `path`, every executable kept however fast it compiled."""
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    log.info("compiled functions are kept in %s", path)
-    return path
 
 
 def _listen():

@@ -12,8 +12,8 @@ directory may be local or in a bucket (gs://...). A write that fails part-way ra
 and the per-seed results already written.
 
 Devices and processes: SR goes through the batch runner (sampling/runner.py), `batch_size` images per local
-device per call; metric calls take `batch_size` images. With several processes (jax.distributed, core/distributed.py) every process runs
-`evaluate_model` with the same arguments: process p of n super-resolves, writes and scores the records k with
+device per call; metric calls take `batch_size` images. With several processes (jax.distributed,
+core/distributed.py) every process runs `evaluate_model` with the same arguments: process p of n super-resolves, writes and scores the records k with
 k % n == p, the per-image scores, runtimes and skipped records of all processes are gathered (process_allgather,
 so no shared filesystem is needed for them), and process 0 alone writes the results files and tables, the same
 as one process writes (up to the timings). Table 4's distances are computed by the process that wrote both images.
@@ -169,8 +169,8 @@ def _gathered(metrics: dict[str, Metric], per_image: dict, runtimes: dict, skipp
     return merged
 
 
-def _super_resolve_and_score(model: SRModel, benchmark: BenchmarkSet, seed: int, run: BenchmarkRun, sr_dir: str,
-                             show_progress: bool) -> tuple[dict, list[str]]:
+def _super_resolve_and_score(model: SRModel, settings: SRSettings, benchmark: BenchmarkSet, seed: int,
+                             run: BenchmarkRun, sr_dir: str, show_progress: bool) -> tuple[dict, list[str]]:
     """(results of the whole set, the SR images this process wrote): process p of n super-resolves and scores
     the records k with k % n == p, then the scores of all processes are gathered."""
     metrics = {name: m for name, m in run.metrics.items() if benchmark.has_reference or not m.full_reference}
@@ -192,14 +192,14 @@ def _super_resolve_and_score(model: SRModel, benchmark: BenchmarkSet, seed: int,
         with writing(path):
             image_io.save_image(sr, path)
         unscored.append((item.tag, sr))
-        if len(unscored) == run.settings.batch_size:
+        if len(unscored) == settings.batch_size:
             score()
         progress.update(1)
 
     began = time.perf_counter()
     inputs = (SRInput(image.index, image.lr, image.caption, tag=image)
               for image in benchmark.images(skipped, run.captions, indices))
-    super_resolve(model, run.settings, inputs, [seed], write)
+    super_resolve(model, settings, inputs, [seed], write)
     if unscored:
         score()
     progress.update(len(skipped))
@@ -232,8 +232,8 @@ def evaluate_model(bundle: bundle_lib.Bundle, run: BenchmarkRun, out_dir: str, s
             own_images = {}  # seed -> the SR images this process wrote
             for seed in run.seeds:
                 sr_dir = os.path.join(dataset_dir, f"seed{seed}")
-                by_seed[seed], own_images[seed] = _super_resolve_and_score(model, benchmark, seed, run, sr_dir,
-                                                                           show_progress)
+                by_seed[seed], own_images[seed] = _super_resolve_and_score(model, settings, benchmark, seed,
+                                                                           run, sr_dir, show_progress)
                 if writes:
                     write_results(by_seed[seed], f"{sr_dir}.json")
                 written.append(f"{benchmark.dataset}/seed{seed}")
