@@ -1,6 +1,6 @@
 r"""A folder of mixed sizes through the SR core on CPU: time to the first image, time per image after it, and how
-many functions compile. Each distinct input size compiles the SR function again today, so this is the cost that
-one compilation for any size removes.
+many functions compile. The SR functions compile per canvas and latent-tile chunk, not per image size
+(sampling/canvas.py); README, Compilation, has this before (one fused function per size) and after.
 
   python benchmarks/mixed_sizes.py [--images 20] [--min_side 24]
 

@@ -12,11 +12,11 @@ Controls: seed (or a random one, shown afterwards), number of seeds N (seeds see
 with a per-pixel standard-deviation map across them: where the model is uncertain), sampling steps, colour fix,
 caption (bundles with text encoders only) and latent tile size (the bundle's training size by default).
 
-Requests queue one at a time (concurrency limit 1): the SR core compiles one function per settings value (steps,
-colour fix, tile) and input shape and reuses it across requests, so two requests never compile the same shape
-twice. Compiled functions are also kept on disk (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax), so
-a restarted server reads them instead of compiling. The first request at a new shape or setting reports its time
-as including compilation (or reading the compiled function); later ones the time per image.
+Requests queue one at a time (concurrency limit 1): the SR core compiles its functions once per settings value
+(steps, colour fix, tile) and canvas (sampling/canvas.py: a short ladder of sizes that every input size falls on)
+and reuses them across requests, so an upload of a new size compiles nothing when its canvas is in use. Compiled functions are also kept on disk (--cache_dir, default $SMFSR_JAX_CACHE or ~/.cache/smfsr_jax), so
+a restarted server reads them instead of compiling. The first request at a new canvas or setting reports its
+time as including compilation (or reading the compiled function); later ones the time per image.
 Inputs above --max_pixels are refused before they are decoded; unreadable or truncated files get a message in the
 page. `Upscaler` is the page's logic without the UI (tests/test_app.py).
 """
@@ -40,7 +40,7 @@ from smfsr_jax.data import images as image_io
 from smfsr_jax.data.tfds import bundled
 from smfsr_jax.demo import STAGES, bicubic_x4
 from smfsr_jax.evaluation.runner import load_model
-from smfsr_jax.sampling import color
+from smfsr_jax.sampling import canvas, color
 from smfsr_jax.sampling.model import SRModel
 from smfsr_jax.sampling.pipeline import processed_size
 from smfsr_jax.sampling.runner import SRInput, super_resolve
@@ -68,8 +68,8 @@ class Upscaler:
     """Encoded image -> checked 8-bit RGB -> SR for several seeds, through the batch runner (sampling/runner.py).
 
     One SRModel holds the parameters on the devices for every request; a request's settings (steps, colour fix,
-    tile size) select a compiled function, cached per settings (pipeline.make_sr_function) and per shape, so
-    repeated requests reuse it.
+    tile size) select compiled functions, cached per settings (canvas.make_canvas_functions) and per canvas, so
+    repeated requests reuse them.
     """
 
     def __init__(self, model: SRModel, max_pixels: int = MAX_PIXELS, **settings):
@@ -121,14 +121,15 @@ class Upscaler:
                  caption: str | None = None, tile_size: int | None = None, progress=None) -> Result:
         """SR of `image` for each seed (noise index 0, as SRPipeline(image, seed=s)); progress(done, total, text)."""
         settings = self.request_settings(steps, color_fix, tile_size)  # steps=None and its default compile once
-        height, width = processed_size(*image.shape[:2], settings, self.model.autoencoder_config.downscale)
-        key = (settings, (height, width))
+        multiple = self.model.autoencoder_config.downscale
+        height, width = processed_size(*image.shape[:2], settings, multiple)
+        key = (settings, canvas.canvas_shape(height, width, settings, multiple))
         compiling = key not in self._compiled
         outputs, finished = [], []
 
         def report(done: int):
             if progress is not None:
-                text = (f"compiling for {width}x{height} (first run at this size and setting), seed {seeds[0]}"
+                text = (f"compiling for {width}x{height} (first run on this canvas and setting), seed {seeds[0]}"
                         if compiling and done == 0 else f"seed {seeds[done]}")
                 progress(done, len(seeds), text)
 
@@ -180,7 +181,7 @@ def summary(image: np.ndarray, result: Result) -> str:
     parts = [f"{width}×{height} → {out_width}×{out_height}",
              f"seed{'s' if len(result.seeds) > 1 else ''} {', '.join(str(s) for s in result.seeds)}"]
     if result.compile_seconds is not None:
-        parts.append(f"first run at this size and setting: {result.compile_seconds:.2f} s including compilation "
+        parts.append(f"first run on this canvas and setting: {result.compile_seconds:.2f} s including compilation "
                      f"({result.compilation}; later runs reuse it)")
     if result.seconds_per_image is not None:
         parts.append(f"{result.seconds_per_image:.3f} s per image")

@@ -18,7 +18,7 @@ from PIL import Image
 from smfsr_jax import app
 from smfsr_jax.core import errors
 from smfsr_jax.data.images import BadImage
-from smfsr_jax.sampling.pipeline import make_sr_function
+from smfsr_jax.sampling.canvas import make_canvas_functions
 from smfsr_jax.sampling.runner import SRPipeline
 from tests.conftest import REPO
 from tests.processes import free_port
@@ -73,18 +73,21 @@ def test_outputs_match_pipeline_and_std_map(upscaler, reference, lr):
     assert upscaler(lr, [3]).std is None
 
 
-def test_compiles_once_per_shape_and_shares_parameters(bundle_dir, lr):
+def test_compiles_once_per_canvas_and_shares_parameters(bundle_dir, lr):
     upscaler = app.Upscaler.from_checkpoint(bundle_dir, process_size=PROCESS_SIZE)
     first = upscaler(lr, [0])
     assert first.compile_seconds is not None and first.seconds_per_image is None
     assert "from the compilation cache" in first.compilation and "compilation" in app.summary(lr, first)
     model = upscaler.model
-    sr_function = make_sr_function(model.transformer_config, model.autoencoder_config,
-                                   upscaler.request_settings(steps=1), model.mesh)
-    compiled = sr_function._cache_size()
-    again = upscaler(lr, [1, 2], steps=1)  # steps=1 is the student's default: the same function and shape
+    functions = make_canvas_functions(model.transformer_config, model.autoencoder_config,
+                                      upscaler.request_settings(steps=1), model.mesh)
+
+    def compiled():
+        return [f._cache_size() for f in (functions.encode, functions.velocity, functions.decode)]
+    before = compiled()
+    again = upscaler(lr, [1, 2], steps=1)  # steps=1 is the student's default: the same functions and canvas
     assert again.compile_seconds is None and again.seconds_per_image > 0
-    assert sr_function._cache_size() == compiled
+    assert compiled() == before and min(before) == 1
     assert 32 in upscaler.tile_sizes() and upscaler.default.tile_size in upscaler.tile_sizes()
     tiled = upscaler.request_settings(tile_size=32)
     assert (tiled.tile_size, tiled.tile_overlap) == (32, 12)  # the overlap follows the tile

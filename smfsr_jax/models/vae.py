@@ -317,51 +317,64 @@ def depth_to_space(x, f: int, channels: int):
 _SQRT2 = float(np.sqrt(2.0))
 
 
-def _next(a):
-    return jnp.concatenate([a[..., 1:], a[..., -1:]], -1)
+def _next(a, valid=None):
+    """a shifted left along its last axis, the last sample repeated (symmetric extension); with `valid` (traced),
+    only the first `valid` samples are the signal, and the last of them is repeated instead."""
+    shifted = jnp.concatenate([a[..., 1:], a[..., -1:]], -1)
+    if valid is None:
+        return shifted
+    return jnp.where(jnp.arange(a.shape[-1]) >= valid - 1, a, shifted)
 
 
 def _previous(a):
     return jnp.concatenate([a[..., :1], a[..., :-1]], -1)
 
 
-def _lift(x, axis: int):
+def _lift(x, axis: int, valid=None):
     x = jnp.moveaxis(x, axis, -1)
     even, odd = x[..., 0::2], x[..., 1::2]
-    detail = odd - 0.5 * (even + _next(even))
+    detail = odd - 0.5 * (even + _next(even, None if valid is None else valid // 2))
     smooth = even + 0.25 * (_previous(detail) + detail)
     return jnp.moveaxis(smooth * _SQRT2, -1, axis), jnp.moveaxis(detail / _SQRT2, -1, axis)
 
 
-def _unlift(smooth, detail, axis: int):
+def _unlift(smooth, detail, axis: int, valid=None):
     smooth, detail = jnp.moveaxis(smooth, axis, -1) / _SQRT2, jnp.moveaxis(detail, axis, -1) * _SQRT2
     even = smooth - 0.25 * (_previous(detail) + detail)
-    odd = detail + 0.5 * (even + _next(even))
+    odd = detail + 0.5 * (even + _next(even, None if valid is None else valid // 2))
     x = jnp.stack([even, odd], -1).reshape(*even.shape[:-1], 2 * even.shape[-1])
     return jnp.moveaxis(x, -1, axis)
 
 
-def wavelet_encode(x, levels: int):
+def _halve(valid):
+    return None if valid is None else (valid[0] // 2, valid[1] // 2)
+
+
+def wavelet_encode(x, levels: int, valid=None):
     """(B, H, W, C) -> (B, H/2^L, W/2^L, 4^L C): [coarsest level (recursively) | LH, HL, HH of the finest level
-    folded onto the coarse grid]."""
+    folded onto the coarse grid]. valid: (rows, columns), traced, of the image at the top left of a larger canvas
+    (multiples of 2^L): its coefficients are those of the image alone; the rest is not."""
     if levels == 0:
         return x
-    low, high = _lift(x, 2)
-    (ll, lh), (hl, hh) = _lift(low, 1), _lift(high, 1)
+    rows, columns = (None, None) if valid is None else valid
+    low, high = _lift(x, 2, columns)
+    (ll, lh), (hl, hh) = _lift(low, 1, rows), _lift(high, 1, rows)
     fold = 2 ** (levels - 1)
-    return jnp.concatenate([wavelet_encode(ll, levels - 1)] + [space_to_depth(band, fold) for band in (lh, hl, hh)], -1)
+    return jnp.concatenate([wavelet_encode(ll, levels - 1, _halve(valid))]
+                           + [space_to_depth(band, fold) for band in (lh, hl, hh)], -1)
 
 
-def wavelet_decode(z, levels: int, channels: int):
-    """Exact inverse of `wavelet_encode`."""
+def wavelet_decode(z, levels: int, channels: int, valid=None):
+    """Exact inverse of `wavelet_encode` (valid: the image's size in pixels on a larger canvas, as there)."""
     if levels == 0:
         return z
     fold = 2 ** (levels - 1)
     coarse, width = channels * fold * fold, channels * fold * fold
     lh, hl, hh = (depth_to_space(z[..., coarse + i * width:coarse + (i + 1) * width], fold, channels)
                   for i in range(3))
-    ll = wavelet_decode(z[..., :coarse], levels - 1, channels)
-    return _unlift(_unlift(ll, lh, 1), _unlift(hl, hh, 1), 2)
+    ll = wavelet_decode(z[..., :coarse], levels - 1, channels, _halve(valid))
+    rows, columns = (None, None) if valid is None else valid
+    return _unlift(_unlift(ll, lh, 1, rows), _unlift(hl, hh, 1, rows), 2, columns)
 
 
 class PixelAutoencoder(nn.Module):
@@ -381,8 +394,9 @@ class PixelAutoencoder(nn.Module):
     def _levels(self) -> int:
         return int(self.config.downscale).bit_length() - 1
 
-    def encode(self, images):
-        """images (B, H, W, C), H and W multiples of downscale -> (mean, logvar = -30 everywhere)."""
+    def encode(self, images, valid=None):
+        """images (B, H, W, C), H and W multiples of downscale -> (mean, logvar = -30 everywhere). valid: the
+        image's (rows, columns) on a larger canvas (traced; multiples of downscale), else the whole input."""
         self._check()
         f = self.config.downscale
         height, width = images.shape[1:3]
@@ -390,18 +404,18 @@ class PixelAutoencoder(nn.Module):
             raise ValueError(f"PixelAutoencoder: image size {height}x{width} is not a multiple of {f}")
         x = images.astype(jnp.float32)
         if self.config.pixel_basis == "wavelet":
-            mean = wavelet_encode(x, self._levels())
+            mean = wavelet_encode(x, self._levels(), valid)
         else:
             mean = jnp.einsum("bhwp,pl->bhwl", space_to_depth(x, f), self._matrix(),
                               precision=jax.lax.Precision.HIGHEST)
         return mean, jnp.full_like(mean, LOGVAR_RANGE[0])
 
-    def decode(self, latents):
-        """Exact inverse of `encode` on images (the orthogonal projection for other latents)."""
+    def decode(self, latents, valid=None):
+        """Exact inverse of `encode` on images (the orthogonal projection for other latents); valid as there."""
         self._check()
         cfg, z = self.config, latents.astype(jnp.float32)
         if cfg.pixel_basis == "wavelet":
-            return wavelet_decode(z, self._levels(), cfg.out_channels)
+            return wavelet_decode(z, self._levels(), cfg.out_channels, valid)
         x = jnp.einsum("bhwl,pl->bhwp", z, self._matrix(), precision=jax.lax.Precision.HIGHEST)
         return depth_to_space(x, cfg.downscale, cfg.out_channels)
 

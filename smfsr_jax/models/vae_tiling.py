@@ -184,13 +184,14 @@ class _Tile:
         """GroupNorm of x with the table's statistics; records this core's (count, sum, sum of squares)."""
         batch, height, width, channels = x.shape
         groups, size = self.config.norm_num_groups, channels // self.config.norm_num_groups
-        params, (mean, var) = self._module(path), self.table[path]
+        params = self._module(path)
         core = self.in_core(x)[..., None]
 
         def run(x):
             grouped = jnp.where(core, x.astype(jnp.float32).reshape(batch, height, width, groups, size), 0.0)
             count = jnp.broadcast_to(jnp.sum(core, dtype=jnp.float32) * size, (batch, groups))
             moments = jnp.stack([count, grouped.sum((1, 2, 4)), jnp.square(grouped).sum((1, 2, 4))], -1)
+            mean, var = self.statistics(path, moments)
             # flax's GroupNorm arithmetic: fp32 normalisation and affine, then the compute dtype.
             shift = jnp.repeat(mean, size, axis=-1)[:, None, None, :]
             scale = jax.lax.rsqrt(jnp.repeat(var, size, axis=-1) + vae.GROUP_NORM_EPS) * params["scale"]
@@ -200,6 +201,11 @@ class _Tile:
         self.stages[path] = self.stage
         self.stage += 1
         return y
+
+    def statistics(self, path: str, moments):
+        """The (mean, var) the GroupNorm at `path` normalises with: the table's, filled by earlier passes."""
+        del moments
+        return self.table[path]
 
     def resnet(self, path: str, x):
         h = self.conv(f"{path}/conv1", nn.silu(self.norm(f"{path}/norm1", x)))
@@ -254,6 +260,41 @@ class _Tile:
         self.size = (self.size[0] * 2, self.size[1] * 2)
         self.core, self.margin = (self.core[0] * 2, self.core[1] * 2), self.margin * 2
         return self.conv(path, x)
+
+
+class _Whole(_Tile):
+    """The whole input as one tile in one pass, on a canvas holding an image of traced `size` at its top left:
+    every GroupNorm takes its statistics from its own input inside the image, the attention attends over the
+    image's positions only, and positions outside it are zeroed before every convolution, so the output inside
+    the image is the image's alone (up to float rounding) whatever lies around it."""
+
+    def __init__(self, params, config, size, shape):
+        super().__init__(params, config, (0, 0), size, shape, 0, None, (None, None), 0, 0, 0)
+
+    def _live(self):
+        return True
+
+    def _when(self, live, fn, *args):
+        return fn(*args)
+
+    def statistics(self, path: str, moments):
+        return _finalize(moments)
+
+    def in_core(self, x):
+        return self.in_image(x)
+
+    def crop(self, x, margin: int):
+        return x
+
+    def attention(self, path: str, x):
+        batch, height, width, channels = x.shape
+        h = self.norm(f"{path}/group_norm", x)
+        rows = _round_up(height, max(1, KEY_CHUNK // width))  # whole key chunks (see _attend)
+        keys = jnp.pad(h, ((0, 0), (0, rows - height), (0, 0), (0, 0)))
+        q = self.dense(f"{path}/to_q", h.reshape(batch, -1, channels))
+        out = _attend(q, keys, self.size, lambda name, h: self.dense(f"{path}/{name}", h), 1.0 / math.sqrt(channels))
+        self.stage += 2
+        return x + self.dense(f"{path}/to_out", out.astype(self.dtype)).reshape(x.shape)
 
 
 def _attend(q, normed, size, dense, scale):
@@ -355,11 +396,13 @@ def border_jumps(x, cores: tuple[int, int]) -> tuple[float, float]:
     return float(max(across)), float(max(inside))
 
 
-def _run(params, config: vae.VAEConfig, x, tile: int, part: str):
+def _run(params, config: vae.VAEConfig, x, tile: int, part: str, size=None):
     """The tiled encoder or decoder ('encoder' | 'decoder'): (output, {GroupNorm path: (mean, var)}). x is images
-    for the encoder, latents for the decoder; `tile` is in image pixels either way."""
+    for the encoder, latents for the decoder; `tile` is in image pixels either way. size: the (rows, columns) of
+    x's image at its top left (traced), the rest of x being a canvas around it; default the whole of x."""
     f = config.downscale
     batch, height, width, channels = x.shape
+    size = (height, width) if size is None else size
     if part == "encoder":
         unit, align, forward = tile, f, _encoder
         read, _, after = encoder_margins(config)
@@ -398,8 +441,7 @@ def _run(params, config: vae.VAEConfig, x, tile: int, part: str):
         origin = (row * cores[0], col * cores[1])
         extent = jax.lax.dynamic_slice(padded, (0, *origin, 0),
                                        (batch, cores[0] + 2 * read, cores[1] + 2 * read, channels))
-        state = _Tile(params, config, origin, (height, width), cores, read, table, buffers, after, pass_index,
-                      keys_pass)
+        state = _Tile(params, config, origin, size, cores, read, table, buffers, after, pass_index, keys_pass)
         y = forward(state, extent).astype(jnp.float32)
         if state.stage != passes - 1 or state.stages.keys() != set(paths):
             raise ValueError(f"the {part} traced {state.stage} stages and GroupNorms {sorted(state.stages)}, "
@@ -440,29 +482,46 @@ def tile_for_budget(config: vae.VAEConfig, budget: int) -> int:
     return side
 
 
-def encode(params, config: vae.VAEConfig, images, tile: int):
+def _whole(params, config: vae.VAEConfig, x, size, part: str):
+    """The encoder or decoder in one pass over a canvas whose image is `size` (traced) at its top left (_Whole)."""
+    state = _Whole(params[part], config, size, x.shape[1:3])
+    return (_encoder if part == "encoder" else _decoder)(state, x.astype(jnp.dtype(config.dtype)))
+
+
+def encode(params, config: vae.VAEConfig, images, tile: int, size=None):
     """`AutoencoderKL.encode` of (B, H, W, C) images in [-1, 1] -> (mean, logvar), in tiles of `tile` pixels when
-    the image exceeds them (0: whole). A pixel autoencoder always runs whole (it is pointwise in blocks)."""
+    the image exceeds them (0: whole). A pixel autoencoder always runs whole (it is pointwise in blocks).
+
+    size: (rows, columns) in pixels, traced, multiples of the downscale: the images lie at the top left of a
+    larger canvas, and the latents inside size // downscale are theirs alone (the rest is not), so one compiled
+    function serves every image that fits the canvas."""
     if config.kind != "kl":
-        return vae.make_autoencoder(config).apply({"params": params}, images, method="encode")
+        return vae.make_autoencoder(config).apply({"params": params}, images, size, method="encode")
     _check(config, tile)
     if not needs_tiling(images.shape[1], images.shape[2], tile):
-        return vae.AutoencoderKL(config).apply({"params": params}, images, method="encode")
-    moments, _ = _run(params, config, images, tile, "encoder")
+        if size is None:
+            return vae.AutoencoderKL(config).apply({"params": params}, images, method="encode")
+        moments = _whole(params, config, images, size, "encoder").astype(jnp.float32)
+    else:
+        moments, _ = _run(params, config, images, tile, "encoder", size)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, *vae.LOGVAR_RANGE)
 
 
-def decode(params, config: vae.VAEConfig, latents, tile: int):
+def decode(params, config: vae.VAEConfig, latents, tile: int, size=None):
     """`AutoencoderKL.decode` of raw (B, h, w, latent_channels) latents -> (B, h*f, w*f, C) images, in tiles of
-    `tile` output pixels when the image exceeds them (0: whole)."""
-    if config.kind != "kl":
-        return vae.make_autoencoder(config).apply({"params": params}, latents, method="decode")
-    _check(config, tile)
+    `tile` output pixels when the image exceeds them (0: whole). size: the image's (rows, columns) in pixels on a
+    larger canvas, as in `encode`."""
     f = config.downscale
+    if config.kind != "kl":
+        return vae.make_autoencoder(config).apply({"params": params}, latents, size, method="decode")
+    _check(config, tile)
+    latent_size = None if size is None else (size[0] // f, size[1] // f)
     if not needs_tiling(latents.shape[1] * f, latents.shape[2] * f, tile):
-        return vae.AutoencoderKL(config).apply({"params": params}, latents, method="decode")
-    return _run(params, config, latents, tile, "decoder")[0]
+        if size is None:
+            return vae.AutoencoderKL(config).apply({"params": params}, latents, method="decode")
+        return _whole(params, config, latents, latent_size, "decoder")
+    return _run(params, config, latents, tile, "decoder", latent_size)[0]
 
 
 def group_norm_statistics(params, config: vae.VAEConfig, inputs, part: str, tile: int) -> dict:

@@ -1,5 +1,8 @@
-"""The SR function: preprocessed LR images -> x4 SR images (8-bit RGB), the SMFSR test script in JAX
-(docs/design.md#sampling). The batch runner (runner.py) feeds it; its settings are settings.py's.
+"""The SR steps and the fused SR function: preprocessed LR images -> x4 SR images (8-bit RGB), the SMFSR test
+script in JAX (docs/design.md#sampling). The batch runner (runner.py) preprocesses with this module and runs the
+steps on canvases (canvas.py), which compile per canvas instead of per size; `make_sr_function` is the same SR as
+one XLA program for one image size, the reference the canvas path is measured against and what the full-size
+speed and memory benchmarks compile. Its settings are settings.py's.
 
 Per image:
 1. LR preprocessing with PIL bicubic (SMFSR/DiT4SR test_wollava.py): if a side is below process_size/4 = 128,

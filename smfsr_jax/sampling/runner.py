@@ -4,7 +4,8 @@
 Plan: inputs arrive one at a time (read lazily by the caller). Each joins the group of its preprocessed size
 (pipeline.processed_size), and a group runs as soon as it holds one call's batch: `settings.batch_size` images
 per device of the model's mesh. What is left runs at the end, padded by repeating its last image, so every call
-at a size has one shape and compiles once. A batch is preprocessed once and run once per seed; each output goes
+has one batch shape. A batch runs on the canvas of its size (canvas.py): the compiled functions follow the
+canvas, not the image size, so a folder of many sizes compiles the MM-DiT once and the VAE once per canvas. A batch is preprocessed once and run once per seed; each output goes
 to `write(input, seed, image)` when its batch is done, so a caller saves, scores or shows it and the runner holds
 at most one unfinished batch per size.
 
@@ -26,8 +27,9 @@ import numpy as np
 from PIL import Image
 
 from smfsr_jax.core import mesh as mesh_lib
+from smfsr_jax.sampling import canvas
 from smfsr_jax.sampling.model import SRModel
-from smfsr_jax.sampling.pipeline import image_keys, make_sr_function, prepare_lr, processed_size
+from smfsr_jax.sampling.pipeline import image_keys, prepare_lr, processed_size
 from smfsr_jax.sampling.settings import SRSettings
 from smfsr_jax.weights import bundle as bundle_lib
 
@@ -46,20 +48,28 @@ def super_resolve(model: SRModel, settings: SRSettings, inputs: Iterable[SRInput
     """x4 SR of `inputs` for each seed; write(input, seed, (4H, 4W, 3) uint8) receives every output (module
     docstring). `settings` may leave defaults None: they are resolved for `model` here."""
     settings = model.resolve(settings)
-    sr_function = make_sr_function(model.transformer_config, model.autoencoder_config, settings, model.mesh)
+    functions = canvas.make_canvas_functions(model.transformer_config, model.autoencoder_config, settings,
+                                             model.mesh)
+    times = settings.times(model.kind)
     multiple, size = model.autoencoder_config.downscale, settings.batch_size * model.mesh.size
     sharding = mesh_lib.batch_sharding(model.mesh)
+    replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
 
     def run(batch: list[SRInput]):
         padded = batch + [batch[-1]] * (size - len(batch))  # one compiled batch shape
         lr_images = np.stack([prepare_lr(item.pixels, multiple, settings.upscale, settings.process_size)
                               for item in padded])
+        processed = lr_images.shape[1:3]
+        lr_canvas = np.zeros((size, *canvas.canvas_shape(*processed, settings, multiple), 3), np.uint8)
+        lr_canvas[:, :processed[0], :processed[1]] = lr_images
         cond = model.condition([item.caption for item in padded], settings.caption_rule,
                                guided=settings.guidance_scale > 1.0)
-        lr_images, cond = jax.device_put((lr_images, cond), sharding)
+        lr_canvas, cond = jax.device_put(lr_canvas, sharding), jax.device_put(cond, replicated)
         for seed in seeds:
             keys = jax.device_put(image_keys(seed, [item.index for item in padded]), sharding)
-            sr = np.asarray(sr_function(model.transformer_params, model.autoencoder_params, lr_images, keys, cond))
+            sr = canvas.sample(functions, model.transformer_params, model.autoencoder_params, lr_canvas,
+                               processed, keys, cond, times, settings, model.transformer_config.patch_size,
+                               multiple, sharding)[:, :processed[0], :processed[1]]
             for item, image in zip(batch, sr):
                 height, width = item.pixels.shape[:2]
                 target = (width * settings.upscale, height * settings.upscale)
