@@ -75,3 +75,18 @@ def test_mixed_sizes_counts_compilations():
     line = run_benchmark("benchmarks/mixed_sizes.py", "--images", "2")
     assert line["name"] == "mixed_sizes" and line["distinct_sizes"] == 2 and line["compilations"] >= 2
     assert line["first_image_s"] > 0 and line["compiled_per_image_s"] > 0
+
+
+@pytest.mark.slow
+def test_any_size_difference_and_canvas_memory():
+    line = run_benchmark("benchmarks/any_size.py", "--sizes", "24x64,40x36")
+    short, tiled = line["cases"]
+    assert not short["at_least_a_tile"] and tiled["at_least_a_tile"] and line["value"] == tiled["max"] <= 1
+    canvas = run_benchmark("benchmarks/sr_memory.py", "--tiny", "--parts", "canvas")
+    assert canvas["velocity"]["temporaries_mib"] > 0 and all(case["canvas"] for case in canvas["cases"])
+
+
+@pytest.mark.slow
+def test_three_level_vae_runs_with_default_tiles():
+    line = run_benchmark("benchmarks/default_tiles.py", "--lr_side", "32")
+    assert line["output"] == [128, 128, 3] and line["vae_tile"] == 640

@@ -91,20 +91,27 @@ class CanvasFunctions:
     decode: object  # (autoencoder params, latents, lr canvas, size) -> SR canvas uint8
 
 
-@functools.lru_cache(maxsize=None)
 def make_canvas_functions(transformer_config: mmdit.MMDiTConfig, autoencoder_config: vae.VAEConfig,
                           settings: SRSettings, mesh: jax.sharding.Mesh) -> CanvasFunctions:
     """The jitted encode, velocity and decode for resolved `settings`, split over the mesh's DATA axis (images
-    for encode and decode, tiles for velocity; parameters and conditioning replicated)."""
+    for encode and decode, tiles for velocity; parameters and conditioning replicated). Each is cached on what it
+    depends on only, so that a change of colour fix compiles no new MM-DiT."""
     if not settings.resolved:
         raise ValueError("make_canvas_functions needs resolved settings (SRSettings.resolve)")
-    network = mmdit.MMDiT(transformer_config)
-    kind = bundle_lib.transformer_kind(transformer_config)
+    return CanvasFunctions(
+        encode=_encode_function(autoencoder_config, settings.vae_tile, mesh),
+        velocity=_velocity_function(transformer_config, settings.guidance_scale, mesh),
+        decode=_decode_function(autoencoder_config, settings.vae_tile, settings.color_fix, settings.output_rounding,
+                                mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_function(autoencoder_config: vae.VAEConfig, vae_tile: int, mesh: jax.sharding.Mesh):
     f = autoencoder_config.downscale
 
     def encode(autoencoder_params, lr_canvas, size, keys):
         mean, logvar = vae_tiling.encode(autoencoder_params, autoencoder_config, images.to_signed(lr_canvas),
-                                         settings.vae_tile, size)
+                                         vae_tile, size)
         latent = (size[0] // f, size[1] // f)
 
         def draw(keys, dtype):
@@ -113,24 +120,34 @@ def make_canvas_functions(transformer_config: mmdit.MMDiTConfig, autoencoder_con
         lr_latents = mean + jnp.exp(0.5 * logvar) * draw(posterior_keys, mean.dtype)
         return draw(keys, jnp.float32), vae.normalize_latents(lr_latents, autoencoder_config)
 
+    return jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=(P(), P(DATA), P(), P(DATA)),
+                                 out_specs=(P(DATA), P(DATA))))
+
+
+@functools.lru_cache(maxsize=None)
+def _velocity_function(transformer_config: mmdit.MMDiTConfig, guidance_scale: float, mesh: jax.sharding.Mesh):
+    network = mmdit.MMDiT(transformer_config)
+    student = bundle_lib.transformer_kind(transformer_config) == "student"
+
     def velocity(transformer_params, z_tiles, lr_tiles, cond, index, t, r):
         apply_fn = functools.partial(network.apply, {"params": transformer_params})
-        velocity_fn = (samplers.student_velocity(apply_fn) if kind == "student"
-                       else samplers.teacher_velocity(apply_fn, settings.guidance_scale))
+        velocity_fn = (samplers.student_velocity(apply_fn) if student
+                       else samplers.teacher_velocity(apply_fn, guidance_scale))
         return velocity_fn(z_tiles, lr_tiles, jax.tree.map(lambda a: jnp.take(a, index, axis=0), cond), t, r)
 
+    return jax.jit(jax.shard_map(velocity, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(), P(DATA), P(), P()),
+                                 out_specs=P(DATA)))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_function(autoencoder_config: vae.VAEConfig, vae_tile: int, color_fix: str, rounding: str,
+                     mesh: jax.sharding.Mesh):
     def decode(autoencoder_params, latents, lr_canvas, size):
         decoded = vae_tiling.decode(autoencoder_params, autoencoder_config,
-                                    vae.denormalize_latents(latents, autoencoder_config), settings.vae_tile, size)
-        return color.color_fix(images.from_signed(decoded), lr_canvas, settings.color_fix, settings.output_rounding,
-                               size)
+                                    vae.denormalize_latents(latents, autoencoder_config), vae_tile, size)
+        return color.color_fix(images.from_signed(decoded), lr_canvas, color_fix, rounding, size)
 
-    split = functools.partial(jax.shard_map, mesh=mesh)
-    return CanvasFunctions(
-        encode=jax.jit(split(encode, in_specs=(P(), P(DATA), P(), P(DATA)), out_specs=(P(DATA), P(DATA)))),
-        velocity=jax.jit(split(velocity, in_specs=(P(), P(DATA), P(DATA), P(), P(DATA), P(), P()),
-                               out_specs=P(DATA))),
-        decode=jax.jit(split(decode, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=P(DATA))))
+    return jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=P(DATA)))
 
 
 def chunk_sizes(rows: int, tile_batch: int) -> list[int]:

@@ -53,7 +53,7 @@ def super_resolve(model: SRModel, settings: SRSettings, inputs: Iterable[SRInput
     times = settings.times(model.kind)
     multiple, size = model.autoencoder_config.downscale, settings.batch_size * model.mesh.size
     sharding = mesh_lib.batch_sharding(model.mesh)
-    replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+    replicated = mesh_lib.replicated(model.mesh)
 
     def run(batch: list[SRInput]):
         padded = batch + [batch[-1]] * (size - len(batch))  # one compiled batch shape

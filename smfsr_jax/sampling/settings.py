@@ -1,6 +1,6 @@
 """SRSettings: everything besides the model and the image (with its seed, noise index and caption) that decides an
 SR output, in one frozen value. It owns every sampling default and the positional-grid limit on latent tiles, and
-it is the cache key of the compiled SR function (pipeline.make_sr_function).
+it is the cache key of the compiled SR functions (canvas.make_canvas_functions, pipeline.make_sr_function).
 
 `SRSettings(**chosen).resolve(transformer_config, autoencoder_config, trained_tile, text_tokens)` (for a loaded
 model: `SRModel.resolve(chosen)`) fills what was left None from the model (its kind, its positional grid, the tile
