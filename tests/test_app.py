@@ -87,7 +87,8 @@ def test_compiles_once_per_canvas_and_shares_parameters(bundle_dir, lr):
     before = compiled()
     again = upscaler(lr, [1, 2], steps=1)  # steps=1 is the student's default: the same functions and canvas
     assert again.compile_seconds is None and again.seconds_per_image > 0
-    assert compiled() == before and min(before) == 1
+    # Other tests in this process may have compiled these functions for other canvases: count, don't pin.
+    assert compiled() == before and min(before) >= 1
     assert 32 in upscaler.tile_sizes() and upscaler.default.tile_size in upscaler.tile_sizes()
     tiled = upscaler.request_settings(tile_size=32)
     assert (tiled.tile_size, tiled.tile_overlap) == (32, 12)  # the overlap follows the tile
