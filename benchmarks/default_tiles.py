@@ -1,7 +1,8 @@
 r"""A full-width SD3-layout VAE with three levels (x4 downscale) through the SR runner with default settings: the
 case that ran out of memory when the VAE tile was a fixed pixel count (the whole-image mid-block attention over
 256² latent positions of a 1024² output asked for 51.6 GB). Its tile now comes from its geometry and the memory
-budget (vae_tiling.tile_for_budget), and the canvas path tiles it with the image's size traced.
+budget (vae_tiling.tile_for_budget); the untiled pass attends over key chunks, so a 1024² output runs untiled
+on a CPU host's budget.
 
   python benchmarks/default_tiles.py [--lr_side 256]
 

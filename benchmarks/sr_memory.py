@@ -41,7 +41,7 @@ from smfsr_jax.training.stages.stage import shapes  # noqa: E402
 
 TINY_TEXT_TOKENS = 8
 # The full-size cases' VAE tile, fixed so that figures compare across machines: 2048² outputs run in 2 x 2 tiles
-# (the CPU budget's tile, 1152 for the SD3 VAE, cuts them the same way).
+# (the CPU budget's tile, 1472 for the SD3 VAE, cuts them the same way).
 VAE_TILE = 1024
 TINY_VAE_TILE = 32
 

@@ -89,4 +89,4 @@ def test_any_size_difference_and_canvas_memory():
 @pytest.mark.slow
 def test_three_level_vae_runs_with_default_tiles():
     line = run_benchmark("benchmarks/default_tiles.py", "--lr_side", "32")
-    assert line["output"] == [128, 128, 3] and line["vae_tile"] == 640
+    assert line["output"] == [128, 128, 3] and line["vae_tile"] == 1344

@@ -460,13 +460,14 @@ def _run(params, config: vae.VAEConfig, x, tile: int, part: str, size=None):
 
 
 def whole_bytes(config: vae.VAEConfig, height: int, width: int) -> int:
-    """An upper estimate of the temporaries of an untiled encode or decode of a (height, width) image: seven fp32
-    buffers of the first level's channels at full resolution (the decoder's peak; the encoder's is three) plus the
-    mid-block attention's two fp32 score matrices over its N latent positions. XLA:CPU's memory analysis of the
-    SD3 and the three-level VAE's decode at 128² to 512² lies at 0.64 to 0.97 of it, their encode lower
-    (tests/test_vae_tiling.py)."""
-    positions = (height // config.downscale) * (width // config.downscale)
-    return 7 * height * width * config.block_out_channels[0] * 4 + 2 * positions * positions * 4
+    """An upper estimate of the temporaries of an untiled encode or decode of a (height, width) image (one pass,
+    `_Whole`): seven fp32 buffers of the first level's channels at full resolution (the decoder's peak; the
+    encoder's is three) plus the mid-block attention's two fp32 score chunks (its N latent positions against one
+    chunk of keys). XLA:CPU's memory analysis of the SD3 and the three-level VAE's decode at 256² to 1024² is the
+    first term exactly, their encode 0.4 to 0.6 of it (tests/test_vae_tiling.py)."""
+    rows, columns = height // config.downscale, width // config.downscale
+    keys = max(1, KEY_CHUNK // columns) * columns
+    return 7 * height * width * config.block_out_channels[0] * 4 + 2 * rows * columns * keys * 4
 
 
 def tile_for_budget(config: vae.VAEConfig, budget: int) -> int:
@@ -499,9 +500,8 @@ def encode(params, config: vae.VAEConfig, images, tile: int, size=None):
         return vae.make_autoencoder(config).apply({"params": params}, images, size, method="encode")
     _check(config, tile)
     if not needs_tiling(images.shape[1], images.shape[2], tile):
-        if size is None:
-            return vae.AutoencoderKL(config).apply({"params": params}, images, method="encode")
-        moments = _whole(params, config, images, size, "encoder").astype(jnp.float32)
+        moments = _whole(params, config, images, images.shape[1:3] if size is None else size,
+                         "encoder").astype(jnp.float32)
     else:
         moments, _ = _run(params, config, images, tile, "encoder", size)
     mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -518,9 +518,7 @@ def decode(params, config: vae.VAEConfig, latents, tile: int, size=None):
     _check(config, tile)
     latent_size = None if size is None else (size[0] // f, size[1] // f)
     if not needs_tiling(latents.shape[1] * f, latents.shape[2] * f, tile):
-        if size is None:
-            return vae.AutoencoderKL(config).apply({"params": params}, latents, method="decode")
-        return _whole(params, config, latents, latent_size, "decoder")
+        return _whole(params, config, latents, latents.shape[1:3] if size is None else latent_size, "decoder")
     return _run(params, config, latents, tile, "decoder", latent_size)[0]
 
 
