@@ -35,7 +35,7 @@ CROP = 128
 TEACHER_STEPS, STUDENT_STEPS = (1, 2, 4, 50), (1, 2, 4)
 # ISC time samplers (isc.isc_loss keywords); "default" is the configs' (the demo's student).
 SAMPLERS = {
-    "default": dict(isc.DEFAULT_TIMES),
+    "default": dict(isc.DEFAULT_OPTIONS),
     "algorithm1": dict(time_sampler="logit_normal", anchor_prob=0.0, anchor="interval", boundary_time="max"),
     "algorithm1_independent_boundary": dict(time_sampler="logit_normal", anchor_prob=0.0, anchor="interval",
                                             boundary_time="independent"),

@@ -41,7 +41,7 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict(dict(student=ml_collections.config_dict.placeholder(str),
                                             teacher=ml_collections.config_dict.placeholder(str)))
     c.weights = ml_collections.ConfigDict(dict(isc=1.0, rec=1.0, vsd=1.0, adv=0.5))  # Eq. 20
-    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_TIMES))
+    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_OPTIONS))
     c.rec = ml_collections.ConfigDict(dict(
         lpips_weight=1.0,
         lpips=dict(net="alex" if tiny else "vgg", weights=ml_collections.config_dict.placeholder(str),

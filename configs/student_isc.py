@@ -42,7 +42,7 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     c.isc = ml_collections.ConfigDict(dict(
         p_boundary=0.6, per_sample=False,
         boundary_cfg=ml_collections.config_dict.placeholder(float),  # None: the paper's "w/o CFG"
-        **isc.DEFAULT_TIMES))
+        **isc.DEFAULT_OPTIONS))
     c.batch_size = 8 if tiny else 16
     c.total_steps = 200 if tiny else 40_000
     c.optimizer.lr = 1e-3 if tiny else 5e-5

@@ -63,7 +63,7 @@ def get_config(arg: str = "sd35m") -> ml_collections.ConfigDict:
     ))
     # Optional terms that keep the student a consistent average-velocity field and close to the HR.
     c.weights = ml_collections.ConfigDict(dict(isc=1.0, rec=0.0))
-    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_TIMES))
+    c.isc = ml_collections.ConfigDict(dict(p_boundary=0.6, per_sample=False, **isc.DEFAULT_OPTIONS))
     c.rec = ml_collections.ConfigDict(dict(
         lpips_weight=1.0,
         lpips=dict(net="alex" if tiny else "vgg", weights=placeholder(str), random_init=tiny)))

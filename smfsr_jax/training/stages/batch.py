@@ -1,5 +1,5 @@
 """A stage's batches: the data pipeline's seed, and what the step computes of each batch inside the loss (the
-latents of its images through the frozen autoencoder, its text condition, the ISC time-sampler keywords)."""
+latents of its images through the frozen autoencoder, its text condition, the ISC options)."""
 
 import zlib
 
@@ -44,6 +44,6 @@ def text_condition(frozen, batch, batch_size: int):
             jnp.broadcast_to(null["pooled_prompt_embeds"], (batch_size, *null["pooled_prompt_embeds"].shape)))
 
 
-def isc_times(isc_config: ml_collections.ConfigDict) -> dict:
-    """The time-sampler keywords of `isc.isc_loss` from a stage's `isc` config."""
-    return {name: isc_config[name] for name in isc.DEFAULT_TIMES}
+def isc_options(isc_config: ml_collections.ConfigDict) -> dict:
+    """The sampler and weighting keywords of `isc.isc_loss` (`isc.DEFAULT_OPTIONS`) from a stage's `isc` config."""
+    return {name: isc_config[name] for name in isc.DEFAULT_OPTIONS}

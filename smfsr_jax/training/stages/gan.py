@@ -127,7 +127,7 @@ def combine_losses(losses, weights: ml_collections.ConfigDict):
 
 def make_losses(config, student_config, teacher_config, ae_config, lpips_config, disc_config):
     """(params, model_state, frozen, batch, rng) -> (terms, metrics, new model_state), each term a scalar."""
-    isc.check_times(**batch_lib.isc_times(config.isc))
+    isc.check_options(**batch_lib.isc_options(config.isc))
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     autoencoder = vae.make_autoencoder(ae_config)
     lpips_model = lpips_lib.LPIPS(lpips_config)
@@ -166,7 +166,7 @@ def make_losses(config, student_config, teacher_config, ae_config, lpips_config,
 
         isc_loss, isc_metrics = isc.isc_loss(u_fn, velocity(teacher_params), hr, keys["isc"],
                                              p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
-                                             **batch_lib.isc_times(config.isc))
+                                             **batch_lib.isc_options(config.isc))
         lpips_fn = lambda a, b: lpips_model.apply({"params": sg(frozen["lpips"])}, a, b)  # noqa: E731
         rec_loss, rec_metrics = reconstruction.reconstruction_loss(x_hat, x, lpips_fn, config.rec.lpips_weight)
         times = dict(t_min=config.vsd.t_min, t_max=config.vsd.t_max)

@@ -228,7 +228,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
     sg = jax.lax.stop_gradient
     if teacher_config is not None:
         teacher = mmdit.MMDiT(teacher_config)
-        isc.check_times(**batch_lib.isc_times(config.isc))
+        isc.check_options(**batch_lib.isc_options(config.isc))
 
     def loss_fn(trainable, model_state, frozen, batch, rng):
         keys = dict(zip(("latents", "rollout", "nft", "isc", "rec"), jax.random.split(rng, 5)))
@@ -286,7 +286,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, ae_config: vae.VAEConfi
             teacher_fn = mmdit.velocity(teacher, teacher_params, context=context, pooled=pooled, lr_latents=lr)
             isc_loss, isc_metrics = isc.isc_loss(u_student, teacher_fn, hr, keys["isc"],
                                                  p_boundary=config.isc.p_boundary, per_sample=config.isc.per_sample,
-                                                 **batch_lib.isc_times(config.isc))
+                                                 **batch_lib.isc_options(config.isc))
             loss = loss + config.weights.isc * isc_loss
             metrics.update(isc_loss=isc_loss, boundary_fraction=isc_metrics["boundary_fraction"])
         if config.weights.rec:

@@ -161,7 +161,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.M
     """The loss_fn (state.LossFn): ISC + boundary against the frozen teacher."""
     student, teacher = mmdit.MMDiT(student_config), mmdit.MMDiT(teacher_config)
     isc_config = config.isc
-    isc.check_times(**batch_lib.isc_times(isc_config))
+    isc.check_options(**batch_lib.isc_options(isc_config))
 
     def loss_fn(trainable_params, model_state, frozen, batch, rng):
         rng_latents, rng_loss = jax.random.split(rng)
@@ -178,7 +178,7 @@ def make_loss(config, student_config: mmdit.MMDiTConfig, teacher_config: mmdit.M
             uncond_fn = mmdit.velocity(teacher, teacher_params, context=null_ctx, pooled=null_pooled, lr_latents=lr)
         loss, metrics = isc.isc_loss(u_fn, teacher_fn, hr, rng_loss, p_boundary=isc_config.p_boundary,
                                      per_sample=isc_config.per_sample, uncond_fn=uncond_fn,
-                                     boundary_cfg=isc_config.get("boundary_cfg"), **batch_lib.isc_times(isc_config))
+                                     boundary_cfg=isc_config.get("boundary_cfg"), **batch_lib.isc_options(isc_config))
         return loss, (metrics, model_state)
 
     return loss_fn
