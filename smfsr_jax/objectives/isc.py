@@ -95,9 +95,9 @@ def sample_boundary_times(rng, batch: int, *, time_sampler: str = DEFAULT_OPTION
 
 def weighted_mean(error, adaptive_p: float):
     """Mean squared error; with p > 0 each sample's mean is divided by sg[(mean + ADAPTIVE_EPS)^p]."""
-    per_sample = jnp.mean(jnp.square(error), axis=tuple(range(1, error.ndim)))
     if adaptive_p == 0.0:
-        return per_sample.mean()
+        return jnp.mean(jnp.square(error))
+    per_sample = jnp.mean(jnp.square(error), axis=tuple(range(1, error.ndim)))
     weight = jax.lax.stop_gradient(1.0 / (per_sample + ADAPTIVE_EPS) ** adaptive_p)
     return jnp.mean(weight * per_sample)
 
