@@ -36,7 +36,8 @@ an untiled encode and 11.5x an untiled decode in convolution FLOPs, plus the hal
 untiled one plus the key and value projections recomputed per tile (channels / (2 x core queries), 6 % for SD3
 at 512-pixel tiles). Memory: the tile's temporaries do not grow with the image; the two buffers (latent side² x
 512 channels each, in the compute dtype) do, at 1/64 of the image's pixels: about 2 x 256 MiB in bf16 (2 x 512
-MiB in fp32) for a 4096² image, 512² latents (the residual one a little more: padded by its margin). Running the network layer by layer over all tiles (the task-list form of OSEDiff's
+MiB in fp32) for a 4096² image, 512² latents (the residual one a little more: padded by its margin).
+Running the network layer by layer over all tiles (the task-list form of OSEDiff's
 tiled VAE hook: exact statistics in one pass) would instead keep whole-image activations between layers.
 """
 
