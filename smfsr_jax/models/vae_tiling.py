@@ -54,6 +54,12 @@ TILE_STEP = 64  # tile sides chosen by tile_for_budget are multiples of it (and 
 KEY_CHUNK = 2048  # keys per step of the mid-block attention's online softmax (whole buffer rows, at least one)
 
 
+def _chunk_rows(rows: int, columns: int) -> int:
+    """Rows of keys per attention chunk: KEY_CHUNK keys in whole rows (at least one), never more rows than there
+    are, so that a small latent is not padded to a whole chunk."""
+    return min(max(1, KEY_CHUNK // columns), rows)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -290,7 +296,7 @@ class _Whole(_Tile):
     def attention(self, path: str, x):
         batch, height, width, channels = x.shape
         h = self.norm(f"{path}/group_norm", x)
-        rows = _round_up(height, max(1, KEY_CHUNK // width))  # whole key chunks (see _attend)
+        rows = _round_up(height, _chunk_rows(height, width))  # whole key chunks (see _attend)
         keys = jnp.pad(h, ((0, 0), (0, rows - height), (0, 0), (0, 0)))
         q = self.dense(f"{path}/to_q", h.reshape(batch, -1, channels))
         out = _attend(q, keys, self.size, lambda name, h: self.dense(f"{path}/{name}", h), 1.0 / math.sqrt(channels))
@@ -304,7 +310,7 @@ def _attend(q, normed, size, dense, scale):
     rows of the buffer; `_run` makes the rows a multiple): running max and sum, fp32 accumulation. Memory is
     O(Q x chunk); the result is (B, Q, C) fp32."""
     batch, rows, columns, channels = normed.shape
-    chunk_rows = max(1, KEY_CHUNK // columns)
+    chunk_rows = _chunk_rows(rows, columns)
     inside_columns = jnp.arange(columns) < size[1]
 
     def chunk(carry, start):
@@ -432,7 +438,7 @@ def _run(params, config: vae.VAEConfig, x, tile: int, part: str, size=None):
     # chunk's, the residual padded by the margin that the layers after the attention read.
     mid = config.block_out_channels[-1]
     grid = (counts[0] * latent_cores[0], counts[1] * latent_cores[1])
-    normed = fill(0, (batch, _round_up(grid[0], max(1, KEY_CHUNK // grid[1])), grid[1], mid), dtype)
+    normed = fill(0, (batch, _round_up(grid[0], _chunk_rows(*grid)), grid[1], mid), dtype)
     residual = fill(0, (batch, grid[0] + 2 * after, grid[1] + 2 * after, mid), dtype)
 
     def step(i, carry):
@@ -467,7 +473,7 @@ def whole_bytes(config: vae.VAEConfig, height: int, width: int) -> int:
     chunk of keys). XLA:CPU's memory analysis of the SD3 and the three-level VAE's decode at 256² to 1024² is the
     first term exactly, their encode 0.4 to 0.6 of it (tests/test_vae_tiling.py)."""
     rows, columns = height // config.downscale, width // config.downscale
-    keys = max(1, KEY_CHUNK // columns) * columns
+    keys = _chunk_rows(rows, columns) * columns
     return 7 * height * width * config.block_out_channels[0] * 4 + 2 * rows * columns * keys * 4
 
 
