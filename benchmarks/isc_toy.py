@@ -138,8 +138,8 @@ def train_teachers(toy, s: Settings, seeds):
 
 def student_from_teacher(toy, teacher_params, seeds):
     """The teachers of every seed with a zero interval projection: each student starts equal to its teacher."""
-    shapes = VelocityMLP(toy.dim, interval=True).init(jax.random.PRNGKey(0), jnp.zeros((1, toy.dim)),
-                                                      jnp.zeros((1, toy.cond_dim)), jnp.zeros(1), jnp.zeros(1))
+    shapes = jax.eval_shape(VelocityMLP(toy.dim, interval=True).init, jax.random.PRNGKey(0), jnp.zeros((1, toy.dim)),
+                            jnp.zeros((1, toy.cond_dim)), jnp.zeros(1), jnp.zeros(1))
     interval = jax.tree.map(lambda a: jnp.zeros((len(seeds), *a.shape)), shapes["params"]["in_interval"])
     return {"params": {**teacher_params["params"], "in_interval": interval}}
 
