@@ -204,9 +204,12 @@ def floor(cases) -> float:
 
 
 def spread(values) -> dict:
+    """Mean and std over the seeds whose value is finite; the others diverged and are counted, not averaged."""
     values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "seeds": values.tolist()}
+    finite = values[np.isfinite(values)]
+    return {"mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+            "diverged": int(values.size - finite.size), "seeds": [v if np.isfinite(v) else None for v in values.tolist()]}
 
 
 def run(toy, s: Settings, seeds, samples: int, teachers=None):
@@ -233,7 +236,8 @@ def run(toy, s: Settings, seeds, samples: int, teachers=None):
 
 
 def fmt(stat: dict, digits: int) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    diverged = f" ({stat['diverged']} of {len(stat['seeds'])} diverged)" if stat["diverged"] else ""
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}{diverged}"
 
 
 def table(toy_name: str, label_rows) -> str:

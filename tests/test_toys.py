@@ -42,3 +42,11 @@ def test_patch_toy_pairs_each_hr_patch_with_its_box_downscale():
     (case,) = toy.cases(0, 200)
     # The truth and its twin are different held-out patches; neither is in training (disjoint by construction).
     assert case.truth.shape == (200, 12 + 192) and not np.allclose(case.truth[:, 12:], case.twin)
+
+
+def test_a_diverged_seed_is_counted_not_averaged():
+    stat = isc_toy.spread([0.5, float("nan"), 1.5])
+    assert stat["mean"] == 1.0 and stat["std"] == pytest.approx(np.sqrt(0.5)) and stat["diverged"] == 1
+    assert stat["seeds"] == [0.5, None, 1.5]
+    assert isc_toy.fmt(stat, 2) == "1.00 ± 0.71 (1 of 3 diverged)"
+    assert isc_toy.fmt(isc_toy.spread([1.0, 3.0]), 1) == "2.0 ± 1.4"
