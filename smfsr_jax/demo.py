@@ -7,8 +7,9 @@
 3. super-resolves the held-back photographs (never trained on; synthetic LR from the same degradation)
    with bicubic x4, the teacher (one and 16 Euler steps), the stage-1 student (one and four steps) and the
    one-step stage-2 student, writes the images and prints, per method, PSNR (Y channel, as the benchmarks
-   report it) and the token-grid block ratio (evaluation/artifacts.py: ~1 for photographs, 2 for a
-   mosaic), so a newcomer sees at once whether training worked and whether one step matches many.
+   report it), the token-grid block ratio (evaluation/artifacts.py: ~1 for photographs, 2 for a mosaic) and
+   the detail ratio (fine detail over the HR's: below 1 is blur, far above 1 grain), so a newcomer sees at
+   once whether training worked and whether one step matches many.
 
 Re-running continues: finished stages are resumed from their last checkpoint (nothing left to do).
 
@@ -29,7 +30,7 @@ from PIL import Image  # noqa: E402
 from configs import base, student_gan, student_isc, teacher_fm  # noqa: E402
 from smfsr_jax.core import workdir as workdir_lib  # noqa: E402
 from smfsr_jax.data import build, pipeline  # noqa: E402
-from smfsr_jax.evaluation.artifacts import block_ratio  # noqa: E402
+from smfsr_jax.evaluation.artifacts import block_ratio, detail_ratio  # noqa: E402
 from smfsr_jax.evaluation.psnr_ssim import psnr  # noqa: E402
 from smfsr_jax.sampling.runner import SRPipeline  # noqa: E402
 from smfsr_jax.training import loop  # noqa: E402
@@ -64,9 +65,10 @@ def token_pixels(sr: SRPipeline) -> int:
     return sr.model.autoencoder_config.downscale * sr.model.transformer_config.patch_size
 
 
-def train_stage(module, workdir: str, data_dir: str, steps: dict, **init) -> str:
+def train_stage(module, workdir: str, data_dir: str, steps: dict, seed: int = 0, **init) -> str:
     """Train (or resume) one tiny stage in WORKDIR/<stage>; returns its bundle directory."""
     config = module.get_config("tiny")
+    config.seed = seed
     return train_config(config, os.path.join(workdir, config.stage), data_dir, steps.get(config.stage), **init)
 
 
@@ -81,16 +83,17 @@ def train_config(config, workdir: str, data_dir: str, steps: int | None = None, 
     return workdir_lib.bundle_dir(workdir)
 
 
-def run(workdir: str, steps: dict | None = None) -> dict:
-    """All three tiny stages, then SR of the held-back photographs; `steps` overrides {stage: total_steps}."""
+def run(workdir: str, steps: dict | None = None, seed: int = 0) -> dict:
+    """All three tiny stages, then SR of the held-back photographs; `steps` overrides {stage: total_steps},
+    `seed` is every stage's training seed (the data order and initialisation)."""
     steps = steps or {}
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "tfds")
     if not os.path.isdir(os.path.join(data_dir, "bundled")):
         build.build("bundled", data_dir)
-    teacher = train_stage(teacher_fm, workdir, data_dir, steps)
-    student = train_stage(student_isc, workdir, data_dir, steps, teacher=teacher)
-    gan = train_stage(student_gan, workdir, data_dir, steps, teacher=teacher, student=student)
+    teacher = train_stage(teacher_fm, workdir, data_dir, steps, seed)
+    student = train_stage(student_isc, workdir, data_dir, steps, seed, teacher=teacher)
+    gan = train_stage(student_gan, workdir, data_dir, steps, seed, teacher=teacher, student=student)
 
     names, lrs, hrs = holdout_pairs(data_dir)
     pipelines = {stage: tiny_pipeline(path, lrs[0].shape[0], len(lrs))
@@ -110,7 +113,8 @@ def run(workdir: str, steps: dict | None = None) -> dict:
         scores = psnr(np.stack(images), np.stack(hrs))
         report["methods"][method] = {"psnr": {name: round(float(s), 3) for name, s in zip(names, scores)},
                                      "psnr_mean": round(float(scores.mean()), 3),
-                                     "block_ratio": round(block_ratio(np.stack(images), token), 3)}
+                                     "block_ratio": round(block_ratio(np.stack(images), token), 3),
+                                     "detail_ratio": round(detail_ratio(np.stack(images), np.stack(hrs)), 3)}
     shown = ("bicubic", f"teacher_fm_{TEACHER_STEPS}step", "student_isc_1step", "student_gan_1step")
     for i, name in enumerate(names):
         row = [outputs[m][i] for m in shown] + [hrs[i]]
@@ -126,19 +130,21 @@ def run(workdir: str, steps: dict | None = None) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/demo")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every stage (use a fresh workdir)")
     for stage in STAGES:
         parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"default: configs/{stage}.py:tiny")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "jax_cache"))
-    result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in STAGES})
+    result = run(args.workdir, {s: getattr(args, f"{s}_steps") for s in STAGES}, args.seed)
     report = result["report"]
     print(f"\nHeld-back photographs, x4 from synthetic real-world LR. PSNR: dB on Y. Block ratio: gradients across "
           f"the {report['token_pixels']}-pixel token grid over those inside it (HR {report['hr_block_ratio']:.2f}; "
-          "a mosaic is ~2).")
+          "a mosaic is ~2). Detail ratio: fine detail (mean |Laplacian|) over the HR's (below 1 blur, above 1 grain).")
     for method, scores in report["methods"].items():
         per_image = "  ".join(f"{k} {v:.2f}" for k, v in scores["psnr"].items())
-        print(f"  {method:>17}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}")
+        print(f"  {method:>17}: PSNR {scores['psnr_mean']:.2f} ({per_image})  block ratio {scores['block_ratio']:.2f}  "
+              f"detail ratio {scores['detail_ratio']:.2f}")
     methods = report["methods"]
     teacher_many = methods[f"teacher_fm_{TEACHER_STEPS}step"]["psnr_mean"]
     print(f"\nOne step vs many: student_isc 1 step {methods['student_isc_1step']['psnr_mean']:.2f} dB, "

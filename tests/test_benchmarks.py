@@ -52,17 +52,17 @@ def test_vae_tiling_seams_and_sr_memory_on_tiny_networks():
 
 
 @pytest.mark.slow
-def test_reward_tiny_prints_both_methods(tmp_path):
-    """The stage-3 benchmark end to end with shortened stages (its demo workdir is made here)."""
-    from configs import student_gan, student_isc, teacher_fm
+def test_demo_then_reward_tiny(tmp_path):
+    """`make demo` with shortened stages (its report names every method's PSNR, block and detail ratio), then
+    the stage-3 benchmark on that workdir."""
     from smfsr_jax import demo
-    from smfsr_jax.data import build
-    data_dir = str(tmp_path / "tfds")
-    build.build("bundled", data_dir)
     short = {"teacher_fm": 20, "student_isc": 4, "student_gan": 2}
-    teacher = demo.train_stage(teacher_fm, str(tmp_path), data_dir, short)
-    student = demo.train_stage(student_isc, str(tmp_path), data_dir, short, teacher=teacher)
-    demo.train_stage(student_gan, str(tmp_path), data_dir, short, teacher=teacher, student=student)
+    report = demo.run(str(tmp_path), short, seed=1)["report"]
+    assert set(report["methods"]) == {"bicubic", "teacher_fm_1step", "teacher_fm_16step", "student_isc_1step",
+                                      "student_isc_4step", "student_gan_1step"}
+    for scores in report["methods"].values():
+        assert set(scores) == {"psnr", "psnr_mean", "block_ratio", "detail_ratio"} and scores["detail_ratio"] > 0
+    assert os.path.isfile(tmp_path / "outputs" / "chelsea_comparison.png")
     line = run_benchmark("benchmarks/reward_tiny.py", "--workdir", str(tmp_path), "--steps", "2", "--seeds", "2")
     for method in ("nft", "direct"):
         assert set(line[method]) >= {"reward_before", "reward_after", "psnr_before", "psnr_after",

@@ -12,7 +12,7 @@ import pytest
 from smfsr_jax.convert.tensors import CheckpointError, write_safetensors
 from smfsr_jax.convert.vae import checkpoint_shapes, convert, load_vae
 from smfsr_jax.models.vae import (AutoencoderKL, PixelAutoencoder, VAEConfig, denormalize_latents, make_autoencoder,
-                                  normalize_latents, sample_latent)
+                                  latent_scales, normalize_latents, sample_latent)
 from tests.conftest import import_torch
 
 
@@ -292,3 +292,23 @@ def test_latent_normalisation_and_sampling():
     assert abs(sample[2:].std() - 3.0) < 0.1 and abs(sample[2:].mean() - 0.5) < 0.1
     record = json.loads(json.dumps(dataclasses.asdict(config)))
     assert VAEConfig.from_dict(record) == config
+
+
+def test_wavelet_band_scales_set_each_subband_gain():
+    gains = (0.5, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+    config = VAEConfig.pixel(pixel_basis="wavelet", band_scales=gains)
+    # wavelet_encode's order for 2 levels of RGB: LL (3), the 1/2-resolution bands (3 each), then the
+    # full-resolution bands folded 2x2 (12 each).
+    expected = np.repeat(gains, (3, 3, 3, 3, 12, 12, 12))
+    np.testing.assert_array_equal(latent_scales(config), expected)
+    z = np.random.default_rng(0).standard_normal((2, 4, 4, 48)).astype(np.float32)
+    normalized = np.asarray(normalize_latents(z, config))
+    np.testing.assert_array_equal(normalized, z * expected)
+    np.testing.assert_array_equal(denormalize_latents(normalized, config), z)  # power-of-two gains: exact
+    record = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert VAEConfig.from_dict(record) == config
+    np.testing.assert_array_equal(latent_scales(VAEConfig.pixel(pixel_basis="wavelet")), np.ones(48))
+    with pytest.raises(ValueError, match="7 positive gains"):
+        VAEConfig.pixel(pixel_basis="wavelet", band_scales=gains[:4])
+    with pytest.raises(ValueError, match="needs kind='pixel' with pixel_basis='wavelet'"):
+        VAEConfig.pixel(band_scales=gains)

@@ -43,11 +43,22 @@ class VAEConfig:
     downscale: int = 8
     # 'pixel' only: how a downscale x downscale block becomes latent channels (PixelAutoencoder).
     pixel_basis: str = "orthogonal"
+    # 'pixel' + 'wavelet' only: gains of the subbands in the MM-DiT's latent space (on top of scaling_factor),
+    # (LL, then LH, HL, HH of each level from the coarsest to the finest); () leaves every band at 1.
+    band_scales: tuple[float, ...] = ()
     dtype: str = "float32"
     remat: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "band_scales", tuple(float(g) for g in self.band_scales))
+        if self.band_scales:
+            levels = int(self.downscale).bit_length() - 1
+            if self.kind != "pixel" or self.pixel_basis != "wavelet":
+                raise ValueError("VAEConfig.band_scales needs kind='pixel' with pixel_basis='wavelet'")
+            if len(self.band_scales) != 1 + 3 * levels or min(self.band_scales) <= 0:
+                raise ValueError(f"VAEConfig.band_scales: {1 + 3 * levels} positive gains for a {levels}-level "
+                                 f"wavelet (LL, then LH, HL, HH per level, coarsest first), got {self.band_scales}")
         if self.kind not in KINDS:
             raise ValueError(f"VAEConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.dtype not in DTYPES:
@@ -433,11 +444,28 @@ def sample_latent(rng, mean, logvar):
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
+def latent_scales(config: VAEConfig) -> np.ndarray:
+    """(latent_channels,) gains from raw latents to the MM-DiT's latent space: scaling_factor, times each wavelet
+    channel's band gain. The channel order is `wavelet_encode`'s."""
+    scales = np.full(config.latent_channels, config.scaling_factor, np.float32)
+    if config.band_scales:
+        levels = int(config.downscale).bit_length() - 1
+        width = config.in_channels
+        scales[:width] *= config.band_scales[0]
+        for level in range(levels):  # coarsest first; each finer level's bands hold 4x the channels
+            for band in range(3):
+                scales[width:width + config.in_channels * 4 ** level] *= config.band_scales[1 + 3 * level + band]
+                width += config.in_channels * 4 ** level
+    return scales
+
+
 def normalize_latents(latents, config: VAEConfig):
-    """Raw VAE latents -> the MM-DiT's latent space: (z - shift) * scale."""
-    return (latents - config.shift_factor) * config.scaling_factor
+    """Raw VAE latents -> the MM-DiT's latent space: (z - shift) * scale (per channel with band_scales)."""
+    scale = latent_scales(config) if config.band_scales else config.scaling_factor
+    return (latents - config.shift_factor) * scale
 
 
 def denormalize_latents(latents, config: VAEConfig):
     """The MM-DiT's latent space -> raw VAE latents: z / scale + shift."""
-    return latents / config.scaling_factor + config.shift_factor
+    scale = latent_scales(config) if config.band_scales else config.scaling_factor
+    return latents / scale + config.shift_factor

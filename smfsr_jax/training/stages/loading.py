@@ -35,7 +35,8 @@ CLIP_TOKENS = 77  # SD3's context: 77 CLIP tokens followed by the T5 tokens
 def load_autoencoder(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[vae.VAEConfig, dict]:
     if config.kind == "pixel" and not config.get("path"):
         return vae.VAEConfig.pixel(downscale=config.downscale, latent_channels=config.latent_channels,
-                                   pixel_basis=config.pixel_basis), {}
+                                   pixel_basis=config.pixel_basis,
+                                   band_scales=tuple(config.get("band_scales") or ())), {}
     # remat: the stages that back-propagate through the decoder (student_gan, student_reward) would otherwise
     # keep every full-resolution activation; the memory benchmarks lower the same setting.
     overrides = {"remat": True, **({"dtype": config.dtype} if config.get("dtype") else {})}
