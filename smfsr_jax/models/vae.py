@@ -53,7 +53,7 @@ class VAEConfig:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "band_scales", tuple(float(g) for g in self.band_scales))
         if self.band_scales:
-            levels = int(self.downscale).bit_length() - 1
+            levels = self.wavelet_levels
             if self.kind != "pixel" or self.pixel_basis != "wavelet":
                 raise ValueError("VAEConfig.band_scales needs kind='pixel' with pixel_basis='wavelet'")
             if len(self.band_scales) != 1 + 3 * levels or min(self.band_scales) <= 0:
@@ -85,6 +85,11 @@ class VAEConfig:
             if self.out_channels != self.in_channels:
                 raise ValueError("VAEConfig: a pixel latent decodes to its input channels "
                                  f"(in_channels={self.in_channels}, out_channels={self.out_channels})")
+
+    @property
+    def wavelet_levels(self) -> int:
+        """Levels of a wavelet pixel latent: log2(downscale)."""
+        return int(self.downscale).bit_length() - 1
 
     @classmethod
     def sd3(cls, **overrides) -> "VAEConfig":
@@ -402,9 +407,6 @@ class PixelAutoencoder(nn.Module):
         cfg = self.config
         return jnp.asarray(pixel_latent_matrix(cfg.in_channels * cfg.downscale ** 2, cfg.latent_channels))
 
-    def _levels(self) -> int:
-        return int(self.config.downscale).bit_length() - 1
-
     def encode(self, images, valid=None):
         """images (B, H, W, C), H and W multiples of downscale -> (mean, logvar = -30 everywhere). valid: the
         image's (rows, columns) on a larger canvas (traced; multiples of downscale), else the whole input."""
@@ -415,7 +417,7 @@ class PixelAutoencoder(nn.Module):
             raise ValueError(f"PixelAutoencoder: image size {height}x{width} is not a multiple of {f}")
         x = images.astype(jnp.float32)
         if self.config.pixel_basis == "wavelet":
-            mean = wavelet_encode(x, self._levels(), valid)
+            mean = wavelet_encode(x, self.config.wavelet_levels, valid)
         else:
             mean = jnp.einsum("bhwp,pl->bhwl", space_to_depth(x, f), self._matrix(),
                               precision=jax.lax.Precision.HIGHEST)
@@ -426,7 +428,7 @@ class PixelAutoencoder(nn.Module):
         self._check()
         cfg, z = self.config, latents.astype(jnp.float32)
         if cfg.pixel_basis == "wavelet":
-            return wavelet_decode(z, self._levels(), cfg.out_channels, valid)
+            return wavelet_decode(z, self.config.wavelet_levels, cfg.out_channels, valid)
         x = jnp.einsum("bhwl,pl->bhwp", z, self._matrix(), precision=jax.lax.Precision.HIGHEST)
         return depth_to_space(x, cfg.downscale, cfg.out_channels)
 
@@ -449,23 +451,25 @@ def latent_scales(config: VAEConfig) -> np.ndarray:
     channel's band gain. The channel order is `wavelet_encode`'s."""
     scales = np.full(config.latent_channels, config.scaling_factor, np.float32)
     if config.band_scales:
-        levels = int(config.downscale).bit_length() - 1
         width = config.in_channels
         scales[:width] *= config.band_scales[0]
-        for level in range(levels):  # coarsest first; each finer level's bands hold 4x the channels
+        for level in range(config.wavelet_levels):  # coarsest first; each finer level's bands hold 4x the channels
             for band in range(3):
                 scales[width:width + config.in_channels * 4 ** level] *= config.band_scales[1 + 3 * level + band]
                 width += config.in_channels * 4 ** level
     return scales
 
 
+def _scale(config: VAEConfig):
+    # Without band gains the Python scalar keeps the latents' dtype (a float32 array would promote bf16).
+    return latent_scales(config) if config.band_scales else config.scaling_factor
+
+
 def normalize_latents(latents, config: VAEConfig):
     """Raw VAE latents -> the MM-DiT's latent space: (z - shift) * scale (per channel with band_scales)."""
-    scale = latent_scales(config) if config.band_scales else config.scaling_factor
-    return (latents - config.shift_factor) * scale
+    return (latents - config.shift_factor) * _scale(config)
 
 
 def denormalize_latents(latents, config: VAEConfig):
     """The MM-DiT's latent space -> raw VAE latents: z / scale + shift."""
-    scale = latent_scales(config) if config.band_scales else config.scaling_factor
-    return latents / scale + config.shift_factor
+    return latents / _scale(config) + config.shift_factor
