@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smfsr_jax.objectives.rewards import box_downscale
+
 OFF_SUPPORT = 5.0  # stds from the support: a sample between modes, or off the ring
 
 
@@ -172,9 +174,8 @@ def patch_pool(per_photo: int = 4000, seed: int = 0) -> np.ndarray:
 
 def downscale(hr):
     """x4 box average of flattened 8x8x3 patches -> flattened 2x2x3."""
-    side = PATCH // FACTOR
-    blocks = hr.reshape(-1, side, FACTOR, side, FACTOR, 3)
-    return blocks.mean(axis=(2, 4)).reshape(-1, side * side * 3)
+    lr = box_downscale(hr.reshape(-1, PATCH, PATCH, 3), FACTOR)
+    return lr.reshape(lr.shape[0], -1)
 
 
 def patches_toy(held_out: int = 2000) -> Toy:
